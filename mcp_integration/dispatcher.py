@@ -1,0 +1,351 @@
+"""The dispatcher: connections to every enabled server, one tool index under safe names, and calls as jobs.
+
+Public verbs, as teams porting from the original design know them: `execute_tool` (submit, returns a job
+id at once), `get_result` (wait for or read that job's outcome), `health_check`, and `call` (both together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.validators import validator_for
+from mcp.shared.exceptions import MCPError
+
+from mcp_integration.connection import ConnectError, ServerConnection, describe
+from mcp_integration.jobs import Job, ToolCallError, ToolResult
+from mcp_integration.naming import assign_names
+from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+from mcp_integration.transports import SecretMissing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ToolEntry:
+    """One callable tool: the name the LLM sees, and where it really lives."""
+
+    name: str
+    spec: ToolSpec
+
+    @property
+    def server(self) -> str:
+        return self.spec.server
+
+
+@dataclass
+class ServerState:
+    cfg: ServerConfig
+    conn: ServerConnection
+    tools: list[ToolSpec] = field(default_factory=list)
+    from_cache: bool = False
+    discovered_at: float | None = None
+    error: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    server: str
+    ok: bool
+    latency_ms: float | None
+    error: str | None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        registry: Registry | None,
+        *,
+        connect_timeout: float = 10.0,
+        max_calls_per_server: int = 64,
+        keep_jobs: int = 1000,
+    ) -> None:
+        self.registry = registry
+        self.connect_timeout = connect_timeout
+        self._servers: dict[str, ServerState] = {}
+        self._index: dict[str, ToolEntry] = {}
+        self._validators: dict[tuple[str, str], Any] = {}
+        self._jobs: dict[uuid.UUID, Job] = {}
+        self._keep_jobs = keep_jobs
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._max_calls = max_calls_per_server
+        self._background: set[asyncio.Task[Any]] = set()
+        self.on_tools_changed: list[Any] = []
+
+    # -- servers and discovery ------------------------------------------------------------------------------
+
+    async def start(self, *, wait: bool = True, servers: list[ServerConfig] | None = None) -> None:
+        """Load the enabled servers. With `wait=False` the index comes from the tool cache at once and fresh
+        discovery runs in the background (`await dispatcher.refreshed()` to wait for it)."""
+        if servers is None:
+            if self.registry is None:
+                raise ValueError("a dispatcher without a registry needs its servers passed in")
+            servers = await self.registry.list_servers(enabled_only=True)
+        for cfg in servers:
+            self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
+        if wait or self.registry is None:
+            await self.refresh()
+            return
+        cached = await self.registry.cached_tools()
+        for name, state in self._servers.items():
+            if name in cached:
+                state.tools, state.from_cache = cached[name], True
+        self._rebuild_index()
+        self._spawn(self.refresh())
+
+    async def refreshed(self) -> None:
+        """Wait for background discovery started by `start(wait=False)`."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def refresh(self, names: list[str] | None = None) -> dict[str, str | None]:
+        """Connect to and discover the given servers (default: all), concurrently. Returns each one's error."""
+        targets = [self._servers[n] for n in (names or list(self._servers)) if n in self._servers]
+        errors = await asyncio.gather(*(self._discover(s) for s in targets))
+        self._rebuild_index()
+        return {s.cfg.name: e for s, e in zip(targets, errors, strict=True)}
+
+    async def _discover(self, state: ServerState) -> str | None:
+        try:
+            await state.conn.open()
+            tools = await state.conn.list_tools()
+        except (ConnectError, SecretMissing) as exc:
+            state.error = str(exc)
+        except Exception as exc:
+            state.error = f"server {state.cfg.name!r}: tools/list failed: {describe(exc)}"
+        else:
+            state.tools, state.from_cache, state.error = tools, False, None
+            state.skipped = state.conn.skipped_tools
+            state.discovered_at = time.time()
+            if self.registry is not None and state.cfg.id is not None:
+                try:
+                    await self.registry.save_tools(state.cfg.id, tools)
+                except Exception as exc:
+                    log.warning("server %s: tool cache not saved: %s", state.cfg.name, describe(exc))
+            return None
+        log.warning("%s", state.error)
+        return state.error
+
+    async def add_server(self, cfg: ServerConfig) -> str | None:
+        """Add (or replace) a server while running; returns its discovery error, if any."""
+        await self.remove_server(cfg.name)
+        self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
+        return (await self.refresh([cfg.name]))[cfg.name]
+
+    async def remove_server(self, name: str) -> None:
+        state = self._servers.pop(name, None)
+        if state is not None:
+            await state.conn.close()
+            self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        specs = {(s.cfg.name, t.name): t for s in self._servers.values() for t in s.tools}
+        names = assign_names(specs)
+        self._index = {names[key]: ToolEntry(names[key], spec) for key, spec in specs.items()}
+        self._validators = {k: v for k, v in self._validators.items() if k in specs}
+        for callback in self.on_tools_changed:
+            callback()
+
+    @property
+    def servers(self) -> dict[str, ServerState]:
+        return dict(self._servers)
+
+    @property
+    def tools(self) -> list[ToolEntry]:
+        return sorted(self._index.values(), key=lambda e: e.name)
+
+    def resolve(self, tool: str, server: str | None = None) -> ToolEntry:
+        """Find a tool by its safe name, by `server/tool`, or by its original name (with `server` if shared)."""
+        if server is None and "/" in tool and tool not in self._index:
+            server, tool = tool.split("/", 1)
+        if server is None and tool in self._index:
+            return self._index[tool]
+        matches = [
+            e
+            for e in self._index.values()
+            if (server is None or e.server == server) and (e.spec.name == tool or e.name == tool)
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            where = f" on server {server!r}" if server else ""
+            if server is not None and server not in self._servers:
+                raise ToolCallError(server, tool, f"no enabled server named {server!r}", "unknown_tool")
+            raise ToolCallError(server, tool, f"no tool named {tool!r}{where}", "unknown_tool")
+        options = ", ".join(sorted(e.name for e in matches))
+        raise ToolCallError(
+            None, tool, f"{tool!r} is offered by several servers; use one of: {options}", "unknown_tool"
+        )
+
+    def validate_arguments(self, entry: ToolEntry, arguments: Any) -> None:
+        if not isinstance(arguments, dict):
+            raise ToolCallError(entry.server, entry.spec.name, "arguments must be a JSON object", "invalid_arguments")
+        key = (entry.server, entry.spec.name)
+        validator = self._validators.get(key)
+        if validator is None:
+            cls = validator_for(entry.spec.input_schema, default=Draft202012Validator)
+            validator = self._validators[key] = cls(entry.spec.input_schema)
+        error = next(iter(sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.path)
+            reason = f"argument {where!r}: {error.message}" if where else error.message
+            raise ToolCallError(entry.server, entry.spec.name, f"invalid arguments: {reason}", "invalid_arguments")
+
+    # -- calls ----------------------------------------------------------------------------------------------
+
+    async def execute_tool(self, tool: str, arguments: dict[str, Any], *, server: str | None = None) -> str:
+        """Submit a call and return its job id at once. Bad tool names and arguments raise ToolCallError here."""
+        job = self.submit(tool, arguments, server=server)
+        return str(job.id)
+
+    def submit(self, tool: str, arguments: dict[str, Any], *, server: str | None = None) -> Job:
+        entry = self.resolve(tool, server)
+        self.validate_arguments(entry, arguments)
+        state = self._servers[entry.server]
+        job = Job(
+            server=entry.server,
+            server_id=state.cfg.id,
+            tool=entry.spec.name,
+            arguments=arguments,
+            registry=self.registry,
+        )
+        self._remember(job)
+        return job.start(lambda j: self._perform(j, state))
+
+    async def get_result(self, job_id: str | uuid.UUID, timeout: float | None = None) -> ToolResult:
+        """Wait for a job's result (a timeout ends this wait, not the job); read a finished one from mcp_jobs."""
+        jid = uuid.UUID(str(job_id))
+        job = self._jobs.get(jid)
+        if job is not None:
+            return await job.wait(timeout)
+        row = await self.registry.get_job(jid) if self.registry else None
+        if row is None:
+            raise ToolCallError(None, "?", f"no job with id {jid}", "unknown_job")
+        if row["state"] == "completed" and row["result"] is not None:
+            return ToolResult(text=row["result"].get("text", ""), structured=row["result"].get("structured"))
+        kind = {"timed_out": "timeout", "cancelled": "cancelled"}.get(row["state"], "server_error")
+        reason = row["error"] or f"the job is {row['state']} in another process"
+        raise ToolCallError(row["server_name"], row["tool"], reason, kind)
+
+    async def call(
+        self, tool: str, arguments: dict[str, Any], *, server: str | None = None, timeout: float | None = None
+    ) -> ToolResult:
+        return await self.submit(tool, arguments, server=server).wait(timeout)
+
+    def job(self, job_id: str | uuid.UUID) -> Job | None:
+        return self._jobs.get(uuid.UUID(str(job_id)))
+
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        if len(self._jobs) > self._keep_jobs:
+            # Forget the oldest finished jobs; their outcome stays readable from mcp_jobs.
+            for jid in [j for j, v in self._jobs.items() if v.done][: len(self._jobs) - self._keep_jobs]:
+                del self._jobs[jid]
+
+    async def _perform(self, job: Job, state: ServerState) -> ToolResult:
+        cfg = state.cfg
+        limit = self._limits.setdefault(cfg.name, asyncio.Semaphore(self._max_calls))
+        async with limit:
+            try:
+                await state.conn.open()
+            except (ConnectError, SecretMissing) as exc:
+                raise ToolCallError(cfg.name, job.tool, f"cannot reach the server: {exc}", "unreachable") from None
+            job.set_state("working")
+            job.emit("accepted", job_kind=job.kind)
+            idle = IdleTimer(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000)
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                idle.touch()
+                job.emit("progress", progress=progress, total=total, message=message)
+
+            call = asyncio.ensure_future(state.conn.call_tool(job.tool, job.arguments, progress=on_progress))
+            try:
+                result = await idle.run(call)
+            except TimeoutError:
+                raise ToolCallError(cfg.name, job.tool, idle.reason(), "timeout") from None
+            except MCPError as exc:
+                if exc.error.code == -32000 or "closed" in exc.error.message.lower():
+                    # The connection is gone; close our side so the next call reconnects.
+                    self._spawn(state.conn.close())
+                raise ToolCallError(cfg.name, job.tool, describe(exc)) from None
+            except ConnectError as exc:
+                raise ToolCallError(cfg.name, job.tool, str(exc), "unreachable") from None
+        out = ToolResult.from_mcp(result)
+        if result.is_error:
+            raise ToolCallError(cfg.name, job.tool, out.text or "the tool reported an error", "tool_error")
+        return out
+
+    # -- health ---------------------------------------------------------------------------------------------
+
+    async def health_check(self, server: str | None = None) -> dict[str, HealthReport]:
+        """Check reachability now (connect if needed, then ping), for one server or all, concurrently."""
+        names = [server] if server else list(self._servers)
+        unknown = [n for n in names if n not in self._servers]
+        if unknown:
+            raise ToolCallError(unknown[0], "-", f"no enabled server named {unknown[0]!r}", "unknown_server")
+        reports = await asyncio.gather(*(self._check(self._servers[n]) for n in names))
+        return {r.server: r for r in reports}
+
+    async def _check(self, state: ServerState) -> HealthReport:
+        try:
+            await state.conn.open()
+            latency = await state.conn.ping()
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ConnectError | SecretMissing) else describe(exc)
+            return HealthReport(state.cfg.name, False, None, reason)
+        return HealthReport(state.cfg.name, True, latency, None)
+
+    # -- shutdown -------------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        for job in list(self._jobs.values()):
+            if not job.done:
+                await job.cancel()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(s.conn.close() for s in self._servers.values()), return_exceptions=True)
+
+
+class IdleTimer:
+    """An idle timeout that activity resets, under a cap on the total wait."""
+
+    def __init__(self, idle_s: float, cap_s: float) -> None:
+        self.idle_s = idle_s
+        self.cap_s = cap_s
+        self.started = self.last = time.monotonic()
+        self._hit_cap = False
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def reason(self) -> str:
+        if self._hit_cap:
+            return f"no result within the {self.cap_s:g} s limit"
+        return f"no answer or progress for {self.idle_s:g} s"
+
+    async def run(self, fut: asyncio.Future[Any]) -> Any:
+        try:
+            while True:
+                now = time.monotonic()
+                deadline = min(self.last + self.idle_s, self.started + self.cap_s)
+                if now >= deadline:
+                    self._hit_cap = now >= self.started + self.cap_s
+                    raise TimeoutError
+                done, _ = await asyncio.wait({fut}, timeout=deadline - now)
+                if done:
+                    return fut.result()
+        finally:
+            if not fut.done():
+                fut.cancel()

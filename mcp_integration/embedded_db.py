@@ -1,0 +1,33 @@
+"""An embedded PostgreSQL (the pgserver package) for machines with no DATABASE_URL: a new user needs no server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """Starts PostgreSQL under `data_dir/pg`; `stop()` (or process exit) shuts it down."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = Path(data_dir) / "pg"
+        self._server: Any = None
+
+    async def start(self) -> str:
+        import pgserver  # imported here: only the embedded path pays for it
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # pgserver blocks while initdb/pg_ctl run; keep the event loop free.
+        self._server = await asyncio.to_thread(pgserver.get_server, self.pgdata, cleanup_mode="stop")
+        uri = self._server.get_uri()
+        log.info("embedded PostgreSQL running under %s", self.pgdata)
+        return uri
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.cleanup)

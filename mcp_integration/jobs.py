@@ -1,0 +1,220 @@
+"""A tool call as a job: submitted, waited on, and ended in exactly one final state, with events on the way.
+
+A job is recorded in `mcp_jobs` as it changes state; the recording is best effort, so a database hiccup never
+costs the caller its answer (the log says what was not recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mcp_types as types
+
+if TYPE_CHECKING:
+    from mcp_integration.registry import Registry
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = ("completed", "failed", "timed_out", "cancelled")
+
+
+class ToolCallError(Exception):
+    """Every failure of a tool call, with the server, the tool and a reason fit to tell a person.
+
+    `kind` says what went wrong: unknown_tool, invalid_arguments, unreachable, server_error, tool_error,
+    timeout, cancelled.
+    """
+
+    def __init__(self, server: str | None, tool: str, reason: str, kind: str = "server_error") -> None:
+        self.server = server
+        self.tool = tool
+        self.reason = reason
+        self.kind = kind
+        where = f"{server}/{tool}" if server else tool
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a tool answered: its text for a language model, and its structured content when it sent some."""
+
+    text: str
+    structured: Any = None
+    content: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_mcp(cls, result: types.CallToolResult) -> ToolResult:
+        parts: list[str] = []
+        raw: list[dict[str, Any]] = []
+        for item in result.content:
+            raw.append(item.model_dump(by_alias=True, mode="json", exclude_none=True))
+            if isinstance(item, types.TextContent):
+                parts.append(item.text)
+            elif isinstance(item, types.EmbeddedResource):
+                res = item.resource
+                parts.append(
+                    res.text if isinstance(res, types.TextResourceContents) else f"[binary resource {res.uri}]"
+                )
+            elif isinstance(item, types.ResourceLink):
+                parts.append(f"[resource {item.name}: {item.uri}]")
+            else:
+                parts.append(f"[{item.type} content]")
+        text = "\n".join(parts)
+        if not text and result.structured_content is not None:
+            text = json.dumps(result.structured_content, ensure_ascii=False)
+        return cls(text=text, structured=result.structured_content, content=raw)
+
+    def as_record(self) -> dict[str, Any]:
+        return {"text": self.text, "structured": self.structured}
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    kind: str  # accepted | progress | status | done
+    data: dict[str, Any]
+    at: float
+
+
+Submit = Callable[["Job"], Awaitable[ToolResult]]
+
+
+class Job:
+    """One call of one tool. Create with `Job.start(...)`; await `wait()`; `cancel()` stops it."""
+
+    def __init__(
+        self,
+        *,
+        server: str,
+        server_id: int | None,
+        tool: str,
+        arguments: dict[str, Any],
+        registry: Registry | None,
+    ) -> None:
+        self.id = uuid.uuid4()
+        self.server = server
+        self.server_id = server_id
+        self.tool = tool
+        self.arguments = arguments
+        self.kind = "plain"
+        self.state = "submitted"
+        self.result: ToolResult | None = None
+        self.error: ToolCallError | None = None
+        self.events: list[JobEvent] = []
+        self.submitted_at = time.monotonic()
+        self.finished_at: float | None = None
+        self._registry = registry
+        self._listeners: list[Callable[[JobEvent], None]] = []
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._record_lock = asyncio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self, submit: Submit) -> Job:
+        self._task = asyncio.create_task(self._run(submit), name=f"job-{self.id}")
+        return self
+
+    async def _run(self, submit: Submit) -> None:
+        await self._record_insert()
+        try:
+            result = await submit(self)
+        except asyncio.CancelledError:
+            self._finish(
+                "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
+            )
+        except ToolCallError as exc:
+            self._finish("timed_out" if exc.kind == "timeout" else "failed", error=exc)
+        except Exception as exc:  # the last resort: a job never dies without a final state
+            log.exception("job %s (%s/%s) crashed", self.id, self.server, self.tool)
+            self._finish("failed", error=ToolCallError(self.server, self.tool, f"internal error: {type(exc).__name__}"))
+        else:
+            self._finish("completed", result=result)
+        await self._record_update(finished=True)
+
+    def _finish(self, state: str, *, result: ToolResult | None = None, error: ToolCallError | None = None) -> None:
+        self.state = state
+        self.result = result
+        self.error = error
+        self.finished_at = time.monotonic()
+        self.emit("done", state=state, error=error.reason if error else None)
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def duration(self) -> float:
+        return (self.finished_at or time.monotonic()) - self.submitted_at
+
+    async def wait(self, timeout: float | None = None) -> ToolResult:
+        """The result, or ToolCallError. A `timeout` here ends this wait only: the job goes on."""
+        try:
+            await asyncio.wait_for(self._done.wait(), timeout)
+        except TimeoutError:
+            raise ToolCallError(
+                self.server, self.tool, f"no answer yet after {timeout:g} s; the job is still running", "timeout"
+            ) from None
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    async def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # -- events ---------------------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[JobEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    def emit(self, kind: str, **data: Any) -> None:
+        event = JobEvent(kind, data, time.monotonic())
+        self.events.append(event)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("job %s: event listener failed", self.id)
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.emit("status", state=state)
+            if self._registry is not None:
+                asyncio.get_running_loop().create_task(self._record_update(finished=False))
+
+    # -- the record in mcp_jobs -----------------------------------------------------------------------------
+
+    async def _record_insert(self) -> None:
+        if self._registry is None:
+            return
+        try:
+            await self._registry.insert_job(self.id, self.server_id, self.server, self.tool, self.kind)
+        except Exception as exc:
+            log.warning("job %s: not recorded in mcp_jobs: %s", self.id, type(exc).__name__)
+
+    async def _record_update(self, *, finished: bool) -> None:
+        if self._registry is None:
+            return
+        async with self._record_lock:
+            try:
+                await self._registry.update_job(
+                    self.id,
+                    state=self.state,
+                    kind=self.kind,
+                    result=self.result.as_record() if self.result else None,
+                    error=self.error.reason if self.error else None,
+                    finished=finished,
+                )
+            except Exception as exc:
+                log.warning("job %s: state %s not recorded in mcp_jobs: %s", self.id, self.state, type(exc).__name__)

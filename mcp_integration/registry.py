@@ -1,0 +1,385 @@
+"""The registry of MCP servers in PostgreSQL: servers, their tool cache, their health, and the jobs record.
+
+Every query is parameterised; the schema lives in numbered files under `migrations/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any, Literal
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger(__name__)
+
+Transport = Literal["stdio", "streamable-http", "sse", "websocket"]
+TRANSPORTS: tuple[str, ...] = ("stdio", "streamable-http", "sse", "websocket")
+POLL_PROFILES: tuple[str, ...] = ("auto", "mcp-task", "http", "n8n", "none")
+NAME_RE = re.compile(r"^[a-z0-9_-]{1,48}$")
+# Serialises concurrent migrators (two workers starting at once) without a table lock.
+_MIGRATION_LOCK_KEY = 0x6D6370  # "mcp"
+
+
+class RegistryError(Exception):
+    """A registry operation was refused; the message is fit to show a user as is."""
+
+
+@dataclass
+class ServerConfig:
+    name: str
+    transport: str
+    url: str | None = None
+    command: str | None = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    allowed_tools: list[str] = field(default_factory=list)
+    enabled: bool = True
+    timeout_ms: int = 35_000
+    max_wait_ms: int = 300_000
+    release_after_ms: int = 8_000
+    poll_interval: int = 1_000
+    result_endpoint: str = "/mcp/results"
+    poll_profile: str = "auto"
+    id: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def validate(self) -> None:
+        """Raise RegistryError with a user-facing reason; the database checks the same rules again."""
+        if not NAME_RE.match(self.name or ""):
+            raise RegistryError(f"invalid server name {self.name!r}: use 1-48 lowercase letters, digits, '-' or '_'")
+        if self.transport not in TRANSPORTS:
+            raise RegistryError(f"unknown transport {self.transport!r}: choose one of {', '.join(TRANSPORTS)}")
+        if self.transport == "stdio":
+            if not (self.command or "").strip():
+                raise RegistryError(f"server {self.name!r}: the stdio transport needs a command")
+        else:
+            url = self.url or ""
+            schemes = ("ws://", "wss://") if self.transport == "websocket" else ("http://", "https://")
+            if not url.lower().startswith(schemes) or len(url) <= len(schemes[0]):
+                raise RegistryError(
+                    f"server {self.name!r}: the {self.transport} transport needs a URL starting with "
+                    f"{' or '.join(schemes)}"
+                )
+        if self.poll_profile not in POLL_PROFILES:
+            raise RegistryError(f"unknown poll profile {self.poll_profile!r}: choose one of {', '.join(POLL_PROFILES)}")
+        for label, value, low in (
+            ("timeout", self.timeout_ms, 1),
+            ("max wait", self.max_wait_ms, 1),
+            ("poll interval", self.poll_interval, 50),
+            ("release after", self.release_after_ms, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise RegistryError(f"server {self.name!r}: {label} must be an integer of at least {low} ms")
+        for label, mapping in (("header", self.headers), ("env", self.env)):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+                raise RegistryError(f"server {self.name!r}: every {label} name and value must be a string")
+
+    @property
+    def label(self) -> str:
+        return self.url if self.transport != "stdio" else " ".join([self.command or "", *self.args]).strip()
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool as discovered from (or cached for) one server."""
+
+    server: str
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HealthRow:
+    server: str
+    status: str
+    checked_at: datetime | None
+    latency_ms: float | None
+    consecutive_failures: int
+    last_error: str | None
+
+
+_SERVER_COLUMNS = [f.name for f in dataclasses.fields(ServerConfig) if f.name not in ("id", "created_at", "updated_at")]
+_JSON_COLUMNS = {"args", "env", "headers"}
+
+_CONSTRAINT_MESSAGES = {
+    "stdio_needs_command": "the stdio transport needs a command",
+    "network_needs_url": "this transport needs an http(s):// or ws(s):// URL",
+    "websocket_url_scheme": "the websocket transport needs a ws:// or wss:// URL",
+    "http_url_scheme": "this transport needs an http:// or https:// URL",
+    "mcp_servers_name_check": "invalid server name: use lowercase letters, digits, '-' or '_'",
+    "mcp_servers_transport_check": "unknown transport",
+}
+
+
+def _friendly(exc: psycopg.Error, name: str) -> RegistryError:
+    if isinstance(exc, pg_errors.UniqueViolation):
+        return RegistryError(f"a server named {name!r} already exists")
+    if isinstance(exc, pg_errors.CheckViolation):
+        constraint = exc.diag.constraint_name or ""
+        return RegistryError(f"server {name!r}: {_CONSTRAINT_MESSAGES.get(constraint, constraint or 'invalid row')}")
+    return RegistryError(f"server {name!r}: {exc.diag.message_primary or exc}")
+
+
+def _row_to_server(row: dict[str, Any]) -> ServerConfig:
+    return ServerConfig(**{k: row[k] for k in (*_SERVER_COLUMNS, "id", "created_at", "updated_at")})
+
+
+def _params(cfg: ServerConfig) -> list[Any]:
+    values = []
+    for col in _SERVER_COLUMNS:
+        value = getattr(cfg, col)
+        values.append(Jsonb(value) if col in _JSON_COLUMNS else value)
+    return values
+
+
+class Registry:
+    """All database access of the project, over one `AsyncConnectionPool`."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, conninfo: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0) -> Registry:
+        pool = AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            # A connection broken by a server restart is noticed and replaced before use.
+            check=AsyncConnectionPool.check_connection,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            name="voice-mcp",
+        )
+        try:
+            await pool.open(wait=True, timeout=timeout)
+        except Exception:
+            await pool.close()
+            raise
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- migrations -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def migration_files() -> list[tuple[str, str]]:
+        folder = resources.files("mcp_integration") / "migrations"
+        files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+        return [(p.name.removesuffix(".sql"), p.read_text(encoding="utf-8")) for p in files]
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations not yet recorded, each in its own transaction, in order. Returns what ran."""
+        applied: list[str] = []
+        async with self.pool.connection() as conn:
+            await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                rows = await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()
+                done = {r["version"] for r in rows}
+                for version, sql in self.migration_files():
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                    applied.append(version)
+                    log.info("applied migration %s", version)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY,))
+        return applied
+
+    async def applied_migrations(self) -> list[str]:
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute("SELECT version FROM schema_migrations ORDER BY version")).fetchall()
+        return [r["version"] for r in rows]
+
+    # -- servers --------------------------------------------------------------------------------------------
+
+    async def add_server(self, cfg: ServerConfig, *, replace: bool = False) -> ServerConfig:
+        cfg.validate()
+        cols = ", ".join(_SERVER_COLUMNS)
+        marks = ", ".join(["%s"] * len(_SERVER_COLUMNS))
+        sql = f"INSERT INTO mcp_servers ({cols}) VALUES ({marks})"
+        if replace:
+            updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _SERVER_COLUMNS if c != "name")
+            sql += f" ON CONFLICT (name) DO UPDATE SET {updates}, updated_at = now()"
+        sql += " RETURNING *"
+        try:
+            async with self.pool.connection() as conn:
+                row = await (await conn.execute(sql, _params(cfg))).fetchone()
+        except psycopg.errors.IntegrityError as exc:
+            raise _friendly(exc, cfg.name) from None
+        assert row is not None
+        return _row_to_server(row)
+
+    async def get_server(self, name: str) -> ServerConfig | None:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("SELECT * FROM mcp_servers WHERE name = %s", (name,))).fetchone()
+        return _row_to_server(row) if row else None
+
+    async def list_servers(self, *, enabled_only: bool = False) -> list[ServerConfig]:
+        sql = "SELECT * FROM mcp_servers" + (" WHERE enabled" if enabled_only else "") + " ORDER BY name"
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(sql)).fetchall()
+        return [_row_to_server(r) for r in rows]
+
+    async def remove_server(self, name: str) -> bool:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("DELETE FROM mcp_servers WHERE name = %s", (name,))
+        return cur.rowcount > 0
+
+    async def set_enabled(self, name: str, enabled: bool) -> bool:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE mcp_servers SET enabled = %s, updated_at = now() WHERE name = %s", (enabled, name)
+            )
+        return cur.rowcount > 0
+
+    # -- tool cache -----------------------------------------------------------------------------------------
+
+    async def save_tools(self, server_id: int, tools: list[ToolSpec]) -> None:
+        """Replace a server's cached tool list with a fresh discovery, atomically."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM mcp_tools WHERE server_id = %s", (server_id,))
+            if tools:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        "INSERT INTO mcp_tools (server_id, name, description, input_schema, meta)"
+                        " VALUES (%s, %s, %s, %s, %s)",
+                        [(server_id, t.name, t.description, Jsonb(t.input_schema), Jsonb(t.meta)) for t in tools],
+                    )
+
+    async def cached_tools(self) -> dict[str, list[ToolSpec]]:
+        """The cached tools of every enabled server, by server name."""
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT s.name AS server, t.name, t.description, t.input_schema, t.meta"
+                    " FROM mcp_tools t JOIN mcp_servers s ON s.id = t.server_id"
+                    " WHERE s.enabled ORDER BY s.name, t.name"
+                )
+            ).fetchall()
+        out: dict[str, list[ToolSpec]] = {}
+        for r in rows:
+            out.setdefault(r["server"], []).append(
+                ToolSpec(r["server"], r["name"], r["description"], r["input_schema"], r["meta"])
+            )
+        return out
+
+    # -- health ---------------------------------------------------------------------------------------------
+
+    async def record_health(
+        self, server_id: int, status: str, latency_ms: float | None, failures: int, last_error: str | None
+    ) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO mcp_server_health"
+                " (server_id, status, checked_at, latency_ms, consecutive_failures, last_error)"
+                " VALUES (%s, %s, now(), %s, %s, %s)"
+                " ON CONFLICT (server_id) DO UPDATE SET status = EXCLUDED.status, checked_at = now(),"
+                " latency_ms = EXCLUDED.latency_ms, consecutive_failures = EXCLUDED.consecutive_failures,"
+                " last_error = EXCLUDED.last_error",
+                (server_id, status, latency_ms, failures, last_error),
+            )
+
+    async def health(self) -> dict[str, HealthRow]:
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT s.name, h.status, h.checked_at, h.latency_ms, h.consecutive_failures, h.last_error"
+                    " FROM mcp_server_health h JOIN mcp_servers s ON s.id = h.server_id"
+                )
+            ).fetchall()
+        return {
+            r["name"]: HealthRow(
+                r["name"], r["status"], r["checked_at"], r["latency_ms"], r["consecutive_failures"], r["last_error"]
+            )
+            for r in rows
+        }
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+
+    async def insert_job(self, job_id: uuid.UUID, server_id: int | None, server: str, tool: str, kind: str) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO mcp_jobs (id, server_id, server_name, tool, kind) VALUES (%s, %s, %s, %s, %s)",
+                (job_id, server_id, server, tool, kind),
+            )
+
+    async def update_job(
+        self,
+        job_id: uuid.UUID,
+        *,
+        state: str,
+        kind: str | None = None,
+        receipt: Any = None,
+        result: Any = None,
+        error: str | None = None,
+        polls: int | None = None,
+        finished: bool = False,
+        delivered_late: bool | None = None,
+    ) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE mcp_jobs SET state = %s, updated_at = now(),"
+                " kind = COALESCE(%s, kind), receipt = COALESCE(%s, receipt), result = COALESCE(%s, result),"
+                " error = COALESCE(%s, error), polls = COALESCE(%s, polls),"
+                " delivered_late = COALESCE(%s, delivered_late),"
+                " finished_at = CASE WHEN %s THEN now() ELSE finished_at END"
+                " WHERE id = %s",
+                (
+                    state,
+                    kind,
+                    None if receipt is None else Jsonb(receipt),
+                    None if result is None else Jsonb(result),
+                    error,
+                    polls,
+                    delivered_late,
+                    finished,
+                    job_id,
+                ),
+            )
+
+    async def get_job(self, job_id: uuid.UUID) -> dict[str, Any] | None:
+        async with self.pool.connection() as conn:
+            return await (await conn.execute("SELECT * FROM mcp_jobs WHERE id = %s", (job_id,))).fetchone()
+
+    async def recent_jobs(
+        self, *, server: str | None = None, state: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            return await (
+                await conn.execute(
+                    "SELECT * FROM mcp_jobs WHERE (%s::text IS NULL OR server_name = %s)"
+                    " AND (%s::text IS NULL OR state = %s) ORDER BY submitted_at DESC LIMIT %s",
+                    (server, server, state, state, limit),
+                )
+            ).fetchall()
+
+
+def redact(mapping: dict[str, str]) -> dict[str, str]:
+    """What may be shown of headers or env: `env:NAME` references as they are, literal values hidden."""
+    return {k: (v if v.startswith("env:") else "***") for k, v in mapping.items()}
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)

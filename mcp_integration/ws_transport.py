@@ -1,0 +1,177 @@
+"""MCP over WebSocket, client and server side, on the `websockets` asyncio API.
+
+SDK 2.x dropped the WebSocket transport that 1.x had; this keeps its wire
+convention: subprotocol `mcp`, one JSON-RPC message per text frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+import mcp_types as types
+from mcp.client._transport import TransportStreams
+from mcp.shared.message import ServerMessageMetadata, SessionMessage
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.typing import Subprotocol
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
+    from websockets.asyncio.connection import Connection
+    from websockets.http11 import Request
+
+__all__ = ["MCP_SUBPROTOCOL", "serve_websocket", "websocket_client"]
+
+logger = logging.getLogger(__name__)
+
+MCP_SUBPROTOCOL = Subprotocol("mcp")
+
+# websockets' 1 MiB default is too small for tool results carrying images or documents.
+DEFAULT_MAX_SIZE = 16 * 2**20
+
+# Bounded window for the writer to flush already-accepted messages on exit.
+_WRITER_FLUSH_TIMEOUT = 0.5
+
+
+class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets logs every handshake header (Authorization included) and every frame at DEBUG.
+
+    Headers can carry secrets and frames carry user data, so its DEBUG output is
+    switched off for our connections while its warnings and errors still go through.
+    """
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+_client_wire_logger = _NoDebugLogger(logging.getLogger("websockets.client"))
+_server_wire_logger = _NoDebugLogger(logging.getLogger("websockets.server"))
+
+
+@asynccontextmanager
+async def websocket_client(
+    url: str,
+    headers: dict[str, str] | None = None,
+    open_timeout: float = 10.0,
+    max_size: int = DEFAULT_MAX_SIZE,
+) -> AsyncIterator[TransportStreams]:
+    """Connects to an MCP server over WebSocket; satisfies the SDK's `Transport` protocol.
+
+    `headers` are sent in the opening handshake. The read stream ends when the
+    server closes the socket, so pending requests fail instead of hanging.
+    Connection failures (OSError, TimeoutError, websockets.InvalidHandshake) propagate.
+    """
+    async with connect(
+        url,
+        subprotocols=[MCP_SUBPROTOCOL],
+        additional_headers=headers,
+        open_timeout=open_timeout,
+        max_size=max_size,
+        logger=_client_wire_logger,
+    ) as ws:
+        if ws.subprotocol != MCP_SUBPROTOCOL:
+            # Lenient, as SDK 1.x was: some servers never echo the subprotocol but still speak MCP.
+            logger.warning("WebSocket server did not select the %r subprotocol; continuing", MCP_SUBPROTOCOL)
+        async with _bridge(ws) as streams:
+            yield streams
+
+
+@asynccontextmanager
+async def serve_websocket(
+    server: MCPServer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    on_connect: Callable[[ServerConnection], Awaitable[None]] | None = None,
+) -> AsyncIterator[int]:
+    """Serves `server` over WebSocket, one MCP session per connection; yields the bound port.
+
+    `on_connect`, if given, runs alongside each session (cancelled when the session
+    ends), e.g. to cap a connection's lifetime. Tools see the handshake headers as
+    `ctx.headers`, as they would on the HTTP transports.
+    """
+    # The SDK's own run methods reach for this attribute; there is no public equivalent yet.
+    lowlevel = server._lowlevel_server  # pyright: ignore[reportPrivateUsage]
+
+    async def handle(ws: ServerConnection) -> None:
+        async with _bridge(ws, request=ws.request) as (read_stream, write_stream), anyio.create_task_group() as tg:
+            if on_connect is not None:
+                tg.start_soon(on_connect, ws)
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+            tg.cancel_scope.cancel()
+
+    async with serve(
+        handle,
+        host,
+        port,
+        # Clients that do not offer `mcp` get HTTP 400 rather than a session they cannot speak.
+        subprotocols=[MCP_SUBPROTOCOL],
+        max_size=DEFAULT_MAX_SIZE,
+        logger=_server_wire_logger,
+    ) as ws_server:
+        yield ws_server.sockets[0].getsockname()[1]
+
+
+@asynccontextmanager
+async def _bridge(ws: Connection, request: Request | None = None) -> AsyncIterator[TransportStreams]:
+    """Pumps frames between an open WebSocket and a pair of session streams.
+
+    `request` is the server side's handshake request, attached to each inbound
+    message the way the SDK's HTTP transports attach theirs.
+    """
+    read_stream_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+    write_stream, write_stream_reader = anyio.create_memory_object_stream[SessionMessage](0)
+    writer_done = anyio.Event()
+
+    async def ws_reader() -> None:
+        # Closing read_stream_writer (on any exit) is what tells the session the peer is gone.
+        async with read_stream_writer:
+            try:
+                async for frame in ws:
+                    await read_stream_writer.send(_parse_frame(frame, request))
+            except ConnectionClosedError as exc:
+                logger.info("WebSocket closed abnormally (code %s)", exc.rcvd.code if exc.rcvd else "none")
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # the session stopped reading; nothing left to deliver to
+
+    async def ws_writer() -> None:
+        try:
+            async with write_stream_reader:
+                async for session_message in write_stream_reader:
+                    await ws.send(session_message.message.model_dump_json(by_alias=True, exclude_unset=True))
+        except ConnectionClosed:
+            # The reader sees the same closure and ends the read stream; closing
+            # write_stream_reader makes further sends fail instead of blocking.
+            pass
+        finally:
+            writer_done.set()
+
+    async with read_stream, write_stream, anyio.create_task_group() as tg:
+        tg.start_soon(ws_reader)
+        tg.start_soon(ws_writer)
+        try:
+            yield read_stream, write_stream
+        finally:
+            write_stream.close()
+            # Shielded so a cancelled caller still gets its last messages (e.g. a
+            # cancellation notice) onto the wire; bounded so a stuck peer cannot hold us.
+            with anyio.move_on_after(_WRITER_FLUSH_TIMEOUT, shield=True):
+                await writer_done.wait()
+            tg.cancel_scope.cancel()
+
+
+def _parse_frame(frame: str | bytes, request: Request | None) -> SessionMessage | Exception:
+    """Parses one frame, returning a parse error as a value for the session to surface."""
+    try:
+        message = types.jsonrpc_message_adapter.validate_json(frame, by_name=False)
+    except ValueError as exc:
+        # Not the frame itself, nor the error text that quotes it: either may hold user data.
+        logger.warning("Received a WebSocket frame that is not a JSON-RPC message (length %d)", len(frame))
+        return exc
+    metadata = ServerMessageMetadata(request_context=request) if request is not None else None
+    return SessionMessage(message, metadata)

@@ -1,0 +1,91 @@
+"""Shared fixtures: a real PostgreSQL (a fresh schema per test) and real MCP servers as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from mcp_integration.registry import Registry, ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ROOT / "tests" / "servers"
+DEMO = str(SERVERS / "demo_server.py")
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> Iterator[str]:
+    """DATABASE_URL when set (CI: the machine's server); otherwise an embedded PostgreSQL for the whole run."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="voice-mcp-pg-") as tmp:
+        server = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="stop")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_base_url: str) -> Iterator[str]:
+    """A connection string whose search_path is a schema made for this test alone, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_base_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield make_conninfo(pg_base_url, options=f"-c search_path={schema}")
+    finally:
+        with psycopg.connect(pg_base_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+async def registry(pg_url: str) -> AsyncIterator[Registry]:
+    reg = await Registry.open(pg_url, max_size=20)
+    await reg.migrate()
+    try:
+        yield reg
+    finally:
+        await reg.close()
+
+
+def stdio_demo(name: str = "demo", *extra: str) -> ServerConfig:
+    return ServerConfig(name=name, transport="stdio", command=sys.executable, args=[DEMO, "--name", name, *extra])
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., int]]:
+    """Start a server script as a real subprocess; returns the port it printed as `LISTENING <port>`."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, script: str = DEMO) -> int:
+        proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        procs.append(proc)
+        deadline = time.monotonic() + 20
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("LISTENING "):
+                return int(line.split()[1])
+            if not line and proc.poll() is not None:
+                break
+        raise RuntimeError(f"server {args} did not start")
+
+    start.procs = procs  # type: ignore[attr-defined]
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(5)

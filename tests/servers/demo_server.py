@@ -1,0 +1,101 @@
+"""A real MCP server for the tests and benchmarks, over stdio, Streamable HTTP or legacy SSE.
+
+    python tests/servers/demo_server.py --transport stdio
+    python tests/servers/demo_server.py --transport sse --port 0      # prints "LISTENING <port>"
+
+Tools: echo (fast), slow (sleeps, reports progress), fail (an error result), add, lookup.weather (a name
+unsafe for LLMs); --list-delay-ms delays every tools/list answer. Malformed schemas: raw_stdio_server.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+from typing import Any
+
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import Tool as MCPTool
+
+
+class DemoServer(MCPServer):
+    def __init__(self, name: str, *, list_delay_ms: int = 0) -> None:
+        super().__init__(name)
+        self.list_delay_ms = list_delay_ms
+
+    async def list_tools(self) -> list[MCPTool]:
+        if self.list_delay_ms:
+            await asyncio.sleep(self.list_delay_ms / 1000)
+        return await super().list_tools()
+
+
+def build(name: str, **kwargs: Any) -> DemoServer:
+    mcp = DemoServer(name, **kwargs)
+
+    @mcp.tool()
+    async def echo(text: str) -> str:
+        """Repeat the text back."""
+        return f"echo: {text}"
+
+    @mcp.tool()
+    async def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @mcp.tool()
+    async def slow(seconds: float, ctx: Context, steps: int = 4) -> str:
+        """Wait a while, reporting progress, then answer."""
+        for i in range(steps):
+            await ctx.report_progress(i, steps, f"step {i + 1} of {steps}")
+            await asyncio.sleep(seconds / steps)
+        return f"done after {seconds:g}s"
+
+    @mcp.tool()
+    async def fail(reason: str = "it broke") -> str:
+        """Always fails, with the reason given."""
+        raise ToolError(reason)
+
+    @mcp.tool(name="lookup.weather")
+    async def weather(city: str) -> dict[str, Any]:
+        """A tool whose name is not safe for LLM function calling."""
+        return {"city": city, "forecast": "sunny", "high_c": 21}
+
+    return mcp
+
+
+def listening_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return sock
+
+
+async def serve_http(app: Any, port: int) -> None:
+    sock = listening_socket(port)
+    print(f"LISTENING {sock.getsockname()[1]}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    await server.serve(sockets=[sock])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--transport", choices=["stdio", "streamable-http", "sse"], default="stdio")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--name", default="demo")
+    parser.add_argument("--list-delay-ms", type=int, default=0)
+    args = parser.parse_args()
+    mcp = build(args.name, list_delay_ms=args.list_delay_ms)
+    if args.transport == "stdio":
+        mcp.run("stdio")
+    elif args.transport == "sse":
+        asyncio.run(serve_http(mcp.sse_app(), args.port))
+    else:
+        asyncio.run(serve_http(mcp.streamable_http_app(), args.port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
