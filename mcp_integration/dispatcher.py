@@ -47,6 +47,7 @@ class ServerState:
     discovered_at: float | None = None
     error: str | None = None
     skipped: list[str] = field(default_factory=list)
+    consecutive_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,20 @@ class Dispatcher:
         if unknown:
             raise ToolCallError(unknown[0], "-", f"no enabled server named {unknown[0]!r}", "unknown_server")
         reports = await asyncio.gather(*(self._check(self._servers[n]) for n in names))
+        for report in reports:
+            await self._record_health(self._servers[report.server], report)
         return {r.server: r for r in reports}
+
+    async def _record_health(self, state: ServerState, report: HealthReport) -> None:
+        state.consecutive_failures = 0 if report.ok else state.consecutive_failures + 1
+        if self.registry is None or state.cfg.id is None:
+            return
+        try:
+            await self.registry.record_health(
+                state.cfg.id, "up" if report.ok else "down", report.latency_ms, state.consecutive_failures, report.error
+            )
+        except Exception as exc:
+            log.warning("server %s: health not recorded: %s", state.cfg.name, describe(exc))
 
     async def _check(self, state: ServerState) -> HealthReport:
         try:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from mcp_integration.config import Settings
+from mcp_integration.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -31,3 +36,24 @@ class EmbeddedPostgres:
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.cleanup)
+
+
+@asynccontextmanager
+async def open_registry(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Registry]:
+    """The registry on DATABASE_URL, or on an embedded PostgreSQL when none is set; migrated, closed after."""
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = await embedded.start()
+    try:
+        registry = await Registry.open(url)
+        try:
+            if migrate:
+                await registry.migrate()
+            yield registry
+        finally:
+            await registry.close()
+    finally:
+        if embedded is not None:
+            await embedded.stop()

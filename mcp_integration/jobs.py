@@ -167,6 +167,11 @@ class Job:
         assert self.result is not None
         return self.result
 
+    async def settled(self) -> None:
+        """Wait until the job is done *and* its final state is written to mcp_jobs (the answer comes first)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def cancel(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import httpx2
@@ -60,7 +60,7 @@ def open_transport(cfg: ServerConfig, *, connect_timeout: float = 10.0) -> Trans
         assert cfg.command
         params = StdioServerParameters(command=cfg.command, args=list(cfg.args), env=env or None)
         # The server's stderr goes to ours, where an operator can see why it failed to start.
-        return stdio_client(params, errlog=sys.stderr)
+        return stdio_client(params, errlog=_errlog())
     assert cfg.url
     if cfg.transport == "streamable-http":
         # A long read timeout: the server may hold a response stream open while a tool works.
@@ -73,6 +73,18 @@ def open_transport(cfg: ServerConfig, *, connect_timeout: float = 10.0) -> Trans
     if cfg.transport == "websocket":
         return websocket_client(cfg.url, headers=headers, open_timeout=connect_timeout)
     raise ValueError(f"unknown transport {cfg.transport!r}")
+
+
+def _errlog() -> TextIO:
+    """A stderr with a real file descriptor: a subprocess cannot write to a replaced in-memory sys.stderr."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.fileno()
+                return stream
+        except (AttributeError, OSError, ValueError):
+            continue
+    return open(os.devnull, "w")
 
 
 @asynccontextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -108,7 +107,9 @@ async def test_execute_then_get_result_and_read_back_from_postgres(registry: Reg
         assert isinstance(job_id, str)
         result = await d.get_result(job_id)
         assert result.text == "done after 0.3s"
-        await asyncio.sleep(0.1)
+        job = d.job(job_id)
+        assert job is not None
+        await job.settled()
         row = await registry.get_job(job_id)  # type: ignore[arg-type]
         assert row is not None and row["state"] == "completed" and row["result"]["text"] == "done after 0.3s"
     finally:
@@ -261,10 +262,12 @@ async def test_dead_server_mid_call_is_a_clear_failure_not_a_hang(registry: Regi
     cfg = ServerConfig(name="dies", transport="stdio", command=sys.executable, args=[str(script)])
     d = await start(registry, cfg)
     try:
+        job = d.submit("slow", {"seconds": 30})
         with pytest.raises(ToolCallError) as info:
-            await d.call("slow", {"seconds": 30}, timeout=20)
+            await job.wait(20)
         assert info.value.kind in ("server_error", "unreachable")
-        row = (await registry.recent_jobs(server="dies"))[0]
-        assert row["state"] == "failed"
+        await job.settled()
+        row = await registry.get_job(job.id)
+        assert row is not None and row["state"] == "failed" and row["error"]
     finally:
         await d.aclose()

@@ -1,0 +1,212 @@
+"""Session-start benchmark: how long until the dispatcher's tool index is ready, for N real MCP servers.
+
+    python bench/session_start.py [--servers 20] [--delay-ms 100] [--runs 5]
+
+Modes: one server alone (baseline), N servers one after another, N servers concurrently, and a warm start
+from the Postgres tool cache (`start(wait=False)`). Uses DATABASE_URL if set, else an embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "servers"))
+
+import psycopg  # noqa: E402
+from psycopg.conninfo import make_conninfo  # noqa: E402
+
+from mcp_integration.dispatcher import Dispatcher  # noqa: E402
+from mcp_integration.embedded_db import EmbeddedPostgres  # noqa: E402
+from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
+
+DEMO = ROOT / "tests" / "servers" / "demo_server.py"
+TOOLS_PER_SERVER = 5  # echo, add, slow, fail, lookup.weather
+
+
+def start_servers(n: int, delay_ms: int, procs: list[subprocess.Popen[str]]) -> list[int]:
+    """Start n demo servers over Streamable HTTP (all at once); returns their ports. `procs` collects them."""
+    for i in range(n):
+        cmd = [sys.executable, str(DEMO), "--transport", "streamable-http", "--port", "0"]
+        cmd += ["--list-delay-ms", str(delay_ms), "--name", f"s{i}"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT))
+    ports = []
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("LISTENING "):
+            raise RuntimeError(f"a demo server did not start (exit code {proc.poll()})")
+        ports.append(int(line.split()[1]))
+    return ports
+
+
+def stop_servers(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait(5)
+
+
+async def timed(runs: int, once: Callable[[], Awaitable[float]]) -> list[float]:
+    return [await once() for _ in range(runs)]
+
+
+def check_index(d: Dispatcher, names: list[str]) -> None:
+    errors = {n: s.error for n, s in d.servers.items() if s.error}
+    assert not errors, f"discovery errors: {errors}"
+    servers = {e.server for e in d.tools}
+    assert servers == set(names), f"index holds servers {sorted(servers)}, expected {sorted(names)}"
+    assert len(d.tools) == TOOLS_PER_SERVER * len(names), f"index holds {len(d.tools)} tools"
+
+
+async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[float]]:
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    registry: Registry | None = None
+    try:
+        registry = await Registry.open(make_conninfo(base_url, options=f"-c search_path={schema}"))
+        await registry.migrate()
+        cfgs = [
+            await registry.add_server(
+                ServerConfig(name=f"s{i}", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp")
+            )
+            for i, port in enumerate(ports)
+        ]
+        names = [c.name for c in cfgs]
+        reg = registry
+        closes: list[float] = []
+
+        async def one() -> float:
+            d = Dispatcher(reg)
+            try:
+                t0 = time.perf_counter()
+                await d.start(wait=True, servers=[cfgs[0]])
+                elapsed = time.perf_counter() - t0
+                check_index(d, names[:1])
+            finally:
+                await d.aclose()
+            return elapsed * 1000
+
+        async def sequential() -> float:
+            d = Dispatcher(reg)
+            try:
+                t0 = time.perf_counter()
+                await d.start(wait=True, servers=[])
+                for cfg in cfgs:
+                    error = await d.add_server(cfg)
+                    assert error is None, error
+                elapsed = time.perf_counter() - t0
+                check_index(d, names)
+            finally:
+                await d.aclose()
+            return elapsed * 1000
+
+        async def concurrent() -> float:
+            d = Dispatcher(reg)
+            try:
+                t0 = time.perf_counter()
+                await d.start(wait=True)
+                elapsed = time.perf_counter() - t0
+                check_index(d, names)
+            finally:
+                await d.aclose()
+            return elapsed * 1000
+
+        async def warm() -> float:
+            d = Dispatcher(reg)
+            try:
+                t0 = time.perf_counter()
+                await d.start(wait=False)
+                elapsed = time.perf_counter() - t0
+                check_index(d, names)
+                assert all(s.from_cache for s in d.servers.values()), "index not served from the tool cache"
+            finally:
+                t1 = time.perf_counter()
+                await d.aclose()
+                closes.append((time.perf_counter() - t1) * 1000)
+            return elapsed * 1000
+
+        await concurrent()  # warm-up, untimed: first connections, imports, the tool cache filled once
+        results = {
+            "one server (baseline)": await timed(runs, one),
+            f"sequential x{len(cfgs)}": await timed(runs, sequential),
+            f"concurrent x{len(cfgs)}": await timed(runs, concurrent),
+            "warm cache (wait=False)": await timed(runs, warm),
+            "  aclose after warm start": closes,
+        }
+        return results
+    finally:
+        if registry is not None:
+            await registry.close()
+        async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+async def run(ports: list[int], runs: int) -> dict[str, list[float]]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        print("database: DATABASE_URL")
+        return await bench(url, ports, runs)
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
+        embedded = EmbeddedPostgres(Path(tmp))
+        try:
+            url = await embedded.start()
+            print("database: embedded PostgreSQL")
+            return await bench(url, ports, runs)
+        finally:
+            await embedded.stop()
+
+
+def p90(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=10, method="inclusive")[-1] if len(xs) > 1 else xs[0]
+
+
+def report(results: dict[str, list[float]], n: int, delay_ms: int, runs: int) -> None:
+    print(f"\n{n} servers, tools/list delay {delay_ms} ms, {runs} runs per mode\n")
+    print(f"{'mode':<28}{'median ms':>11}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}")
+    for mode, xs in results.items():
+        print(f"{mode:<28}{statistics.median(xs):>11.1f}{p90(xs):>10.1f}{min(xs):>10.1f}{max(xs):>10.1f}")
+    one, seq, conc, warm = (statistics.median(xs) for xs in list(results.values())[:4])
+    checks = [
+        (f"sequential / concurrent = {seq / conc:.1f}x", f"informational (ideal ~{n}x)", None),
+        (f"concurrent / one server = {conc / one:.2f}x", "expected <= 1.5x", conc / one <= 1.5),
+        (f"warm cache median = {warm:.1f} ms", "expected <= 50 ms", warm <= 50),
+    ]
+    print()
+    for what, expected, ok in checks:
+        verdict = "" if ok is None else ("MET" if ok else "NOT MET")
+        print(f"{what:<38}{expected:<30}{verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument("--delay-ms", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mcp_integration").setLevel(logging.WARNING)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        ports = start_servers(args.servers, args.delay_ms, procs)
+        results = asyncio.run(run(ports, args.runs))
+    finally:
+        stop_servers(procs)
+    report(results, args.servers, args.delay_ms, args.runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""`python -m mcp_integration …`: manage the registry, list tools, call one. Errors are one line, exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from mcp_integration.config import Settings
+from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.embedded_db import open_registry
+from mcp_integration.importer import literal_secrets, load_file
+from mcp_integration.jobs import JobEvent, ToolCallError
+from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, RegistryError, ServerConfig, redact
+
+
+class CliError(Exception):
+    """A user mistake or an unreachable dependency: printed as one line, exit code 1."""
+
+
+def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"{what} must look like NAME=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mcp_integration", description="voice-mcp: MCP servers for voice agents")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    sub.add_parser("migrate", help="create or upgrade the database schema")
+
+    servers = sub.add_parser("servers", help="manage registered MCP servers").add_subparsers(
+        dest="action", required=True
+    )
+    add = servers.add_parser("add", help="register a server")
+    add.add_argument("name")
+    add.add_argument("--transport", required=True, choices=TRANSPORTS)
+    target = add.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url")
+    target.add_argument("--command")
+    add.add_argument("--arg", action="append", default=[], help="an argument for --command (repeatable)")
+    add.add_argument("--header", action="append", help="K=V; V may be env:NAME (repeatable)")
+    add.add_argument("--env", action="append", help="K=V for a stdio server; V may be env:NAME (repeatable)")
+    add.add_argument("--allow-tool", action="append", default=[], help="offer only these tools (repeatable)")
+    add.add_argument("--timeout", type=int, metavar="MS", default=35_000, help="idle timeout per call (ms)")
+    add.add_argument("--poll-interval", type=int, metavar="MS", default=1_000)
+    add.add_argument("--result-endpoint", default="/mcp/results")
+    add.add_argument("--poll-profile", choices=POLL_PROFILES, default="auto")
+    add.add_argument("--disabled", action="store_true", help="register it switched off")
+    add.add_argument("--replace", action="store_true", help="update the server if the name exists")
+    lst = servers.add_parser("list", help="list servers and their health")
+    lst.add_argument("--json", action="store_true")
+    for verb in ("remove", "enable", "disable"):
+        servers.add_parser(verb, help=f"{verb} a server").add_argument("name")
+    servers.add_parser("check", help="check reachability now and record it").add_argument("name", nargs="?")
+    imp = servers.add_parser("import", help="import an mcpServers JSON file (Claude Desktop, Cursor, …)")
+    imp.add_argument("file")
+    imp.add_argument("--replace", action="store_true", help="update servers whose names exist")
+
+    sub.add_parser("demo", help="run the offline demo (embedded PostgreSQL when DATABASE_URL is unset)")
+
+    tools = sub.add_parser("tools", help="list the tools of the enabled servers")
+    tools.add_argument("--server")
+    tools.add_argument("--json", action="store_true")
+
+    call = sub.add_parser("call", help="call a tool and print its answer")
+    call.add_argument("tool")
+    call.add_argument("--args", default="{}", help="the arguments as a JSON object")
+    call.add_argument("--server")
+    call.add_argument("--raw", action="store_true", help="print the whole result as JSON")
+    call.add_argument("--timeout", type=float, metavar="S", help="stop waiting after S seconds")
+    return p
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def cmd_migrate(reg: Registry, _: argparse.Namespace) -> None:
+    applied = await reg.applied_migrations()
+    _say(f"schema up to date: {', '.join(applied)}")
+
+
+async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
+    if args.action == "add":
+        cfg = ServerConfig(
+            name=args.name,
+            transport=args.transport,
+            url=args.url,
+            command=args.command,
+            args=args.arg,
+            headers=_pairs(args.header, "--header"),
+            env=_pairs(args.env, "--env"),
+            allowed_tools=args.allow_tool,
+            enabled=not args.disabled,
+            timeout_ms=args.timeout,
+            poll_interval=args.poll_interval,
+            result_endpoint=args.result_endpoint,
+            poll_profile=args.poll_profile,
+        )
+        if cfg.transport == "stdio" and cfg.url:
+            raise CliError("the stdio transport takes --command, not --url")
+        if cfg.transport != "stdio" and cfg.command:
+            raise CliError(f"the {cfg.transport} transport takes --url, not --command")
+        saved = await reg.add_server(cfg, replace=args.replace)
+        for item in literal_secrets(saved):
+            _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
+        _say(f"added {saved.name} ({saved.transport} {saved.label})")
+    elif args.action == "list":
+        await _list_servers(reg, as_json=args.json)
+    elif args.action == "remove":
+        if not await reg.remove_server(args.name):
+            raise CliError(f"no server named {args.name!r}")
+        _say(f"removed {args.name}")
+    elif args.action in ("enable", "disable"):
+        if not await reg.set_enabled(args.name, args.action == "enable"):
+            raise CliError(f"no server named {args.name!r}")
+        _say(f"{args.action}d {args.name}")
+    elif args.action == "check":
+        d = await _dispatcher(reg, args.name, quiet=True)
+        try:
+            reports = await d.health_check(args.name)
+        finally:
+            await d.aclose()
+        failed = [r for r in reports.values() if not r.ok]
+        for r in reports.values():
+            _say(f"{r.server}: up ({r.latency_ms:.0f} ms)" if r.ok else f"{r.server}: down ({r.error})")
+        if failed:
+            raise CliError(f"{len(failed)} of {len(reports)} servers did not answer")
+    elif args.action == "import":
+        cfgs = load_file(args.file)
+        if not args.replace:
+            existing = {s.name for s in await reg.list_servers()}
+            clash = [c.name for c in cfgs if c.name in existing]
+            if clash:
+                raise CliError(f"already registered: {', '.join(clash)} (use --replace to update them)")
+        for cfg in cfgs:
+            saved = await reg.add_server(cfg, replace=args.replace)
+            for item in literal_secrets(saved):
+                _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
+            _say(f"imported {saved.name} ({saved.transport} {saved.label})")
+
+
+async def _list_servers(reg: Registry, *, as_json: bool) -> None:
+    servers = await reg.list_servers()
+    health = await reg.health()
+    if as_json:
+        rows = []
+        for s in servers:
+            h = health.get(s.name)
+            rows.append(
+                {
+                    "name": s.name,
+                    "transport": s.transport,
+                    "target": s.label,
+                    "enabled": s.enabled,
+                    "headers": redact(s.headers),
+                    "env": redact(s.env),
+                    "allowed_tools": s.allowed_tools,
+                    "timeout_ms": s.timeout_ms,
+                    "poll_interval": s.poll_interval,
+                    "poll_profile": s.poll_profile,
+                    "health": h.status if h else "unknown",
+                }
+            )
+        _say(json.dumps(rows, indent=2))
+        return
+    if not servers:
+        _say("no servers registered; add one with: python -m mcp_integration servers add NAME --transport …")
+        return
+    table = [("NAME", "TRANSPORT", "ENABLED", "HEALTH", "TARGET")]
+    for s in servers:
+        h = health.get(s.name)
+        status = h.status if h else "unknown"
+        if h and h.latency_ms is not None and status == "up":
+            status += f" ({h.latency_ms:.0f} ms)"
+        table.append((s.name, s.transport, "yes" if s.enabled else "no", status, s.label))
+    _say(_format_table(table))
+
+
+def _format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+async def _dispatcher(reg: Registry, server: str | None, *, quiet: bool = False) -> Dispatcher:
+    servers = await reg.list_servers(enabled_only=True)
+    if server is not None:
+        servers = [s for s in servers if s.name == server]
+        if not servers:
+            raise CliError(f"no enabled server named {server!r}")
+    d = Dispatcher(reg)
+    await d.start(wait=True, servers=servers)
+    for name, state in d.servers.items():
+        if quiet:
+            break
+        if state.error:
+            _note(f"warning: {state.error}")
+        for why in state.skipped:
+            _note(f"warning: server {name!r}: skipped {why}")
+    return d
+
+
+async def cmd_tools(reg: Registry, args: argparse.Namespace) -> None:
+    d = await _dispatcher(reg, args.server)
+    try:
+        entries = d.tools
+        if args.json:
+            _say(
+                json.dumps(
+                    [
+                        {
+                            "name": e.name,
+                            "server": e.server,
+                            "tool": e.spec.name,
+                            "description": e.spec.description,
+                            "input_schema": e.spec.input_schema,
+                        }
+                        for e in entries
+                    ],
+                    indent=2,
+                )
+            )
+            return
+        if not entries:
+            _say("no tools available")
+            return
+        table = [("NAME", "SERVER", "DESCRIPTION")]
+        for e in entries:
+            first = (e.spec.description.strip().splitlines() or [""])[0]
+            table.append((e.name, e.server, first[:80]))
+        _say(_format_table(table))
+    finally:
+        await d.aclose()
+
+
+async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
+    try:
+        arguments: Any = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(arguments, dict):
+        raise CliError('--args must be a JSON object, like \'{"text": "hi"}\'')
+    d = await _dispatcher(reg, args.server)
+    try:
+        job = d.submit(args.tool, arguments, server=args.server)
+        job.add_listener(_print_event)
+        result = await job.wait(args.timeout)
+        if args.raw:
+            _say(
+                json.dumps(
+                    {"text": result.text, "structured": result.structured, "content": result.content},
+                    indent=2,
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            _say(result.text)
+    finally:
+        await d.aclose()
+
+
+def _print_event(event: JobEvent) -> None:
+    if event.kind == "progress":
+        d = event.data
+        total = f"/{d['total']:g}" if d.get("total") is not None else ""
+        msg = f" {d['message']}" if d.get("message") else ""
+        _note(f"… progress {d['progress']:g}{total}{msg}")
+    elif event.kind == "accepted":
+        _note(f"… accepted ({event.data.get('job_kind', 'plain')} call)")
+    elif event.kind == "status":
+        _note(f"… {event.data.get('state')}")
+
+
+async def cmd_demo(reg: Registry, _: argparse.Namespace) -> None:
+    from mcp_integration.demo import run_demo
+
+    await run_demo(reg, out=_say)
+
+
+COMMANDS = {"migrate": cmd_migrate, "servers": cmd_servers, "tools": cmd_tools, "call": cmd_call, "demo": cmd_demo}
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> None:
+    async with open_registry(settings) as reg:
+        await COMMANDS[args.verb](reg, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(run(args, settings))
+    except (CliError, RegistryError, ToolCallError) as exc:
+        _note(f"error: {exc}")
+        return 1
+    except psycopg.OperationalError as exc:
+        first = (str(exc).strip().splitlines() or ["connection failed"])[-1]
+        _note(f"error: cannot use the database: {first}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

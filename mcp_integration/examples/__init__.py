@@ -1,0 +1,1 @@
+"""Small MCP servers shipped with the project, for the offline demo."""

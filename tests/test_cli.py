@@ -1,0 +1,242 @@
+"""Every CLI verb against the real registry and real servers, including bad input: one line, exit code 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DEMO, ROOT, SERVERS
+
+from mcp_integration.cli import main
+
+PY = sys.executable
+
+
+@pytest.fixture
+def cli(pg_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert run("migrate")[0] == 0
+    return run
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_migrate_reports_versions(cli) -> None:
+    code, out, _ = cli("migrate")
+    assert code == 0 and "001_init" in out
+
+
+def test_servers_add_list_enable_disable_remove(cli) -> None:
+    code, out, _ = cli(
+        "servers",
+        "add",
+        "demo",
+        "--transport",
+        "stdio",
+        "--command",
+        PY,
+        "--arg",
+        DEMO,
+        "--env",
+        "DEMO_MODE=1",
+        "--allow-tool",
+        "echo",
+        "--timeout",
+        "5000",
+        "--poll-interval",
+        "500",
+        "--poll-profile",
+        "none",
+    )
+    assert code == 0 and "added demo" in out
+    code, out, err = cli(
+        "servers",
+        "add",
+        "books",
+        "--transport",
+        "streamable-http",
+        "--url",
+        "http://127.0.0.1:9/mcp",
+        "--header",
+        "Authorization=env:BOOKS_TOKEN",
+        "--header",
+        "X-Api-Key=sk-literal-123",
+        "--result-endpoint",
+        "/jobs/{job_id}",
+        "--poll-profile",
+        "http",
+    )
+    assert code == 0
+    assert "X-Api-Key" in err and "sk-literal-123" not in err + out  # warned about, never shown
+
+    code, out, _ = cli("servers", "list")
+    assert code == 0 and "demo" in out and "books" in out and "sk-literal" not in out
+    code, out, _ = cli("servers", "list", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["books"]["headers"] == {"Authorization": "env:BOOKS_TOKEN", "X-Api-Key": "***"}
+    assert rows["demo"]["timeout_ms"] == 5000 and rows["demo"]["poll_profile"] == "none"
+
+    assert cli("servers", "disable", "books")[0] == 0
+    assert json.loads(cli("servers", "list", "--json")[1])[0]["enabled"] is False
+    assert cli("servers", "enable", "books")[0] == 0
+    assert cli("servers", "remove", "books") == (0, "removed books\n", "")
+    assert [r["name"] for r in json.loads(cli("servers", "list", "--json")[1])] == ["demo"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("servers", "add", "Bad Name", "--transport", "stdio", "--command", "x"), "invalid server name"),
+        (("servers", "add", "a", "--transport", "stdio", "--url", "http://x"), "takes --command"),
+        (("servers", "add", "a", "--transport", "sse", "--command", "x"), "takes --url"),
+        (("servers", "add", "a", "--transport", "sse", "--url", "ftp://x"), "needs a URL"),
+        (("servers", "add", "a", "--transport", "stdio", "--command", "x", "--header", "nokey"), "NAME=VALUE"),
+        (("servers", "remove", "ghost"), "no server named 'ghost'"),
+        (("servers", "enable", "ghost"), "no server named 'ghost'"),
+        (("servers", "disable", "ghost"), "no server named 'ghost'"),
+        (("servers", "import", "/nonexistent.json"), "cannot read"),
+        (("call", "echo", "--args", "{not json"), "not valid JSON"),
+        (("call", "echo", "--args", "[1, 2]"), "must be a JSON object"),
+        (("call", "nope", "--args", "{}"), "no tool named 'nope'"),
+        (("tools", "--server", "ghost"), "no enabled server named 'ghost'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(cli, argv: tuple[str, ...], message: str) -> None:
+    code, _, err = cli(*argv)
+    assert code == 1
+    assert message in one_line_error(err)
+
+
+def test_duplicate_add_is_refused_and_replace_updates(cli) -> None:
+    assert cli("servers", "add", "d", "--transport", "stdio", "--command", "a")[0] == 0
+    code, _, err = cli("servers", "add", "d", "--transport", "stdio", "--command", "b")
+    assert code == 1 and "already exists" in one_line_error(err)
+    assert cli("servers", "add", "d", "--transport", "stdio", "--command", "b", "--replace")[0] == 0
+
+
+def test_tools_and_call_against_a_real_server(cli) -> None:
+    cli("servers", "add", "demo", "--transport", "stdio", "--command", PY, "--arg", DEMO)
+    code, out, _ = cli("tools")
+    assert code == 0 and "echo" in out and "lookup_weather" in out
+    code, out, _ = cli("tools", "--server", "demo", "--json")
+    assert {t["tool"] for t in json.loads(out)} >= {"echo", "lookup.weather"}
+
+    code, out, err = cli("call", "slow", "--args", '{"seconds": 0.4}')
+    assert code == 0 and out.strip() == "done after 0.4s"
+    assert "progress" in err  # events on stderr, the answer alone on stdout
+    code, out, _ = cli("call", "lookup_weather", "--args", '{"city": "Oslo"}', "--raw")
+    assert code == 0 and json.loads(out)["structured"]["forecast"] == "sunny"
+    code, out, _ = cli("call", "echo", "--args", '{"text": "hi"}', "--server", "demo")
+    assert (code, out) == (0, "echo: hi\n")
+
+    code, out, err = cli("call", "add", "--args", '{"a": "two", "b": 2}')
+    assert code == 1 and "invalid arguments" in one_line_error(err) and out == ""
+    code, _, err = cli("call", "fail", "--args", '{"reason": "no seats left"}')
+    assert code == 1 and "no seats left" in one_line_error(err)
+
+    code, out, _ = cli("servers", "check", "demo")
+    assert code == 0 and "demo: up" in out
+    assert "up" in cli("servers", "list")[1]
+
+
+def test_servers_check_reports_a_dead_server(cli) -> None:
+    cli("servers", "add", "dead", "--transport", "streamable-http", "--url", "http://127.0.0.1:9/mcp")
+    code, out, err = cli("servers", "check")
+    assert code == 1 and "dead: down" in out and "did not answer" in one_line_error(err)
+    assert "down" in cli("servers", "list")[1]
+
+
+def test_import_mcp_servers_json(cli, tmp_path: Path) -> None:
+    config = {
+        "mcpServers": {
+            "Local Demo": {"command": PY, "args": [DEMO], "env": {"API_TOKEN": "env:DEMO_TOKEN", "MODE": "x"}},
+            "n8n": {"url": "http://127.0.0.1:5678/mcp/abc/sse", "headers": {"Authorization": "Bearer abc"}},
+            "remote": {"url": "https://example.com/mcp", "type": "http"},
+            "sock": {"url": "ws://127.0.0.1:9000/"},
+        }
+    }
+    path = tmp_path / "claude_desktop_config.json"
+    path.write_text(json.dumps(config))
+    code, out, err = cli("servers", "import", str(path))
+    assert code == 0, err
+    assert "Bearer abc" not in out + err and "header Authorization of 'n8n'" in err
+    rows = {r["name"]: r for r in json.loads(cli("servers", "list", "--json")[1])}
+    assert rows["local-demo"]["transport"] == "stdio"
+    assert rows["n8n"]["transport"] == "sse"
+    assert rows["remote"]["transport"] == "streamable-http"
+    assert rows["sock"]["transport"] == "websocket"
+    assert rows["local-demo"]["env"] == {"API_TOKEN": "env:DEMO_TOKEN", "MODE": "***"}
+
+    code, _, err = cli("servers", "import", str(path))
+    assert code == 1 and "--replace" in one_line_error(err)
+    assert cli("servers", "import", str(path), "--replace")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"servers": 3}', "mcpServers"),
+        ('{"mcpServers": {"x": {"args": []}}}', "needs a URL"),
+        ('{"mcpServers": {"x": {"url": "http://h/mcp", "type": "pigeon"}}}', "unknown transport type"),
+        ('{"mcpServers": {"A b": {"command": "x"}, "a-b": {"command": "y"}}}', "same server name"),
+    ],
+)
+def test_bad_import_files_import_nothing(cli, tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    code, _, err = cli("servers", "import", str(path))
+    assert code == 1 and message in one_line_error(err)
+    assert json.loads(cli("servers", "list", "--json")[1]) == []
+
+
+def test_unreachable_database_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:9/none?connect_timeout=2")
+    assert main(["servers", "list"]) == 1
+    assert "cannot use the database" in one_line_error(capsys.readouterr().err)
+
+
+def test_python_dash_m_entry_point(pg_url: str) -> None:
+    env = dict(os.environ, DATABASE_URL=pg_url)
+    done = subprocess.run(
+        [PY, "-m", "mcp_integration", "call", "x", "--args", "{"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr.startswith("error: --args is not valid JSON")
+    done = subprocess.run([PY, "-m", "mcp_integration", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "servers" in done.stdout
+
+
+def test_raw_server_listing_warns_about_skipped_tools(cli) -> None:
+    cli("servers", "add", "raw", "--transport", "stdio", "--command", PY, "--arg", str(SERVERS / "raw_stdio_server.py"))
+    code, out, err = cli("tools")
+    assert code == 0 and "echo" in out and "broken" not in out
+    assert "skipped tool 'broken'" in err
+
+
+def test_demo_runs_the_tool_path_and_records_jobs(cli) -> None:
+    code, out, _ = cli("demo")
+    assert code == 0, out
+    assert "tools: order_status, world_time" in out
+    assert "progress 2/3: checking the courier" in out
+    assert '"status": "shipped"' in out and "Accepted" not in out
+    assert "mcp_jobs: order_status completed" in out
