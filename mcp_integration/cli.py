@@ -277,15 +277,22 @@ async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
 
 
 def _print_event(event: JobEvent) -> None:
+    d = event.data
     if event.kind == "progress":
-        d = event.data
         total = f"/{d['total']:g}" if d.get("total") is not None else ""
         msg = f" {d['message']}" if d.get("message") else ""
         _note(f"… progress {d['progress']:g}{total}{msg}")
     elif event.kind == "accepted":
-        _note(f"… accepted ({event.data.get('job_kind', 'plain')} call)")
-    elif event.kind == "status":
-        _note(f"… {event.data.get('state')}")
+        ref = d.get("task_id") or d.get("receipt_id")
+        _note(f"… accepted ({d.get('job_kind', 'plain')} call{f' {ref}' if ref else ''})")
+    elif (event.kind == "status" and d.get("state") != "working") or (event.kind == "status" and d.get("message")):
+        msg = f": {d['message']}" if d.get("message") else ""
+        _note(f"… status {d.get('state')}{msg}")
+    elif event.kind == "poll":
+        extra = f" ({d['status']})" if d.get("status") else f" (error: {d['error']})" if d.get("error") else ""
+        _note(f"… poll {d['n']}{extra}")
+    elif event.kind == "wait_timeout":
+        _note(f"… still running after {d['waited_s']:g} s")
 
 
 async def cmd_demo(reg: Registry, _: argparse.Namespace) -> None:

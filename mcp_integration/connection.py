@@ -18,6 +18,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp_integration.registry import ServerConfig, ToolSpec
+from mcp_integration.tasks import TaskClient
 from mcp_integration.transports import ToolListGuard, open_transport
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class ServerConnection:
         self._lock = asyncio.Lock()
         self._guard: ToolListGuard | None = None
         self.last_error: str | None = None
+        # The MCP tasks runtime (both dialects) on this connection's session; see tasks.py. A plain tool call's
+        # length is bounded by the job engine (its wait policy), not here.
+        self.tasks = TaskClient(lambda: self.client.session)
 
     @property
     def is_open(self) -> bool:
@@ -87,7 +91,10 @@ class ServerConnection:
         try:
             self._guard = ToolListGuard(open_transport(self.cfg, connect_timeout=self.connect_timeout), self.cfg.name)
             # cache=None: a stale cached tools/list would hide a server's changes from a refresh.
-            async with Client(self._guard.transport(), message_handler=self._message, cache=None) as client:
+            # extensions: declares the tasks extension (2026) and routes task status pushes to self.tasks.
+            async with Client(
+                self._guard.transport(), message_handler=self._message, cache=None, extensions=self.tasks.extensions()
+            ) as client:
                 self._client = client
                 if not ready.done():
                     ready.set_result(None)
@@ -106,7 +113,9 @@ class ServerConnection:
     async def _message(self, message: Any) -> None:
         if isinstance(message, Exception):
             log.warning("server %s: transport error: %s", self.cfg.name, describe(message))
-        elif self._on_notification is not None:
+            return
+        self.tasks.on_message(message)
+        if self._on_notification is not None:
             await self._on_notification(message)
 
     async def _stop_runner(self) -> None:
@@ -156,7 +165,9 @@ class ServerConnection:
     async def call_tool(
         self, name: str, arguments: dict[str, Any], *, progress: ProgressCallback | None = None
     ) -> types.CallToolResult:
-        return await self.client.session.call_tool(name, arguments, progress_callback=progress)
+        # Client.call_tool, not the session's: with the tasks extension declared, a 2026 server may answer with a
+        # task, which only the client-level call resolves (through the claim in tasks.py) into a result.
+        return await self.client.call_tool(name, arguments, progress_callback=progress)
 
     async def ping(self) -> float:
         """Round-trip latency in ms: MCP `ping` where the protocol has it (removed in 2026-07-28), else tools/list."""

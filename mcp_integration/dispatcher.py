@@ -13,15 +13,20 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+import mcp_types as types
 from jsonschema import Draft202012Validator
 from jsonschema.validators import validator_for
 from mcp.shared.exceptions import MCPError
 
 from mcp_integration.connection import ConnectError, ServerConnection, describe
-from mcp_integration.jobs import Job, ToolCallError, ToolResult
+from mcp_integration.jobs import Job, ToolCallError, ToolResult, WaitPolicy
 from mcp_integration.naming import assign_names
+from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+from mcp_integration.timing import DurationStats
 from mcp_integration.transports import SecretMissing
+from mcp_integration.waiters import wait_receipt, wait_task
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,11 @@ class Dispatcher:
         connect_timeout: float = 10.0,
         max_calls_per_server: int = 64,
         keep_jobs: int = 1000,
+        background_s: float = 600.0,
     ) -> None:
+        self.background_s = background_s
+        self._stats = DurationStats()
+        self._http: httpx.AsyncClient | None = None
         self.registry = registry
         self.connect_timeout = connect_timeout
         self._servers: dict[str, ServerState] = {}
@@ -77,6 +86,7 @@ class Dispatcher:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._max_calls = max_calls_per_server
         self._background: set[asyncio.Task[Any]] = set()
+        self._writes: set[asyncio.Task[Any]] = set()
         self.on_tools_changed: list[Any] = []
 
     # -- servers and discovery ------------------------------------------------------------------------------
@@ -107,7 +117,8 @@ class Dispatcher:
 
     async def refresh(self, names: list[str] | None = None) -> dict[str, str | None]:
         """Connect to and discover the given servers (default: all), concurrently. Returns each one's error."""
-        targets = [self._servers[n] for n in (names or list(self._servers)) if n in self._servers]
+        wanted = list(self._servers) if names is None else names
+        targets = [self._servers[n] for n in wanted if n in self._servers]
         errors = await asyncio.gather(*(self._discover(s) for s in targets))
         self._rebuild_index()
         return {s.cfg.name: e for s, e in zip(targets, errors, strict=True)}
@@ -125,13 +136,18 @@ class Dispatcher:
             state.skipped = state.conn.skipped_tools
             state.discovered_at = time.time()
             if self.registry is not None and state.cfg.id is not None:
-                try:
-                    await self.registry.save_tools(state.cfg.id, tools)
-                except Exception as exc:
-                    log.warning("server %s: tool cache not saved: %s", state.cfg.name, describe(exc))
+                # Off the critical path: the index is ready before the cache is written.
+                self._spawn(self._save_tools(state.cfg, tools), self._writes)
             return None
         log.warning("%s", state.error)
         return state.error
+
+    async def _save_tools(self, cfg: ServerConfig, tools: list[ToolSpec]) -> None:
+        assert self.registry is not None and cfg.id is not None
+        try:
+            await self.registry.save_tools(cfg.id, tools)
+        except Exception as exc:
+            log.warning("server %s: tool cache not saved: %s", cfg.name, describe(exc))
 
     async def add_server(self, cfg: ServerConfig) -> str | None:
         """Add (or replace) a server while running; returns its discovery error, if any."""
@@ -209,15 +225,17 @@ class Dispatcher:
         entry = self.resolve(tool, server)
         self.validate_arguments(entry, arguments)
         state = self._servers[entry.server]
+        cfg = state.cfg
         job = Job(
             server=entry.server,
-            server_id=state.cfg.id,
+            server_id=cfg.id,
             tool=entry.spec.name,
             arguments=arguments,
             registry=self.registry,
+            policy=WaitPolicy(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000, self.background_s),
         )
         self._remember(job)
-        return job.start(lambda j: self._perform(j, state))
+        return job.start(lambda j: self._perform(j, state, entry.spec))
 
     async def get_result(self, job_id: str | uuid.UUID, timeout: float | None = None) -> ToolResult:
         """Wait for a job's result (a timeout ends this wait, not the job); read a finished one from mcp_jobs."""
@@ -249,38 +267,78 @@ class Dispatcher:
             for jid in [j for j, v in self._jobs.items() if v.done][: len(self._jobs) - self._keep_jobs]:
                 del self._jobs[jid]
 
-    async def _perform(self, job: Job, state: ServerState) -> ToolResult:
+    async def _perform(self, job: Job, state: ServerState, spec: ToolSpec) -> ToolResult:
         cfg = state.cfg
         limit = self._limits.setdefault(cfg.name, asyncio.Semaphore(self._max_calls))
+        key = (cfg.name, spec.name)
+        expected = await self._expected_duration(key)
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            job.emit("progress", progress=progress, total=total, message=message)
+
         async with limit:
-            try:
-                await state.conn.open()
-            except (ConnectError, SecretMissing) as exc:
-                raise ToolCallError(cfg.name, job.tool, f"cannot reach the server: {exc}", "unreachable") from None
+            await self._open_for_submit(state, job)
             job.set_state("working")
-            job.emit("accepted", job_kind=job.kind)
-            idle = IdleTimer(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000)
-
-            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                idle.touch()
-                job.emit("progress", progress=progress, total=total, message=message)
-
-            call = asyncio.ensure_future(state.conn.call_tool(job.tool, job.arguments, progress=on_progress))
             try:
-                result = await idle.run(call)
-            except TimeoutError:
-                raise ToolCallError(cfg.name, job.tool, idle.reason(), "timeout") from None
+                outcome = await state.conn.tasks.call_tool(
+                    job.tool, job.arguments, tool_meta=spec.meta, progress=on_progress
+                )
             except MCPError as exc:
-                if exc.error.code == -32000 or "closed" in exc.error.message.lower():
+                if _connection_lost(exc):
                     # The connection is gone; close our side so the next call reconnects.
                     self._spawn(state.conn.close())
                 raise ToolCallError(cfg.name, job.tool, describe(exc)) from None
             except ConnectError as exc:
                 raise ToolCallError(cfg.name, job.tool, str(exc), "unreachable") from None
-        out = ToolResult.from_mcp(result)
-        if result.is_error:
-            raise ToolCallError(cfg.name, job.tool, out.text or "the tool reported an error", "tool_error")
-        return out
+        floor = cfg.poll_interval / 1000
+        if not isinstance(outcome, types.CallToolResult):
+            result = await wait_task(job, state.conn.tasks, outcome, floor_s=floor, expected_s=expected)
+        else:
+            plain = ToolResult.from_mcp(outcome)
+            if outcome.is_error:
+                raise ToolCallError(cfg.name, job.tool, plain.text or "the tool reported an error", "tool_error")
+            receipt = recognise(plain, poll_profile=cfg.poll_profile)
+            if receipt is not None:
+                result = await wait_receipt(job, self._poller(cfg), receipt, floor_s=floor, expected_s=expected)
+            elif cfg.poll_profile != "none" and looks_like_unpollable_ack(plain):
+                reason = "the server only acknowledged the request and gave no way to fetch the answer"
+                raise ToolCallError(cfg.name, job.tool, reason, "tool_error")
+            else:
+                job.emit("accepted", job_kind="plain")
+                result = plain
+        if job.kind != "plain":
+            self._stats.add(key, job.duration)
+        return result
+
+    async def _open_for_submit(self, state: ServerState, job: Job) -> None:
+        """Connect before submitting. Nothing has been sent yet, so a quick failure (refused) is retried."""
+        for attempt in range(3):
+            started = time.monotonic()
+            try:
+                await state.conn.open()
+                return
+            except SecretMissing as exc:
+                raise ToolCallError(state.cfg.name, job.tool, str(exc), "unreachable") from None
+            except ConnectError as exc:
+                if attempt == 2 or time.monotonic() - started > 1.0:
+                    raise ToolCallError(
+                        state.cfg.name, job.tool, f"cannot reach the server: {exc}", "unreachable"
+                    ) from None
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _expected_duration(self, key: tuple[str, str]) -> float | None:
+        if key not in self._stats.seeded and self.registry is not None:
+            self._stats.seeded.add(key)  # one query per tool per process, whatever happens
+            try:
+                self._stats.seed(key, await self.registry.recent_durations(*key, limit=self._stats.keep))
+            except Exception as exc:
+                log.info("no past durations for %s/%s: %s", *key, describe(exc))
+        return self._stats.expected(key)
+
+    def _poller(self, cfg: ServerConfig) -> ReceiptPoller:
+        if self._http is None:
+            self._http = default_http_client()
+        return ReceiptPoller(cfg, self._http)
 
     # -- health ---------------------------------------------------------------------------------------------
 
@@ -317,12 +375,16 @@ class Dispatcher:
 
     # -- shutdown -------------------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, into: set[asyncio.Task[Any]] | None = None) -> None:
+        group = self._background if into is None else into
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        group.add(task)
+        task.add_done_callback(group.discard)
 
     async def aclose(self) -> None:
+        if self._writes:
+            # Cache writes are finished, not cancelled: the next session starts from them.
+            await asyncio.wait(list(self._writes), timeout=5.0)
         for job in list(self._jobs.values()):
             if not job.done:
                 await job.cancel()
@@ -330,36 +392,10 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(s.conn.close() for s in self._servers.values()), return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
 
 
-class IdleTimer:
-    """An idle timeout that activity resets, under a cap on the total wait."""
-
-    def __init__(self, idle_s: float, cap_s: float) -> None:
-        self.idle_s = idle_s
-        self.cap_s = cap_s
-        self.started = self.last = time.monotonic()
-        self._hit_cap = False
-
-    def touch(self) -> None:
-        self.last = time.monotonic()
-
-    def reason(self) -> str:
-        if self._hit_cap:
-            return f"no result within the {self.cap_s:g} s limit"
-        return f"no answer or progress for {self.idle_s:g} s"
-
-    async def run(self, fut: asyncio.Future[Any]) -> Any:
-        try:
-            while True:
-                now = time.monotonic()
-                deadline = min(self.last + self.idle_s, self.started + self.cap_s)
-                if now >= deadline:
-                    self._hit_cap = now >= self.started + self.cap_s
-                    raise TimeoutError
-                done, _ = await asyncio.wait({fut}, timeout=deadline - now)
-                if done:
-                    return fut.result()
-        finally:
-            if not fut.done():
-                fut.cancel()
+def _connection_lost(exc: MCPError) -> bool:
+    # CONNECTION_CLOSED (-32000) is what the SDK raises for every request pending when a transport ends.
+    return exc.error.code == -32000 or "closed" in exc.error.message.lower()

@@ -85,8 +85,22 @@ class JobEvent:
 Submit = Callable[["Job"], Awaitable[ToolResult]]
 
 
+@dataclass(frozen=True)
+class WaitPolicy:
+    """How long a caller waits (an idle timeout that activity resets, under a cap) and how long the job itself may
+    go on after the caller stopped waiting (so a late result can still be delivered)."""
+
+    idle_s: float = 35.0
+    cap_s: float = 300.0
+    background_s: float = 600.0
+
+
 class Job:
-    """One call of one tool. Create with `Job.start(...)`; await `wait()`; `cancel()` stops it."""
+    """One call of one tool. `start(submit)`, then `wait()`; `cancel()` stops it.
+
+    A job ends in exactly one of FINAL_STATES. A caller's wait that times out does not end the job: it goes on
+    (up to `policy.background_s`), and if it then completes, `late` is set and the `done` event says so.
+    """
 
     def __init__(
         self,
@@ -96,24 +110,34 @@ class Job:
         tool: str,
         arguments: dict[str, Any],
         registry: Registry | None,
+        policy: WaitPolicy | None = None,
     ) -> None:
         self.id = uuid.uuid4()
         self.server = server
         self.server_id = server_id
         self.tool = tool
         self.arguments = arguments
+        self.policy = policy or WaitPolicy()
         self.kind = "plain"
         self.state = "submitted"
+        self.receipt: dict[str, Any] | None = None
+        self.task_id: str | None = None
+        self.polls = 0
+        self.late = False
         self.result: ToolResult | None = None
         self.error: ToolCallError | None = None
         self.events: list[JobEvent] = []
         self.submitted_at = time.monotonic()
+        self.last_activity = self.submitted_at
         self.finished_at: float | None = None
         self._registry = registry
         self._listeners: list[Callable[[JobEvent], None]] = []
         self._done = asyncio.Event()
+        self._activity = asyncio.Event()
+        self._waiter_gave_up = False
         self._task: asyncio.Task[None] | None = None
         self._record_lock = asyncio.Lock()
+        self._pending_records: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -124,11 +148,14 @@ class Job:
     async def _run(self, submit: Submit) -> None:
         await self._record_insert()
         try:
-            result = await submit(self)
+            result = await asyncio.wait_for(submit(self), self.policy.background_s)
         except asyncio.CancelledError:
             self._finish(
                 "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
             )
+        except TimeoutError:
+            reason = f"no result within {self.policy.background_s:g} s; stopped waiting"
+            self._finish("timed_out", error=ToolCallError(self.server, self.tool, reason, "timeout"))
         except ToolCallError as exc:
             self._finish("timed_out" if exc.kind == "timeout" else "failed", error=exc)
         except Exception as exc:  # the last resort: a job never dies without a final state
@@ -136,6 +163,7 @@ class Job:
             self._finish("failed", error=ToolCallError(self.server, self.tool, f"internal error: {type(exc).__name__}"))
         else:
             self._finish("completed", result=result)
+        await asyncio.gather(*self._pending_records, return_exceptions=True)
         await self._record_update(finished=True)
 
     def _finish(self, state: str, *, result: ToolResult | None = None, error: ToolCallError | None = None) -> None:
@@ -143,7 +171,8 @@ class Job:
         self.result = result
         self.error = error
         self.finished_at = time.monotonic()
-        self.emit("done", state=state, error=error.reason if error else None)
+        self.late = self._waiter_gave_up
+        self.emit("done", state=state, error=error.reason if error else None, late=self.late)
         self._done.set()
 
     @property
@@ -154,18 +183,52 @@ class Job:
     def duration(self) -> float:
         return (self.finished_at or time.monotonic()) - self.submitted_at
 
+    def touch(self) -> None:
+        """Activity (progress, a status change): the caller's idle timeout starts again."""
+        self.last_activity = time.monotonic()
+        self._activity.set()
+
     async def wait(self, timeout: float | None = None) -> ToolResult:
-        """The result, or ToolCallError. A `timeout` here ends this wait only: the job goes on."""
-        try:
-            await asyncio.wait_for(self._done.wait(), timeout)
-        except TimeoutError:
-            raise ToolCallError(
-                self.server, self.tool, f"no answer yet after {timeout:g} s; the job is still running", "timeout"
-            ) from None
+        """The result, or ToolCallError. Without `timeout`, the policy's idle timeout (reset by activity) under
+        its cap. Either way a timeout ends this wait only: the job goes on and may still deliver late."""
+        if not self.done:
+            if timeout is not None:
+                expired = not await _wait_event(self._done, timeout)
+            else:
+                expired = not await self._wait_idle()
+            if expired:
+                self._waiter_gave_up = True
+                self.emit("wait_timeout", waited_s=round(time.monotonic() - self.submitted_at, 3))
+                raise ToolCallError(self.server, self.tool, self._timeout_reason(timeout), "timeout")
         if self.error is not None:
             raise self.error
         assert self.result is not None
         return self.result
+
+    async def _wait_idle(self) -> bool:
+        while not self.done:
+            now = time.monotonic()
+            deadline = min(self.last_activity + self.policy.idle_s, self.submitted_at + self.policy.cap_s)
+            if now >= deadline:
+                return False
+            self._activity.clear()
+            done_wait = asyncio.ensure_future(self._done.wait())
+            act_wait = asyncio.ensure_future(self._activity.wait())
+            try:
+                await asyncio.wait({done_wait, act_wait}, timeout=deadline - now, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                done_wait.cancel()
+                act_wait.cancel()
+        return True
+
+    def _timeout_reason(self, timeout: float | None) -> str:
+        if timeout is not None:
+            waited = f"after {timeout:g} s"
+        elif time.monotonic() >= self.submitted_at + self.policy.cap_s:
+            waited = f"within the {self.policy.cap_s:g} s limit"
+        else:
+            waited = f"and no progress for {self.policy.idle_s:g} s"
+        return f"no answer yet {waited}; the job is still running"
 
     async def settled(self) -> None:
         """Wait until the job is done *and* its final state is written to mcp_jobs (the answer comes first)."""
@@ -173,6 +236,7 @@ class Job:
             await asyncio.shield(self._task)
 
     async def cancel(self) -> None:
+        """Stop the job: its strategy cancels on the server where it can (tasks); our waiting always stops."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -182,9 +246,15 @@ class Job:
     def add_listener(self, listener: Callable[[JobEvent], None]) -> None:
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Callable[[JobEvent], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def emit(self, kind: str, **data: Any) -> None:
         event = JobEvent(kind, data, time.monotonic())
         self.events.append(event)
+        if kind in ("progress", "status", "accepted"):
+            self.touch()
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -195,8 +265,13 @@ class Job:
         if state != self.state:
             self.state = state
             self.emit("status", state=state)
-            if self._registry is not None:
-                asyncio.get_running_loop().create_task(self._record_update(finished=False))
+            self.record_soon()
+
+    def record_soon(self) -> None:
+        if self._registry is not None:
+            task = asyncio.get_running_loop().create_task(self._record_update(finished=False))
+            self._pending_records.add(task)
+            task.add_done_callback(self._pending_records.discard)
 
     # -- the record in mcp_jobs -----------------------------------------------------------------------------
 
@@ -217,9 +292,20 @@ class Job:
                     self.id,
                     state=self.state,
                     kind=self.kind,
+                    receipt=self.receipt,
                     result=self.result.as_record() if self.result else None,
                     error=self.error.reason if self.error else None,
+                    polls=self.polls,
                     finished=finished,
+                    delivered_late=self.late if finished else None,
                 )
             except Exception as exc:
                 log.warning("job %s: state %s not recorded in mcp_jobs: %s", self.id, self.state, type(exc).__name__)
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True

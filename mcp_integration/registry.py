@@ -359,6 +359,19 @@ class Registry:
                 ),
             )
 
+    async def recent_durations(self, server: str, tool: str, *, limit: int = 50) -> list[float]:
+        """Seconds from submit to finish of a tool's recent completed jobs, newest first (for learned timing)."""
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT extract(epoch FROM finished_at - submitted_at)::float8 AS s FROM mcp_jobs"
+                    " WHERE server_name = %s AND tool = %s AND state = 'completed' AND finished_at IS NOT NULL"
+                    " ORDER BY submitted_at DESC LIMIT %s",
+                    (server, tool, limit),
+                )
+            ).fetchall()
+        return [r["s"] for r in rows]
+
     async def get_job(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         async with self.pool.connection() as conn:
             return await (await conn.execute("SELECT * FROM mcp_jobs WHERE id = %s", (job_id,))).fetchone()

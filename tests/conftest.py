@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -74,18 +75,24 @@ def spawn() -> Iterator[Callable[..., int]]:
     def start(*args: str, script: str = DEMO) -> int:
         proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         procs.append(proc)
-        deadline = time.monotonic() + 20
         assert proc.stdout is not None
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
+            # select, so a server that starts but never prints cannot hang the test past the deadline
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
             line = proc.stdout.readline()
             if line.startswith("LISTENING "):
                 return int(line.split()[1])
             if not line and proc.poll() is not None:
                 break
-        raise RuntimeError(f"server {args} did not start")
+        raise RuntimeError(f"server {script} {args} did not start")
 
     start.procs = procs  # type: ignore[attr-defined]
     yield start
     for proc in procs:
         proc.kill()
         proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,0 +1,66 @@
+"""When to poll: never faster than the server asks, first near when such jobs usually finish, then backing off.
+
+Learned timing: the durations of a tool's recent jobs (seeded from `mcp_jobs`, then updated as jobs finish)
+give an expected completion time; the first poll is scheduled just after it instead of at a fixed interval,
+which saves the polls that could only ever see "still running".
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PollSchedule:
+    """Delays between polls of one job.
+
+    `floor_s` is the fastest the server allows (its pollInterval, else the row's poll_interval): no delay is
+    ever below it. Slow jobs back off by `factor` with jitter, up to `cap_s`.
+    """
+
+    floor_s: float
+    expected_s: float | None = None
+    cap_s: float = 10.0
+    factor: float = 1.5
+    backoff_after: int = 3
+    rng: random.Random = field(default_factory=random.Random)
+    polls: int = 0
+
+    def next_delay(self, elapsed_s: float) -> float:
+        self.polls += 1
+        if self.polls == 1 and self.expected_s is not None and self.expected_s > elapsed_s:
+            # Just after the usual finish, so the first poll is likely the last.
+            return max(self.floor_s, self.expected_s - elapsed_s + min(0.05 * self.expected_s, self.floor_s / 2))
+        steps = max(0, self.polls - self.backoff_after)
+        base = self.floor_s * (self.factor**steps)
+        if steps:
+            # Jitter only once backing off: many slow jobs should not poll in lockstep.
+            base *= self.rng.uniform(0.85, 1.15)
+        return max(self.floor_s, min(base, max(self.cap_s, self.floor_s)))
+
+
+class DurationStats:
+    """Recent durations per (server, tool), in seconds."""
+
+    def __init__(self, keep: int = 50, min_samples: int = 3) -> None:
+        self.keep = keep
+        self.min_samples = min_samples
+        self._samples: dict[tuple[str, str], deque[float]] = {}
+        self.seeded: set[tuple[str, str]] = set()
+
+    def seed(self, key: tuple[str, str], durations: list[float]) -> None:
+        d = self._samples.setdefault(key, deque(maxlen=self.keep))
+        d.extendleft(reversed(durations[: self.keep - len(d)]))
+        self.seeded.add(key)
+
+    def add(self, key: tuple[str, str], duration_s: float) -> None:
+        self._samples.setdefault(key, deque(maxlen=self.keep)).append(duration_s)
+
+    def expected(self, key: tuple[str, str]) -> float | None:
+        d = self._samples.get(key)
+        if d is None or len(d) < self.min_samples:
+            return None
+        return statistics.median(d)

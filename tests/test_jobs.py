@@ -1,0 +1,249 @@
+"""Every call is a job: receipts polled to their answer, idle timeouts reset by progress, late results,
+background bounds, cancel, learned timing, and a row in mcp_jobs for each — against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from conftest import SERVERS, stdio_demo
+
+from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.jobs import Job, ToolCallError
+from mcp_integration.registry import Registry, ServerConfig
+
+
+async def started(registry: Registry, *cfgs: ServerConfig, **kwargs) -> Dispatcher:
+    for cfg in cfgs:
+        await registry.add_server(cfg)
+    d = Dispatcher(registry, connect_timeout=15, **kwargs)
+    await d.start(wait=True)
+    for name, state in d.servers.items():
+        assert state.error is None, (name, state.error)
+    return d
+
+
+def n8n_cfg(port: int, **kw) -> ServerConfig:
+    return ServerConfig(
+        name="n8n",
+        transport="sse",
+        url=f"http://127.0.0.1:{port}/mcp/sse",
+        headers={"X-N8N-API-KEY": "env:N8N_TEST_KEY"},
+        poll_profile=kw.pop("poll_profile", "n8n"),
+        poll_interval=kw.pop("poll_interval", 200),
+        **kw,
+    )
+
+
+async def row(registry: Registry, job: Job) -> dict:
+    await job.settled()
+    r = await registry.get_job(job.id)
+    assert r is not None
+    return r
+
+
+async def test_n8n_receipt_is_polled_to_the_real_answer(
+    registry: Registry, spawn: Callable[..., int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("N8N_TEST_KEY", "k-secret-1")
+    port = spawn(
+        "--port", "0", "--finish-after-ms", "900", "--api-key", "k-secret-1", script=str(SERVERS / "n8n_like_server.py")
+    )
+    d = await started(registry, n8n_cfg(port))
+    try:
+        job = d.submit("start_workflow", {"topic": "sales"})
+        kinds: list[str] = []
+        job.add_listener(lambda e: kinds.append(e.kind))
+        result = await job.wait(15)
+        assert "Report on sales is ready" in result.text and "accepted" not in result.text.lower()
+        assert result.structured == {"summary": "Report on sales is ready", "pages": 3}
+        assert job.kind == "receipt" and job.polls >= 1
+        assert "accepted" in kinds and "poll" in kinds
+        r = await row(registry, job)
+        assert r["kind"] == "receipt" and r["state"] == "completed" and r["polls"] == job.polls
+        assert r["receipt"]["job_id"] and "k-secret-1" not in str(r)
+        async with httpx.AsyncClient() as http:
+            stats = (await http.get(f"http://127.0.0.1:{port}/_stats")).json()
+        assert sum(stats.values()) == job.polls  # every poll we counted reached the server, no more
+    finally:
+        await d.aclose()
+
+
+async def test_n8n_failed_workflow_is_an_honest_failure(
+    registry: Registry, spawn: Callable[..., int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("N8N_TEST_KEY", "k1")
+    port = spawn(
+        "--port",
+        "0",
+        "--finish-after-ms",
+        "300",
+        "--api-key",
+        "k1",
+        "--fail",
+        script=str(SERVERS / "n8n_like_server.py"),
+    )
+    d = await started(registry, n8n_cfg(port))
+    try:
+        job = d.submit("start_workflow", {"topic": "x"})
+        with pytest.raises(ToolCallError, match="Summarise node failed") as info:
+            await job.wait(15)
+        assert info.value.kind == "tool_error"
+        assert (await row(registry, job))["state"] == "failed"
+    finally:
+        await d.aclose()
+
+
+async def test_generic_receipt_and_a_lookalike_that_is_not_one(registry: Registry, spawn: Callable[..., int]) -> None:
+    port = spawn("--port", "0", "--finish-after-ms", "600", script=str(SERVERS / "generic_receipt_server.py"))
+    cfg = ServerConfig(name="gen", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp", poll_interval=150)
+    d = await started(registry, cfg)
+    try:
+        job = d.submit("submit_report", {"topic": "q3"})
+        result = await job.wait(15)
+        assert job.kind == "receipt" and "q3" in result.text and "queued" not in result.text
+        customer = d.submit("lookup_customer", {"id": 7})
+        answer = await customer.wait(15)
+        assert customer.kind == "plain" and customer.polls == 0 and "Ada" in answer.text
+        assert (await row(registry, customer))["kind"] == "plain"
+    finally:
+        await d.aclose()
+
+
+async def test_poll_profile_none_hands_back_the_receipt_as_is(registry: Registry, spawn: Callable[..., int]) -> None:
+    port = spawn("--port", "0", "--finish-after-ms", "600", script=str(SERVERS / "generic_receipt_server.py"))
+    cfg = ServerConfig(name="gen", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp", poll_profile="none")
+    d = await started(registry, cfg)
+    try:
+        job = d.submit("submit_report", {"topic": "q3"})
+        result = await job.wait(15)
+        assert job.kind == "plain" and "queued" in result.text
+    finally:
+        await d.aclose()
+
+
+async def test_an_ack_without_an_id_fails_clearly_instead_of_saying_started(
+    registry: Registry, spawn: Callable[..., int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("N8N_TEST_KEY", "k1")
+    port = spawn("--port", "0", "--api-key", "k1", script=str(SERVERS / "n8n_like_server.py"))
+    d = await started(registry, n8n_cfg(port, poll_profile="auto"))
+    try:
+        with pytest.raises(ToolCallError, match="only acknowledged"):
+            await d.call("trigger_webhook", {"topic": "x", "with_execution_id": False}, timeout=15)
+    finally:
+        await d.aclose()
+
+
+async def test_progress_resets_the_idle_timeout(registry: Registry) -> None:
+    cfg = stdio_demo()
+    cfg.timeout_ms = 700  # far below the call's 2 s, but progress arrives every 0.4 s
+    d = await started(registry, cfg)
+    try:
+        job = d.submit("slow", {"seconds": 2.0, "steps": 5})
+        assert (await job.wait()).text == "done after 2s"
+        assert not job.late
+    finally:
+        await d.aclose()
+
+
+async def test_timeout_ends_the_wait_and_the_late_result_still_arrives(registry: Registry) -> None:
+    cfg = stdio_demo()
+    cfg.timeout_ms = 400
+    d = await started(registry, cfg)
+    try:
+        job = d.submit("slow", {"seconds": 1.5, "steps": 1})  # one progress at the start, then silence
+        done_events = []
+        job.add_listener(lambda e: done_events.append(e) if e.kind == "done" else None)
+        t0 = time.monotonic()
+        with pytest.raises(ToolCallError) as info:
+            await job.wait()
+        assert info.value.kind == "timeout" and "still running" in info.value.reason
+        assert time.monotonic() - t0 < 1.4 and not job.done
+        result = await job.wait(10)  # the job went on in the background
+        assert result.text == "done after 1.5s" and job.late
+        assert done_events and done_events[0].data["late"] is True
+        r = await row(registry, job)
+        assert r["state"] == "completed" and r["delivered_late"] is True
+    finally:
+        await d.aclose()
+
+
+async def test_background_bound_ends_a_job_as_timed_out(registry: Registry) -> None:
+    d = await started(registry, stdio_demo(), background_s=0.5)
+    try:
+        job = d.submit("slow", {"seconds": 5, "steps": 1})
+        with pytest.raises(ToolCallError) as info:
+            await job.wait(10)
+        assert info.value.kind == "timeout" and job.state == "timed_out"
+        r = await row(registry, job)
+        assert r["state"] == "timed_out" and r["finished_at"] is not None
+    finally:
+        await d.aclose()
+
+
+async def test_cancel_stops_waiting_promptly(registry: Registry, spawn: Callable[..., int]) -> None:
+    port = spawn("--port", "0", "--finish-after-ms", "30000", script=str(SERVERS / "generic_receipt_server.py"))
+    cfg = ServerConfig(name="gen", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp", poll_interval=200)
+    d = await started(registry, cfg)
+    try:
+        job = d.submit("submit_report", {"topic": "never"})
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        await job.cancel()
+        assert time.monotonic() - t0 < 1.0
+        assert job.state == "cancelled"
+        with pytest.raises(ToolCallError) as info:
+            await job.wait(1)
+        assert info.value.kind == "cancelled"
+        assert (await row(registry, job))["state"] == "cancelled"
+    finally:
+        await d.aclose()
+
+
+async def test_learned_timing_puts_the_first_poll_near_the_usual_finish(
+    registry: Registry, spawn: Callable[..., int]
+) -> None:
+    port = spawn("--port", "0", "--finish-after-ms", "1200", script=str(SERVERS / "generic_receipt_server.py"))
+    cfg = ServerConfig(name="gen", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp", poll_interval=100)
+    d = await started(registry, cfg)
+    try:
+        first = d.submit("submit_report", {"topic": "a"})
+        await first.wait(15)
+        untrained_polls = first.polls  # polls every 100 ms until 1.2 s: about 10
+        for topic in "bcd":
+            await d.submit("submit_report", {"topic": topic}).wait(15)
+        trained = d.submit("submit_report", {"topic": "e"})
+        await trained.wait(15)
+        assert untrained_polls >= 6
+        assert trained.polls <= 3, trained.polls
+    finally:
+        await d.aclose()
+    # A new process learns the same from mcp_jobs.
+    fresh = await started(registry)
+    try:
+        job = fresh.submit("submit_report", {"topic": "f"})
+        await job.wait(15)
+        assert job.polls <= 3
+    finally:
+        await fresh.aclose()
+
+
+async def test_every_job_has_its_row(registry: Registry) -> None:
+    d = await started(registry, stdio_demo())
+    try:
+        jobs = [d.submit("echo", {"text": str(i)}) for i in range(5)] + [d.submit("fail", {})]
+        for job in jobs:
+            try:
+                await job.wait(10)
+            except ToolCallError:
+                pass
+            await job.settled()
+        rows = {r["id"]: r for r in await registry.recent_jobs(limit=100)}
+        assert {j.id for j in jobs} <= set(rows)
+        assert sorted(rows[j.id]["state"] for j in jobs) == ["completed"] * 5 + ["failed"]
+    finally:
+        await d.aclose()

@@ -1,0 +1,52 @@
+"""Poll scheduling and learned timing: pure rules, checked exhaustively with hypothesis where it matters."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mcp_integration.timing import DurationStats, PollSchedule
+
+
+@given(
+    floor=st.floats(0.05, 30),
+    expected=st.one_of(st.none(), st.floats(0, 600)),
+    elapsed=st.floats(0, 600),
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_never_polls_faster_than_the_floor_and_never_beyond_the_cap(floor, expected, elapsed, n, seed) -> None:
+    s = PollSchedule(floor_s=floor, expected_s=expected, cap_s=10.0, rng=random.Random(seed))
+    for _ in range(n):
+        delay = s.next_delay(elapsed)
+        assert delay >= floor
+        if s.polls > 1:
+            assert delay <= max(10.0, floor)
+
+
+def test_first_poll_lands_just_after_the_expected_finish() -> None:
+    s = PollSchedule(floor_s=1.0, expected_s=8.0)
+    first = s.next_delay(elapsed_s=0.5)
+    assert 7.5 <= first <= 8.0  # 8 - 0.5 plus a small margin
+    assert s.next_delay(8.5) == 1.0  # then the interval
+
+
+def test_no_history_means_the_interval_then_backoff_with_jitter() -> None:
+    s = PollSchedule(floor_s=1.0, rng=random.Random(1))
+    delays = [s.next_delay(0) for _ in range(8)]
+    assert delays[:3] == [1.0, 1.0, 1.0]
+    assert all(later >= 1.0 for later in delays[3:])
+    assert delays[-1] > 2.0  # backing off on a slow job
+    assert max(delays) <= 10.0
+
+
+def test_duration_stats_need_a_few_samples_and_use_the_median() -> None:
+    stats = DurationStats(min_samples=3)
+    key = ("srv", "tool")
+    assert stats.expected(key) is None
+    stats.seed(key, [4.0, 5.0])
+    assert stats.expected(key) is None
+    stats.add(key, 100.0)
+    assert stats.expected(key) == 5.0
