@@ -48,13 +48,17 @@ class ServerConnection:
         self._lock = asyncio.Lock()
         self._guard: ToolListGuard | None = None
         self.last_error: str | None = None
+        # Set when the server's stream ends: waiters wake on it instead of discovering a dead server by timeout.
+        self.lost = asyncio.Event()
         # The MCP tasks runtime (both dialects) on this connection's session; see tasks.py. A plain tool call's
         # length is bounded by the job engine (its wait policy), not here.
         self.tasks = TaskClient(lambda: self.client.session)
 
     @property
     def is_open(self) -> bool:
-        return self._client is not None and self._runner is not None and not self._runner.done()
+        return (
+            self._client is not None and self._runner is not None and not self._runner.done() and not self.lost.is_set()
+        )
 
     @property
     def client(self) -> Client:
@@ -73,6 +77,7 @@ class ServerConnection:
                 return
             await self._stop_runner()
             self._closing = asyncio.Event()
+            self.lost = asyncio.Event()
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._runner = asyncio.create_task(self._run(ready), name=f"mcp-conn-{self.cfg.name}")
             try:
@@ -81,6 +86,9 @@ class ServerConnection:
                 await self._stop_runner()
                 self.last_error = f"no MCP handshake within {self.connect_timeout:g} s"
                 raise ConnectError(f"server {self.cfg.name!r}: {self.last_error}") from None
+            except asyncio.CancelledError:
+                await self._stop_runner()
+                raise
             except BaseException as exc:
                 await self._stop_runner()
                 self.last_error = describe(exc)
@@ -89,7 +97,10 @@ class ServerConnection:
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            self._guard = ToolListGuard(open_transport(self.cfg, connect_timeout=self.connect_timeout), self.cfg.name)
+            lost = self.lost
+            self._guard = ToolListGuard(
+                open_transport(self.cfg, connect_timeout=self.connect_timeout), self.cfg.name, on_closed=lost.set
+            )
             # cache=None: a stale cached tools/list would hide a server's changes from a refresh.
             # extensions: declares the tasks extension (2026) and routes task status pushes to self.tasks.
             async with Client(

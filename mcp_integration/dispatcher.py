@@ -292,7 +292,7 @@ class Dispatcher:
                 raise ToolCallError(cfg.name, job.tool, str(exc), "unreachable") from None
         floor = cfg.poll_interval / 1000
         if not isinstance(outcome, types.CallToolResult):
-            result = await wait_task(job, state.conn.tasks, outcome, floor_s=floor, expected_s=expected)
+            result = await wait_task(job, state.conn, outcome, floor_s=floor, expected_s=expected)
         else:
             plain = ToolResult.from_mcp(outcome)
             if outcome.is_error:

@@ -11,7 +11,7 @@ import logging
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
@@ -142,9 +142,10 @@ class ToolListGuard:
     would hide every tool of that server. Here each tool is checked on its own; the rest pass through.
     """
 
-    def __init__(self, inner: Transport, server: str) -> None:
+    def __init__(self, inner: Transport, server: str, on_closed: Callable[[], None] | None = None) -> None:
         self._inner = inner
         self._server = server
+        self._on_closed = on_closed
         self.skipped: list[str] = []
         self._list_ids: set[Any] = set()
 
@@ -164,11 +165,17 @@ class ToolListGuard:
                 await inner_write.aclose()
 
             async def pump_reads() -> None:
-                async with read_send:
-                    async for item in inner_read:
-                        if isinstance(item, SessionMessage):
-                            item = self._filter(item)
-                        await read_send.send(item)
+                try:
+                    async with read_send:
+                        async for item in inner_read:
+                            if isinstance(item, SessionMessage):
+                                item = self._filter(item)
+                            await read_send.send(item)
+                finally:
+                    # The server's stream ended (process exited, socket closed): the one moment a dead
+                    # connection can be told from a slow one without waiting for a timeout.
+                    if self._on_closed is not None:
+                        self._on_closed()
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pump_writes)

@@ -12,12 +12,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import mcp_types as types
+from mcp.shared.exceptions import MCPError
 
 from mcp_integration.jobs import Job, ToolCallError, ToolResult
 from mcp_integration.receipts import PermanentPollError, Receipt, ReceiptPoller, TransientPollError
 from mcp_integration.timing import PollSchedule
 
 if TYPE_CHECKING:
+    from mcp_integration.connection import ServerConnection
     from mcp_integration.tasks import TaskClient, TaskHandle, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,9 @@ MAX_POLL_FAILURES = 5
 
 
 async def wait_task(
-    job: Job, tasks: TaskClient, handle: TaskHandle, *, floor_s: float, expected_s: float | None
+    job: Job, conn: ServerConnection, handle: TaskHandle, *, floor_s: float, expected_s: float | None
 ) -> ToolResult:
+    tasks = conn.tasks
     job.kind = "task"
     job.task_id = handle.task_id
     job.emit("accepted", job_kind="task", task_id=handle.task_id)
@@ -58,28 +61,31 @@ async def wait_task(
                 reason = status.error or status.message or f"the task was {status.status} on the server"
                 raise ToolCallError(job.server, job.tool, reason, "tool_error")
             if status.status == "input_required":
-                raise ToolCallError(
-                    job.server, job.tool, "the tool asked for input a voice call cannot give", "tool_error"
-                )
+                reason = "the tool asked for input a voice call cannot give"
+                raise ToolCallError(job.server, job.tool, reason, "tool_error")
             if status.poll_interval_s:
                 schedule.floor_s = max(schedule.floor_s, status.poll_interval_s)
             delay = schedule.next_delay(time.monotonic() - job.submitted_at)
             if tasks.push_available:
                 delay = max(delay, PUSH_SAFETY_POLL_S)
-            if not pushed:
+            if not pushed and not conn.lost.is_set():
                 wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), delay)
-                except TimeoutError:
-                    pass
+                await _first_of(wake, conn.lost, timeout=delay)
             if pushed:
                 status = pushed.pop(0)
                 continue
+            if conn.lost.is_set():
+                await _reconnect(job, conn)
             try:
                 status = await tasks.get(handle)
                 failures = 0
             except asyncio.CancelledError:
                 raise
+            except MCPError as exc:
+                if conn.lost.is_set():
+                    continue  # the connection went mid-poll: reconnect, then ask again
+                # The server answered, and the answer is that it cannot tell us (an unknown task, say).
+                raise ToolCallError(job.server, job.tool, f"lost track of the task: {exc.error.message}") from None
             except Exception as exc:
                 failures += 1
                 job.emit("poll_error", error=type(exc).__name__, failures=failures)
@@ -93,6 +99,27 @@ async def wait_task(
         raise
     finally:
         unsubscribe()
+
+
+async def _first_of(a: asyncio.Event, b: asyncio.Event, *, timeout: float) -> None:
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _reconnect(job: Job, conn: ServerConnection) -> None:
+    """The server's stream ended while a task waited. An HTTP server may still hold the task: reconnect and ask.
+    A server that cannot be reached again fails the job now, not at the timeout."""
+    job.emit("status", state="reconnecting", message="the connection to the server dropped")
+    try:
+        await conn.open()
+    except Exception as exc:
+        raise ToolCallError(
+            job.server, job.tool, f"the server went away while the task was running ({exc})", "server_error"
+        ) from None
 
 
 def _task_answer(job: Job, result: types.CallToolResult) -> ToolResult:

@@ -4,6 +4,8 @@ background bounds, cancel, learned timing, and a row in mcp_jobs for each — ag
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import Callable
 
@@ -245,5 +247,126 @@ async def test_every_job_has_its_row(registry: Registry) -> None:
         rows = {r["id"]: r for r in await registry.recent_jobs(limit=100)}
         assert {j.id for j in jobs} <= set(rows)
         assert sorted(rows[j.id]["state"] for j in jobs) == ["completed"] * 5 + ["failed"]
+    finally:
+        await d.aclose()
+
+
+# -- MCP tasks through the dispatcher ---------------------------------------------------------------------------
+
+SERVER_2026 = str(SERVERS / "task_server_2026.py")
+SERVER_2025 = str(SERVERS / "task_server_2025.py")
+
+
+def task_cfg(script: str, transport: str, spawn: Callable[..., int], **fields) -> ServerConfig:
+    if transport == "stdio":
+        return ServerConfig(name="tasks", transport="stdio", command=sys.executable, args=[script], **fields)
+    port = spawn("--transport", "streamable-http", "--port", "0", script=script)
+    return ServerConfig(name="tasks", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp", **fields)
+
+
+@pytest.mark.parametrize("transport", ["stdio", "streamable-http"])
+async def test_2026_task_completes_fails_and_is_cancelled_on_the_server(
+    registry: Registry, spawn: Callable[..., int], transport: str
+) -> None:
+    d = await started(registry, task_cfg(SERVER_2026, transport, spawn))
+    try:
+        job = d.submit("report", {"seconds": 0.6})
+        result = await job.wait(15)
+        assert result.text == "report ready after 0.6s" and job.kind == "task" and job.task_id
+        r = await row(registry, job)
+        assert r["kind"] == "task" and r["state"] == "completed"
+
+        failing = d.submit("report", {"seconds": 0.2, "fail": True})
+        with pytest.raises(ToolCallError, match="could not be built"):
+            await failing.wait(15)
+        erring = d.submit("report", {"seconds": 0.2, "tool_error": True})
+        with pytest.raises(ToolCallError, match="no data"):
+            await erring.wait(15)
+
+        long = d.submit("report", {"seconds": 30})
+        await until_accepted(long)
+        conn = d.servers["tasks"].conn
+        handle_id = long.task_id
+        t0 = time.monotonic()
+        await long.cancel()
+        assert time.monotonic() - t0 < 6 and long.state == "cancelled"
+        status = await conn.tasks.get(_handle(handle_id, "2026-ext"))
+        assert status.status == "cancelled"  # cancelled on the server, not only in our process
+    finally:
+        await d.aclose()
+
+
+async def until_accepted(job: Job) -> None:
+    accepted = asyncio.Event()
+    job.add_listener(lambda e: accepted.set() if e.kind == "accepted" else None)
+    if job.task_id is None:
+        await asyncio.wait_for(accepted.wait(), 10)
+
+
+def _handle(task_id: str, dialect: str):
+    from mcp_integration.tasks import TaskHandle, TaskStatus
+
+    return TaskHandle(dialect=dialect, task_id=task_id, first=TaskStatus(task_id, "working", None, None))
+
+
+@pytest.mark.parametrize("transport", ["stdio", "streamable-http"])
+async def test_2025_task_via_status_push_and_cancel(
+    registry: Registry, spawn: Callable[..., int], transport: str
+) -> None:
+    d = await started(registry, task_cfg(SERVER_2025, transport, spawn))
+    try:
+        job = d.submit("long_report", {"seconds": 0.8})
+        statuses: list[str] = []
+        job.add_listener(lambda e: statuses.append(e.data.get("state")) if e.kind == "status" else None)
+        result = await job.wait(15)
+        assert job.kind == "task" and "0.8" in result.text
+        assert "completed" in statuses
+        quick = d.submit("quick", {"text": "hi"})
+        assert (await quick.wait(10)).text.endswith("hi") and quick.kind == "plain"
+        seen = {c["tool"]: c["task"] for c in json.loads((await d.call("calls_seen", {}, timeout=10)).text)}
+        assert seen["long_report"] and seen["quick"] is None  # taskSupport honoured by the job engine
+
+        long = d.submit("long_report", {"seconds": 30})
+        await until_accepted(long)
+        await long.cancel()
+        assert long.state == "cancelled"
+        status = await d.servers["tasks"].conn.tasks.get(_handle(long.task_id, "2025-11-25"))
+        assert status.status == "cancelled"
+    finally:
+        await d.aclose()
+
+
+async def test_task_outlives_the_wait_and_is_delivered_late(registry: Registry, spawn: Callable[..., int]) -> None:
+    d = await started(registry, task_cfg(SERVER_2026, "streamable-http", spawn, timeout_ms=500))
+    try:
+        job = d.submit("report", {"seconds": 2.0})
+        with pytest.raises(ToolCallError) as info:
+            await job.wait(0.8)
+        assert info.value.kind == "timeout" and not job.done
+        assert (await job.wait(15)).text == "report ready after 2s" and job.late
+        assert (await row(registry, job))["delivered_late"] is True
+    finally:
+        await d.aclose()
+
+
+async def test_task_server_crash_mid_wait_is_a_clear_failure(registry: Registry, tmp_path) -> None:
+    script = tmp_path / "dies_2025.py"
+    script.write_text(
+        "import os, sys, threading\n"
+        f"sys.argv = [{SERVER_2025!r}]\n"
+        f"sys.path.insert(0, {str(SERVERS)!r})\n"
+        "threading.Timer(1.0, lambda: os._exit(3)).start()\n"
+        f"exec(compile(open({SERVER_2025!r}).read(), {SERVER_2025!r}, 'exec'))\n"
+    )
+    cfg = ServerConfig(name="dies", transport="stdio", command=sys.executable, args=[str(script)], poll_interval=200)
+    d = await started(registry, cfg)
+    try:
+        job = d.submit("long_report", {"seconds": 30})
+        t0 = time.monotonic()
+        with pytest.raises(ToolCallError) as info:
+            await job.wait(20)
+        assert info.value.kind != "timeout", info.value
+        assert time.monotonic() - t0 < 15
+        assert (await row(registry, job))["state"] == "failed"
     finally:
         await d.aclose()

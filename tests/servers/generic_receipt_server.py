@@ -6,7 +6,9 @@ looks like one, and a result endpoint to poll.
 MCP over Streamable HTTP at /mcp. `GET /mcp/results/{job_id}` answers `{"status": "running"}` until the job is
 finish-after-ms old, then `{"status": "completed", "result": {...}}` (or `failed` for `submit_report(fail=true)`).
 Ids starting `redirect-` answer 302 to another origin; `moved-<id>` answers 302 to `<id>` on this origin.
-`GET /_stats` counts the GETs of each job as `{"<id>": n}`. Prints `LISTENING <port>` once the socket is bound.
+`GET /_stats` counts the GETs of each job as `{"<id>": n}`. `submit_report(seconds=...)` sets that job's own
+finish-after; `GET /_finished` gives each job's server-side finish time, `{"<id>": time.time()}` (for benchmarks).
+Prints `LISTENING <port>` once the socket is bound.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Job:
     topic: str
     fail: bool
     started: float
+    finish_after: float
+    started_wall: float
 
 
 class Jobs:
@@ -47,13 +51,14 @@ class Jobs:
         self.gets: Counter[str] = Counter()
         self._ids = itertools.count(1)
 
-    def submit(self, topic: str, fail: bool) -> Job:
-        job = Job(f"rep-{next(self._ids)}", topic, fail, time.monotonic())
+    def submit(self, topic: str, fail: bool, seconds: float | None = None) -> Job:
+        after = self.finish_after if seconds is None else seconds
+        job = Job(f"rep-{next(self._ids)}", topic, fail, time.monotonic(), after, time.time())
         self.jobs[job.id] = job
         return job
 
     def status(self, job: Job) -> dict[str, Any]:
-        if time.monotonic() - job.started < self.finish_after:
+        if time.monotonic() - job.started < job.finish_after:
             return {"status": "running"}
         if job.fail:
             return {"status": "failed", "error": "the report generator crashed"}
@@ -65,9 +70,9 @@ def build(jobs: Jobs) -> Starlette:
     mcp = MCPServer("generic-receipts")
 
     @mcp.tool()
-    async def submit_report(topic: str, fail: bool = False) -> dict[str, Any]:
+    async def submit_report(topic: str, fail: bool = False, seconds: float | None = None) -> dict[str, Any]:
         """Queue a report on a topic; it is written in the background."""
-        job = jobs.submit(topic, fail)
+        job = jobs.submit(topic, fail, seconds)
         return {"job_id": job.id, "status": "queued"}
 
     @mcp.tool()
@@ -90,6 +95,9 @@ def build(jobs: Jobs) -> Starlette:
     async def stats(_: Request) -> JSONResponse:
         return JSONResponse(dict(jobs.gets))
 
+    async def finished(_: Request) -> JSONResponse:
+        return JSONResponse({j.id: j.started_wall + j.finish_after for j in jobs.jobs.values()})
+
     streamable = mcp.streamable_http_app(streamable_http_path="/mcp")
 
     @contextlib.asynccontextmanager
@@ -101,6 +109,7 @@ def build(jobs: Jobs) -> Starlette:
     routes = [
         Route("/mcp/results/{job_id}", result, methods=["GET"]),
         Route("/_stats", stats, methods=["GET"]),
+        Route("/_finished", finished, methods=["GET"]),
         *streamable.routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -14,8 +14,9 @@ version. What this server does, per the 2025-11-25 spec:
   - sends `notifications/tasks/status` whenever a task's status or status message changes;
   - refuses `long_report` without `params.task` with -32601, as the spec says for a `required` tool.
   - answers `server/discover` with -32601, so a 2026-capable client falls back to `initialize`.
-With --no-tasks-capability it lists the same tools but declares no `tasks` capability.
-On HTTP, responses are plain JSON and notifications travel on the session's GET event stream.
+With --no-tasks-capability it lists the same tools but declares no `tasks` capability. A task works in steps of
+--step-ms (a status message each). On HTTP, responses are plain JSON and notifications travel on the session's
+GET event stream; `GET /_finished` gives each finished task's server-side finish time, `{"<taskId>": time.time()}`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -100,6 +102,7 @@ class Task:
     created_at: str = field(default_factory=now)
     last_updated_at: str = field(default_factory=now)
     result: dict[str, Any] | None = None
+    finished_at: float | None = None  # wall clock (time.time()) when the work ended, for the benchmarks
     done: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
 
@@ -120,9 +123,12 @@ class Task:
 class TaskServer:
     """The protocol, independent of the transport: one instance per client connection (or HTTP session)."""
 
-    def __init__(self, notify: Notify, *, poll_interval_ms: int, declare_tasks: bool = True) -> None:
+    def __init__(
+        self, notify: Notify, *, poll_interval_ms: int, declare_tasks: bool = True, step_s: float = 0.1
+    ) -> None:
         self.notify = notify
         self.poll_interval_ms = poll_interval_ms
+        self.step_s = step_s
         self.declare_tasks = declare_tasks
         self.tasks: dict[str, Task] = {}
         self.calls: list[dict[str, Any]] = []
@@ -210,7 +216,7 @@ class TaskServer:
 
     async def work(self, task: Task | None, args: dict[str, Any]) -> dict[str, Any]:
         seconds = float(args.get("seconds", 1))
-        steps = max(1, int(seconds / 0.1))
+        steps = max(1, int(seconds / self.step_s))
         for i in range(steps):
             if task is not None:
                 await self.set_status(task, "working", f"step {i + 1} of {steps}")
@@ -225,6 +231,7 @@ class TaskServer:
         except asyncio.CancelledError:
             return
         task.result = result
+        task.finished_at = time.time()
         # 2025-11-25: a tool result with isError makes the task `failed`; tasks/result still returns it.
         if result.get("isError"):
             await self.set_status(task, "failed", result["content"][0]["text"])
@@ -247,7 +254,7 @@ class TaskServer:
 # -- stdio: one JSON-RPC message per line ---------------------------------------------------------------------
 
 
-async def serve_stdio(poll_interval_ms: int, declare_tasks: bool) -> None:
+async def serve_stdio(poll_interval_ms: int, declare_tasks: bool, step_s: float = 0.1) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**24)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -258,7 +265,7 @@ async def serve_stdio(poll_interval_ms: int, declare_tasks: bool) -> None:
             sys.stdout.write(json.dumps(message) + "\n")
             sys.stdout.flush()
 
-    server = TaskServer(write, poll_interval_ms=poll_interval_ms, declare_tasks=declare_tasks)
+    server = TaskServer(write, poll_interval_ms=poll_interval_ms, declare_tasks=declare_tasks, step_s=step_s)
     pending: set[asyncio.Task[None]] = set()
 
     async def answer(msg: dict[str, Any]) -> None:
@@ -287,7 +294,7 @@ class Session:
     outbox: asyncio.Queue[dict[str, Any]]
 
 
-def http_app(poll_interval_ms: int, declare_tasks: bool) -> Any:
+def http_app(poll_interval_ms: int, declare_tasks: bool, step_s: float = 0.1) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -306,7 +313,9 @@ def http_app(poll_interval_ms: int, declare_tasks: bool) -> Any:
         if msg.get("method") == "initialize":
             sid = uuid.uuid4().hex
             outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            server = TaskServer(outbox.put, poll_interval_ms=poll_interval_ms, declare_tasks=declare_tasks)
+            server = TaskServer(
+                outbox.put, poll_interval_ms=poll_interval_ms, declare_tasks=declare_tasks, step_s=step_s
+            )
             sessions[sid] = Session(server, outbox)
             headers["mcp-session-id"] = sid
         else:
@@ -345,6 +354,10 @@ def http_app(poll_interval_ms: int, declare_tasks: bool) -> Any:
             session.server.close()
         return Response(status_code=200)
 
+    async def finished(_: Request) -> Response:
+        times = {t.task_id: t.finished_at for s in sessions.values() for t in s.server.tasks.values()}
+        return JSONResponse({tid: at for tid, at in times.items() if at is not None})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
@@ -356,12 +369,13 @@ def http_app(poll_interval_ms: int, declare_tasks: bool) -> Any:
             Route("/mcp", post, methods=["POST"]),
             Route("/mcp", get, methods=["GET"]),
             Route("/mcp", delete, methods=["DELETE"]),
+            Route("/_finished", finished, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
 
 
-async def serve_http(port: int, poll_interval_ms: int, declare_tasks: bool) -> None:
+async def serve_http(port: int, poll_interval_ms: int, declare_tasks: bool, step_s: float = 0.1) -> None:
     import uvicorn
     from demo_server import listening_socket
 
@@ -369,7 +383,10 @@ async def serve_http(port: int, poll_interval_ms: int, declare_tasks: bool) -> N
     print(f"LISTENING {sock.getsockname()[1]}", flush=True)
     server = uvicorn.Server(
         uvicorn.Config(
-            http_app(poll_interval_ms, declare_tasks), log_level="warning", lifespan="on", timeout_graceful_shutdown=1
+            http_app(poll_interval_ms, declare_tasks, step_s),
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=1,
         )
     )
     await server.serve(sockets=[sock])
@@ -380,13 +397,14 @@ def main() -> None:
     parser.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--poll-interval-ms", type=int, default=200)
+    parser.add_argument("--step-ms", type=int, default=100, help="a task's step (one status message each)")
     parser.add_argument("--no-tasks-capability", action="store_true", help="list the same tools, declare no tasks")
     args = parser.parse_args()
     declare = not args.no_tasks_capability
     if args.transport == "stdio":
-        asyncio.run(serve_stdio(args.poll_interval_ms, declare))
+        asyncio.run(serve_stdio(args.poll_interval_ms, declare, args.step_ms / 1000))
     else:
-        asyncio.run(serve_http(args.port, args.poll_interval_ms, declare))
+        asyncio.run(serve_http(args.port, args.poll_interval_ms, declare, args.step_ms / 1000))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Tools:
 fastmcp-tasks pushes no status (SEP-2663 status is polled), so clients of this server must poll `tasks/get`.
 With --push, this server also serves `subscriptions/listen` with the extension's `taskIds` filter and pushes
 `notifications/tasks` (the full task, result inline) whenever a watched task's status changes.
+Over HTTP, `GET /_finished` gives each task's server-side finish time, `{"<taskId>": time.time()}` (benchmarks).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -39,10 +41,14 @@ from mcp.shared.subscriptions import SUBSCRIPTION_ID_META_KEY
 from mcp_types import INTERNAL_ERROR, MISSING_REQUIRED_CLIENT_CAPABILITY
 from pydantic import ConfigDict
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # One record per tasks/* request seen over HTTP: {"method", "taskId", "mcpName"}.
 SEEN: list[dict[str, Any]] = []
+# When each task's work ended (time.time()), by task id.
+FINISHED: dict[str, float] = {}
 
 
 def build(poll_interval_ms: int) -> FastMCP:
@@ -61,6 +67,8 @@ def build(poll_interval_ms: int) -> FastMCP:
         for i in range(steps):
             await ctx.report_progress(i, steps, f"step {i + 1} of {steps}")
             await asyncio.sleep(seconds / steps)
+        if ctx.task_id is not None:
+            FINISHED[ctx.task_id] = time.time()
         if fail:
             raise MCPError(INTERNAL_ERROR, "the report could not be built")
         if tool_error:
@@ -76,6 +84,10 @@ def build(poll_interval_ms: int) -> FastMCP:
     async def seen_headers() -> str:
         """The tasks/* requests this server saw over HTTP, with their Mcp-Name header (JSON)."""
         return json.dumps(SEEN)
+
+    @mcp.custom_route("/_finished", methods=["GET"])
+    async def finished(_: Request) -> JSONResponse:
+        return JSONResponse(FINISHED)
 
     return mcp
 
