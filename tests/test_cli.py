@@ -240,3 +240,40 @@ def test_demo_runs_the_tool_path_and_records_jobs(cli) -> None:
     assert "progress 2/3: checking the courier" in out
     assert '"status": "shipped"' in out and "Accepted" not in out
     assert "mcp_jobs: order_status completed" in out
+
+
+def test_call_shows_task_events_on_stderr_and_the_answer_on_stdout(cli) -> None:
+    cli(
+        "servers",
+        "add",
+        "tasks",
+        "--transport",
+        "stdio",
+        "--command",
+        PY,
+        "--arg",
+        str(SERVERS / "task_server_2025.py"),
+    )
+    code, out, err = cli("call", "long_report", "--args", '{"seconds": 0.5}')
+    assert code == 0, err
+    assert "0.5" in out and "accepted (task call" in err and "status completed" in err
+    assert "accepted" not in out.lower()
+
+
+def test_call_shows_receipt_polls(cli, spawn) -> None:
+    port = spawn("--port", "0", "--finish-after-ms", "500", script=str(SERVERS / "generic_receipt_server.py"))
+    cli(
+        "servers",
+        "add",
+        "gen",
+        "--transport",
+        "streamable-http",
+        "--url",
+        f"http://127.0.0.1:{port}/mcp",
+        "--poll-interval",
+        "100",
+    )
+    code, out, err = cli("call", "submit_report", "--args", '{"topic": "cli"}')
+    assert code == 0, err
+    assert "accepted (receipt call" in err and "… poll 1" in err
+    assert "cli" in out and "queued" not in out
