@@ -139,8 +139,12 @@ class ServerConnection:
         except TimeoutError:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
-        except BaseException:
-            pass
+        except asyncio.CancelledError:
+            # We are being cancelled ourselves: end the runner too, and let the cancellation through.
+            runner.cancel()
+            raise
+        except Exception:
+            pass  # the runner's own failure is already in last_error
 
     async def close(self) -> None:
         async with self._lock:

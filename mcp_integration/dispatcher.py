@@ -158,8 +158,8 @@ class Dispatcher:
     async def remove_server(self, name: str) -> None:
         state = self._servers.pop(name, None)
         if state is not None:
+            self._rebuild_index()  # its tools go at once; closing the connection may take a moment
             await state.conn.close()
-            self._rebuild_index()
 
     def _rebuild_index(self) -> None:
         specs = {(s.cfg.name, t.name): t for s in self._servers.values() for t in s.tools}

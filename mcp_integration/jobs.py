@@ -230,6 +230,11 @@ class Job:
             waited = f"and no progress for {self.policy.idle_s:g} s"
         return f"no answer yet {waited}; the job is still running"
 
+    async def outcome(self) -> ToolResult:
+        """The final result or error, however long the job takes (it is bounded by `policy.background_s`)."""
+        await self._done.wait()
+        return await self.wait(0)
+
     async def settled(self) -> None:
         """Wait until the job is done *and* its final state is written to mcp_jobs (the answer comes first)."""
         if self._task is not None:

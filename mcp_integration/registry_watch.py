@@ -1,0 +1,87 @@
+"""Keep a running dispatcher in step with the registry, through PostgreSQL LISTEN/NOTIFY.
+
+A trigger (migration 002) notifies `mcp_servers_changed` on every change to `mcp_servers`; the watcher then
+re-reads the enabled servers and adds, replaces or removes them in the dispatcher. Notifications are only
+hints: the table is the truth, so a missed or foreign notification costs one harmless re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import psycopg
+
+from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.registry import Registry, ServerConfig
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "mcp_servers_changed"
+
+
+def _fingerprint(cfg: ServerConfig) -> tuple[object, ...]:
+    return (cfg.id, cfg.updated_at)
+
+
+class RegistryWatcher:
+    def __init__(
+        self, registry: Registry, dispatcher: Dispatcher, *, on_change: Callable[[], None] | None = None
+    ) -> None:
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+
+    def start(self) -> RegistryWatcher:
+        self._task = asyncio.create_task(self._run(), name="registry-watch")
+        return self
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                # A connection of its own: LISTEN holds it for the life of the session.
+                conninfo = self.registry.pool.conninfo
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    backoff = 0.5
+                    await self.sync()  # whatever changed while we were not listening
+                    async for _ in conn.notifies():
+                        await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.listening.clear()
+                log.warning("registry watch interrupted (%s); retrying in %.1f s", type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def sync(self) -> None:
+        wanted = {cfg.name: cfg for cfg in await self.registry.list_servers(enabled_only=True)}
+        current = self.dispatcher.servers
+        changed = False
+        for name in set(current) - set(wanted):
+            log.info("server %s removed or disabled: dropping its tools", name)
+            await self.dispatcher.remove_server(name)
+            changed = True
+        fresh = [
+            cfg
+            for name, cfg in wanted.items()
+            if name not in current or _fingerprint(current[name].cfg) != _fingerprint(cfg)
+        ]
+        for cfg in fresh:
+            log.info("server %s added or changed: discovering its tools", cfg.name)
+        # Concurrently: one slow server must not hold back the others' tools.
+        await asyncio.gather(*(self.dispatcher.add_server(cfg) for cfg in fresh))
+        changed = changed or bool(fresh)
+        if changed and self.on_change is not None:
+            self.on_change()
