@@ -166,7 +166,9 @@ class McpToolbox(llm.Toolset):
         for hook in self.on_job:
             hook(job)
         run = self.options.policy.run(entry.server)
-        self.filler_runs.append(run)
+        if self.filler_runs:
+            run.last = self.filler_runs[-1].last  # no line twice in a row, across calls too
+        self.filler_runs = [*self.filler_runs[-49:], run]
         progress: dict[str, Any] = {"fraction": None, "message": None}
 
         def on_event(event: JobEvent) -> None:
@@ -264,7 +266,7 @@ class ScriptedLLM(llm.LLM):
             return ("text", _answer_from(last.output, is_error=last.is_error))
         if last.role == "system" and "New results arrived" in (last.text_content or ""):
             outputs = [i for i in items if i.type == "function_call_output"]
-            answer = _answer_from(outputs[-1].output, is_error=outputs[-1].is_error) if outputs else "Nothing new."
+            answer = outputs[-1].output if outputs else "Nothing new."
             return ("text", f"About your earlier question: {answer}")
         text = last.text_content or ""
         if last.role == "user" and tool_choice != "none":
@@ -309,6 +311,17 @@ class _ScriptedStream(llm.LLMStream):
         self._event_ch.send_nowait(llm.ChatChunk(id=chunk_id, delta=delta))
 
 
+def llm_from_env() -> llm.LLM | None:
+    """The real OpenAI (or OpenAI-compatible) LLM when a key or base URL is configured, else None."""
+    import os
+
+    if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")):
+        return None
+    from livekit.plugins import openai
+
+    return openai.LLM(model=os.environ.get("LLM_MODEL", "gpt-4.1-mini"), base_url=os.environ.get("OPENAI_BASE_URL"))
+
+
 # -- a text-only session, for tests, the offline demo and benchmarks -----------------------------------------
 
 
@@ -329,14 +342,15 @@ class TextCall:
         *,
         options: VoiceOptions | None = None,
         instructions: str = "You are a helpful voice assistant.",
+        on_line: Callable[[Line], None] | None = None,
     ) -> None:
         self.toolbox = McpToolbox(dispatcher, options)
+        self.on_line = on_line
         self.model = model
         self.instructions = instructions
         self.session: AgentSession | None = None
         self.lines: list[Line] = []
         self._t0 = 0.0
-        self._fillers: list[str] = []
 
     async def start(self, greeting: str | None = "Hello, how can I help?") -> TextCall:
         from livekit.agents import Agent
@@ -354,10 +368,26 @@ class TextCall:
 
     def _watch_job(self, job: Job) -> None:
         def on_event(event: JobEvent) -> None:
-            if event.kind == "done":
-                self.lines.append(Line(self.now(), "tool", f"{job.tool} {event.data['state']}"))
+            if event.kind == "accepted":
+                ref = event.data.get("task_id") or event.data.get("receipt_id")
+                self._add(
+                    "tool", f"{job.tool}: {event.data.get('job_kind')} job started" + (f" ({ref})" if ref else "")
+                )
+            elif event.kind == "released":
+                self._add(
+                    "tool", f"{job.tool}: still waiting after {event.data['after_s']:g} s; the caller's turn is freed"
+                )
+            elif event.kind == "done":
+                late = " (late)" if event.data.get("late") else ""
+                self._add("tool", f"{job.tool}: {event.data['state']}{late} after {job.duration:.1f} s")
 
         job.add_listener(on_event)
+
+    def _add(self, who: str, text: str) -> None:
+        line = Line(self.now(), who, text)
+        self.lines.append(line)
+        if self.on_line is not None:
+            self.on_line(line)
 
     def now(self) -> float:
         return asyncio.get_running_loop().time() - self._t0
@@ -370,7 +400,7 @@ class TextCall:
         who = "caller" if item.role == "user" else "agent"
         if who == "agent" and any(text == f for f in self._filler_texts()):
             who = "filler"
-        self.lines.append(Line(self.now(), who, text))
+        self._add(who, text)
 
     def _filler_texts(self) -> set[str]:
         return {line for run in self.toolbox.filler_runs for line in run.spoken}

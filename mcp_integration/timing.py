@@ -18,14 +18,16 @@ class PollSchedule:
     """Delays between polls of one job.
 
     `floor_s` is the fastest the server allows (its pollInterval, else the row's poll_interval): no delay is
-    ever below it. Slow jobs back off by `factor` with jitter, up to `cap_s`.
+    ever below it. For the first `backoff_after_s` a job is polled at the floor, so a short job is noticed
+    within one interval; after that the delay grows with the job's age (a tenth of it, with jitter), up to
+    `cap_s`: a job that has run for minutes can wait seconds more, and a thousand of them cost little.
     """
 
     floor_s: float
     expected_s: float | None = None
     cap_s: float = 10.0
-    factor: float = 1.5
-    backoff_after: int = 3
+    backoff_after_s: float = 30.0
+    age_fraction: float = 0.1
     rng: random.Random = field(default_factory=random.Random)
     polls: int = 0
 
@@ -34,12 +36,11 @@ class PollSchedule:
         if self.polls == 1 and self.expected_s is not None and self.expected_s > elapsed_s:
             # Just after the usual finish, so the first poll is likely the last.
             return max(self.floor_s, self.expected_s - elapsed_s + min(0.05 * self.expected_s, self.floor_s / 2))
-        steps = max(0, self.polls - self.backoff_after)
-        base = self.floor_s * (self.factor**steps)
-        if steps:
-            # Jitter only once backing off: many slow jobs should not poll in lockstep.
-            base *= self.rng.uniform(0.85, 1.15)
-        return max(self.floor_s, min(base, max(self.cap_s, self.floor_s)))
+        if elapsed_s < self.backoff_after_s:
+            return self.floor_s
+        # Jitter, so that many slow jobs do not poll in lockstep.
+        delay = elapsed_s * self.age_fraction * self.rng.uniform(0.85, 1.15)
+        return max(self.floor_s, min(delay, max(self.cap_s, self.floor_s)))
 
 
 class DurationStats:

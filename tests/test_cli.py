@@ -233,13 +233,22 @@ def test_raw_server_listing_warns_about_skipped_tools(cli) -> None:
     assert "skipped tool 'broken'" in err
 
 
-def test_demo_runs_the_tool_path_and_records_jobs(cli) -> None:
-    code, out, _ = cli("demo")
-    assert code == 0, out
-    assert "tools: order_status, world_time" in out
-    assert "progress 2/3: checking the courier" in out
-    assert '"status": "shipped"' in out and "Accepted" not in out
-    assert "mcp_jobs: order_status completed" in out
+def test_demo_runs_the_real_voice_path_offline(cli) -> None:
+    code, out, err = cli("demo")
+    assert code == 0, err
+    assert "LLM: scripted" in out
+    assert "tools: order_status, quarterly_report, world_time" in out
+    lines = out.splitlines()
+    order = [i for i, line in enumerate(lines) if "CALLER" in line]
+    assert len(order) == 4
+    assert any("FILLER" in line for line in lines)
+    assert any("receipt job started" in line for line in lines) and any("task job started" in line for line in lines)
+    assert any("caller's turn is freed" in line for line in lines)
+    late = [line for line in lines if "About your earlier question" in line]
+    assert late and "Q3" in late[0] and "{" not in late[0]
+    assert "Accepted" not in out and "queued" not in out
+    # The example servers are gone again: the real agent will not find them.
+    assert json.loads(cli("servers", "list", "--json")[1]) == []
 
 
 def test_call_shows_task_events_on_stderr_and_the_answer_on_stdout(cli) -> None:

@@ -218,7 +218,7 @@ async def test_unreachable_server_is_reported_not_fatal(registry: Registry) -> N
 
 
 async def test_session_starts_from_the_cache_without_waiting_for_slow_servers(registry: Registry) -> None:
-    cfg = stdio_demo("slowlist", "--list-delay-ms", "1500")
+    cfg = stdio_demo("slowlist", "--list-delay-ms", "5000")
     warm = await start(registry, cfg)  # first discovery fills mcp_tools
     await warm.aclose()
 
@@ -229,7 +229,7 @@ async def test_session_starts_from_the_cache_without_waiting_for_slow_servers(re
     try:
         assert {"echo", "slow"} <= {t.name for t in cold.tools}
         assert cold.servers["slowlist"].from_cache
-        assert elapsed < 1.0, elapsed  # generous: the server itself needs 1.5 s to list
+        assert elapsed < 4.0, elapsed  # the server itself needs 5 s to list: start did not wait for it
         # A call made before discovery finishes connects on demand and works.
         assert (await cold.call("echo", {"text": "early"})).text == "echo: early"
         await cold.refreshed()
@@ -239,14 +239,14 @@ async def test_session_starts_from_the_cache_without_waiting_for_slow_servers(re
 
 
 async def test_servers_connect_concurrently(registry: Registry) -> None:
-    cfgs = [stdio_demo(f"s{i}", "--list-delay-ms", "800") for i in range(4)]
+    cfgs = [stdio_demo(f"s{i}", "--list-delay-ms", "2500") for i in range(4)]
     started = time.monotonic()
     d = await start(registry, *cfgs)
     elapsed = time.monotonic() - started
     try:
         assert all(s.error is None for s in d.servers.values())
         assert len({t.server for t in d.tools}) == 4
-        assert elapsed < 4 * 0.8 + 2.0  # sequential would need at least 3.2 s of listing alone
+        assert elapsed < 4 * 2.5  # one after another could not take less than 10 s of listing alone
     finally:
         await d.aclose()
 

@@ -33,13 +33,12 @@ def test_first_poll_lands_just_after_the_expected_finish() -> None:
     assert s.next_delay(8.5) == 1.0  # then the interval
 
 
-def test_no_history_means_the_interval_then_backoff_with_jitter() -> None:
+def test_no_history_means_the_interval_then_backoff_with_the_jobs_age() -> None:
     s = PollSchedule(floor_s=1.0, rng=random.Random(1))
-    delays = [s.next_delay(0) for _ in range(8)]
-    assert delays[:3] == [1.0, 1.0, 1.0]
-    assert all(later >= 1.0 for later in delays[3:])
-    assert delays[-1] > 2.0  # backing off on a slow job
-    assert max(delays) <= 10.0
+    assert [s.next_delay(t) for t in (0, 5, 29)] == [1.0, 1.0, 1.0]  # a short job is seen within one interval
+    later = [s.next_delay(t) for t in (40, 60, 200, 1000)]
+    assert 3.0 <= later[0] <= 5.0 and 5.0 <= later[1] <= 7.0  # about a tenth of the age
+    assert later[2] == later[3] == 10.0  # capped
 
 
 def test_duration_stats_need_a_few_samples_and_use_the_median() -> None:
