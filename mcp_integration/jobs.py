@@ -138,6 +138,7 @@ class Job:
         self._task: asyncio.Task[None] | None = None
         self._record_lock = asyncio.Lock()
         self._pending_records: set[asyncio.Task[None]] = set()
+        self._insert: asyncio.Future[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -146,7 +147,8 @@ class Job:
         return self
 
     async def _run(self, submit: Submit) -> None:
-        await self._record_insert()
+        # The row is written beside the call, not before it: a slow database never delays the server's work.
+        self._insert = asyncio.ensure_future(self._record_insert())
         try:
             result = await asyncio.wait_for(submit(self), self.policy.background_s)
         except asyncio.CancelledError:
@@ -188,14 +190,16 @@ class Job:
         self.last_activity = time.monotonic()
         self._activity.set()
 
-    async def wait(self, timeout: float | None = None) -> ToolResult:
+    async def wait(self, timeout: float | None = None, *, release_after: float | None = None) -> ToolResult:
         """The result, or ToolCallError. Without `timeout`, the policy's idle timeout (reset by activity) under
-        its cap. Either way a timeout ends this wait only: the job goes on and may still deliver late."""
+        its cap, and `release_after` seconds at most if given (the voice layer's release point). Any timeout
+        ends this wait only: the job goes on and may still deliver late."""
         if not self.done:
             if timeout is not None:
                 expired = not await _wait_event(self._done, timeout)
             else:
-                expired = not await self._wait_idle()
+                limit = None if release_after is None else time.monotonic() + release_after
+                expired = not await self._wait_idle(limit)
             if expired:
                 self._waiter_gave_up = True
                 self.emit("wait_timeout", waited_s=round(time.monotonic() - self.submitted_at, 3))
@@ -205,10 +209,12 @@ class Job:
         assert self.result is not None
         return self.result
 
-    async def _wait_idle(self) -> bool:
+    async def _wait_idle(self, limit: float | None = None) -> bool:
         while not self.done:
             now = time.monotonic()
             deadline = min(self.last_activity + self.policy.idle_s, self.submitted_at + self.policy.cap_s)
+            if limit is not None:
+                deadline = min(deadline, limit)
             if now >= deadline:
                 return False
             self._activity.clear()
@@ -292,6 +298,8 @@ class Job:
         if self._registry is None:
             return
         async with self._record_lock:
+            if self._insert is not None:
+                await asyncio.gather(self._insert, return_exceptions=True)
             try:
                 await self._registry.update_job(
                     self.id,

@@ -125,10 +125,14 @@ class McpToolbox(llm.Toolset):
             # toolset created later needs the same binding, and LiveKit has no public call for it.
             ts._attach_activity(activity=None, session=self._session)
 
-    async def aclose(self) -> None:
+    async def cancel_jobs(self) -> None:
+        """Cancel what still runs: a job cancelled by the session ending is cancelled on the server too."""
         for job in self.jobs:
             if not job.done:
-                await job.cancel()  # a job cancelled by the session ending is cancelled on the server too
+                await job.cancel()
+
+    async def aclose(self) -> None:
+        await self.cancel_jobs()
         await super().aclose()
 
     # -- one tool -------------------------------------------------------------------------------------------
@@ -183,12 +187,15 @@ class McpToolbox(llm.Toolset):
                 return None
             return run.line(step, elapsed_s=job.duration, progress=progress["fraction"], message=progress["message"])
 
-        cfg = self.dispatcher.servers[entry.server].cfg
-        release_s = min(cfg.release_after_ms, cfg.timeout_ms) / 1000
+        release_s = self.dispatcher.servers[entry.server].cfg.release_after_ms / 1000
+        threshold = self.options.policy.threshold_s
+        # LiveKit waits `delay` of idle again after each `interval`: subtract it, so lines are interval_s apart.
+        interval = max(0.0, run.interval_s - threshold)
         try:
             try:
-                async with ctx.with_filler(filler, delay=self.options.policy.threshold_s, interval=run.interval_s):
-                    result = await job.wait(release_s)
+                async with ctx.with_filler(filler, delay=threshold, interval=interval):
+                    # Released at the server's release point, or at the call's idle timeout if that comes first.
+                    result = await job.wait(release_after=release_s)
             except ToolCallError as exc:
                 if exc.kind != "timeout" or job.done:
                     raise
@@ -203,11 +210,12 @@ class McpToolbox(llm.Toolset):
             await job.cancel()
             raise
         spoken = for_speech(result, max_chars=self.options.max_chars, server_label=label)
+        text = spoken.text
         if spoken.rest:
             self._rest[entry.name] = spoken.rest
-            return f"{spoken.text} (More is available: call more_details.)"
+            text += " (More is available: call more_details.)"
         job.emit("handed_to_speech")
-        return spoken.text
+        return text
 
     async def _more_details(self, raw_arguments: dict[str, Any]) -> str:
         tool = raw_arguments.get("tool") if isinstance(raw_arguments, dict) else None
@@ -413,6 +421,8 @@ class TextCall:
         return [line for line in self.lines if who is None or line.who == who]
 
     async def aclose(self) -> None:
+        # Jobs first, so no deferred reply is still on its way while the session shuts down; the session
+        # then closes its toolsets (ours included) itself.
+        await self.toolbox.cancel_jobs()
         if self.session is not None:
             await self.session.aclose()
-        await self.toolbox.aclose()

@@ -162,6 +162,8 @@ class Registry:
             open=False,
             # A connection broken by a server restart is noticed and replaced before use.
             check=AsyncConnectionPool.check_connection,
+            # A call waits at most this long for a connection: an unreachable database fails fast.
+            timeout=5.0,
             kwargs={"autocommit": True, "row_factory": dict_row},
             name="voice-mcp",
         )

@@ -284,3 +284,19 @@ async def test_invalid_json_from_the_llm_is_an_error_and_the_session_goes_on(reg
         assert "echo: still here" in next(e for e in again.events if e.type == "function_call_output").item.output
     finally:
         await close(call)
+
+
+async def test_release_comes_at_the_idle_timeout_but_progress_keeps_a_call_held(registry: Registry) -> None:
+    cfg = stdio_demo()
+    cfg.release_after_ms = 60_000
+    cfg.timeout_ms = 1000  # the call's idle timeout: release comes here when the server goes quiet
+    call = await call_with(registry, cfg)
+    try:
+        await call.say("wait 3")  # one progress report at the start, then silence
+        released = [line for line in call.lines if "caller's turn is freed" in line.text]
+        assert released, call.lines
+        await call.say("wait 2.5 in 10 steps")  # progress every 0.25 s: never idle, never released
+        assert len([line for line in call.lines if "caller's turn is freed" in line.text]) == 1
+        assert any("done after 2.5s" in line.text for line in call.spoken("agent"))
+    finally:
+        await close(call)
