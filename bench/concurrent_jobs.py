@@ -1,6 +1,6 @@
 """Concurrent-jobs benchmark: what 1,000 jobs waiting at once cost our process, in CPU and memory.
 
-    python bench/concurrent_jobs.py [--jobs 1000] [--wait-s 60] [--modes task-push,receipt,plain] [--profile]
+    python bench/concurrent_jobs.py [--jobs 1000] [--wait-s 60] [--modes task-push,receipt,...] [--profile]
 
 Each mode runs in a fresh child process (so ru_maxrss is its own): one test server, a fresh schema, a
 Dispatcher; all jobs are submitted, and once every one is waiting (accepted as a task or receipt, or in
@@ -13,8 +13,9 @@ servers excluded. Jobs last --wait-s + --margin-s, so none finishes inside the w
                     lookup of past durations must finish before the rest start, or they see none)
   plain             demo server's `slow` over Streamable HTTP: one long tools/call each
   plain-unlimited   the same with max_calls_per_server = --jobs (the per-server semaphore out of the way)
---profile runs cProfile over the window and prints the top functions. Uses DATABASE_URL if set, else an
-embedded PostgreSQL; the schema is dropped at the end.
+Each mode reports CPU and RSS for every 10 s of the window too. --profile runs cProfile over the window and
+prints the top functions (to stderr); --tracemalloc traces allocations (CPU figures then invalid) and prints the
+largest still held. Uses DATABASE_URL if set, else an embedded PostgreSQL; the schema is dropped at the end.
 """
 
 from __future__ import annotations
@@ -125,6 +126,37 @@ def profiled(enabled: bool, top: int = 30) -> Iterator[None]:
             print("\n".join(out.getvalue().splitlines()[5:]), file=sys.stderr)
 
 
+async def watch(seconds: float, profile: bool) -> dict[str, Any]:
+    """Our CPU time and memory while the jobs wait, overall and for each 10 s (a backlog shows as growth)."""
+    peak = rss_mb()
+    c0 = cpu_s()
+    w0 = time.monotonic()
+    slices: list[float] = []
+    rss_slices: list[float] = []
+    task_slices: list[int] = []
+    mark = (w0, c0)
+    with profiled(profile):
+        while (left := seconds - (time.monotonic() - w0)) > 0:
+            await asyncio.sleep(min(0.5, left))
+            peak = max(peak, rss_mb())
+            if time.monotonic() - mark[0] >= 10:
+                slices.append((cpu_s() - mark[1]) / (time.monotonic() - mark[0]) * 60)
+                mark = (time.monotonic(), cpu_s())
+                rss_slices.append(rss_mb())
+                task_slices.append(len(asyncio.all_tasks()))
+    window = time.monotonic() - w0
+    used = cpu_s() - c0
+    return {
+        "window_s": window,
+        "cpu_s": used,
+        "cpu_per_min": used / window * 60,
+        "cpu_slices": slices,
+        "rss_slices": rss_slices,
+        "task_slices": task_slices,
+        "rss_peak_mb": peak,
+    }
+
+
 # -- one mode, in a child process ---------------------------------------------------------------------------
 
 
@@ -209,18 +241,7 @@ async def measure(base_url: str, mode: str, args: argparse.Namespace) -> dict[st
         counts_before = Counter(j.state for j in jobs)
         polls0 = sum(j.polls for j in jobs)
         events0 = sum(len(j.events) for j in jobs)
-        peak = rss_mb()
-        c0, w0 = cpu_s(), time.monotonic()
-        slices: list[float] = []  # CPU-s per minute over each 10 s of the window
-        mark = (w0, c0)
-        with profiled(args.profile):
-            while time.monotonic() - w0 < args.wait_s:
-                await asyncio.sleep(min(0.5, max(0.0, args.wait_s - (time.monotonic() - w0))))
-                peak = max(peak, rss_mb())
-                if time.monotonic() - mark[0] >= 10:
-                    slices.append((cpu_s() - mark[1]) / (time.monotonic() - mark[0]) * 60)
-                    mark = (time.monotonic(), cpu_s())
-        c1, w1 = cpu_s(), time.monotonic()
+        win = await watch(args.wait_s, args.profile)
         traced_peak = None
         if args.tracemalloc:
             traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
@@ -235,20 +256,19 @@ async def measure(base_url: str, mode: str, args: argparse.Namespace) -> dict[st
             "done_early": sum(j.done for j in jobs),
             "states_at_window": dict(counts_before),
             "submit_s": submitted_s,
-            "window_s": w1 - w0,
-            "cpu_s": c1 - c0,
-            "cpu_per_min": (c1 - c0) / (w1 - w0) * 60,
-            "cpu_slices": slices,
+            **win,
             "polls": sum(j.polls for j in jobs) - polls0,
             "events": sum(len(j.events) for j in jobs) - events0,
             "rss_before_mb": rss_before,
-            "rss_peak_mb": peak,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "traced_peak_mb": traced_peak,
         }
         if not plain:
             # Let them finish: the answers must arrive, not just the waiting be cheap.
-            await asyncio.wait([asyncio.ensure_future(j.settled()) for j in jobs], timeout=args.margin_s + 60)
+            settling = [asyncio.ensure_future(j.settled()) for j in jobs]
+            await asyncio.wait(settling, timeout=args.margin_s + 60)
+            for fut in settling:
+                fut.cancel()
         result["final_states"] = dict(Counter(j.state for j in jobs))
         reasons = (re.sub(r"/results/\S+", "/results/<id>", j.error.reason) for j in jobs if j.error is not None)
         errors = Counter(r for r in reasons if "cancelled" not in r)
@@ -325,6 +345,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"{r['mode']}: states when the window opened {r['states_at_window']}, finally {r['final_states']}")
         print(f"  RSS delta from before submit to the window's peak: {delta:.0f} MB{traced}")
         print("  CPU-s/min over each 10 s of the window: " + ", ".join(f"{c:.1f}" for c in r["cpu_slices"]))
+        print("  RSS MB at the end of each 10 s: " + ", ".join(f"{m:.0f}" for m in r["rss_slices"]))
+        print("  asyncio tasks alive then: " + ", ".join(str(n) for n in r["task_slices"]))
         if r["errors"]:
             print(f"  errors: {r['errors']}")
         cpu = r["cpu_per_min"]

@@ -30,6 +30,10 @@ from mcp_integration.waiters import wait_receipt, wait_task
 
 log = logging.getLogger(__name__)
 
+# Receipt polls in flight per server: below the HTTP pool's size, so polls queue here (cheaply) and not
+# inside the pool, whose queue scan is quadratic and starves the event loop with a thousand waiters.
+MAX_POLLS_IN_FLIGHT = 32
+
 
 @dataclass(frozen=True)
 class ToolEntry:
@@ -75,6 +79,8 @@ class Dispatcher:
     ) -> None:
         self.background_s = background_s
         self._stats = DurationStats()
+        self._seeding: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._poll_slots: dict[str, asyncio.Semaphore] = {}
         self._http: httpx.AsyncClient | None = None
         self.registry = registry
         self.connect_timeout = connect_timeout
@@ -299,7 +305,10 @@ class Dispatcher:
                 raise ToolCallError(cfg.name, job.tool, plain.text or "the tool reported an error", "tool_error")
             receipt = recognise(plain, poll_profile=cfg.poll_profile)
             if receipt is not None:
-                result = await wait_receipt(job, self._poller(cfg), receipt, floor_s=floor, expected_s=expected)
+                slots = self._poll_slots.setdefault(cfg.name, asyncio.Semaphore(MAX_POLLS_IN_FLIGHT))
+                result = await wait_receipt(
+                    job, self._poller(cfg), receipt, floor_s=floor, expected_s=expected, poll_slots=slots
+                )
             elif cfg.poll_profile != "none" and looks_like_unpollable_ack(plain):
                 reason = "the server only acknowledged the request and gave no way to fetch the answer"
                 raise ToolCallError(cfg.name, job.tool, reason, "tool_error")
@@ -327,13 +336,21 @@ class Dispatcher:
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     async def _expected_duration(self, key: tuple[str, str]) -> float | None:
-        if key not in self._stats.seeded and self.registry is not None:
-            self._stats.seeded.add(key)  # one query per tool per process, whatever happens
-            try:
-                self._stats.seed(key, await self.registry.recent_durations(*key, limit=self._stats.keep))
-            except Exception as exc:
-                log.info("no past durations for %s/%s: %s", *key, describe(exc))
+        if self.registry is not None and key not in self._stats.seeded:
+            # One query per tool per process; jobs submitted meanwhile wait for it rather than poll blind.
+            seeding = self._seeding.get(key)
+            if seeding is None:
+                seeding = self._seeding[key] = asyncio.ensure_future(self._seed(key))
+            await asyncio.shield(seeding)
         return self._stats.expected(key)
+
+    async def _seed(self, key: tuple[str, str]) -> None:
+        assert self.registry is not None
+        try:
+            self._stats.seed(key, await self.registry.recent_durations(*key, limit=self._stats.keep))
+        except Exception as exc:
+            self._stats.seeded.add(key)
+            log.info("no past durations for %s/%s: %s", *key, describe(exc))
 
     def _poller(self, cfg: ServerConfig) -> ReceiptPoller:
         if self._http is None:

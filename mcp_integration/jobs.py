@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -126,7 +127,8 @@ class Job:
         self.late = False
         self.result: ToolResult | None = None
         self.error: ToolCallError | None = None
-        self.events: list[JobEvent] = []
+        # Bounded: a chatty server can push thousands of status messages over a long job.
+        self.events: deque[JobEvent] = deque(maxlen=200)
         self.submitted_at = time.monotonic()
         self.last_activity = self.submitted_at
         self.finished_at: float | None = None

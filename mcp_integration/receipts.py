@@ -445,7 +445,12 @@ def _origin_text(url: str) -> str:
 
 def default_http_client() -> httpx.AsyncClient:
     """A client for polling: short timeouts (a poll is a cheap read, retried by the loop) and no auto-redirects."""
-    return httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0), follow_redirects=False)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(15.0, connect=5.0),
+        follow_redirects=False,
+        # Keep every connection alive: polling reopens them constantly otherwise (see dispatcher's poll slots).
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+    )
 
 
 class ReceiptPoller:

@@ -37,7 +37,8 @@ class PollSchedule:
             # Just after the usual finish, so the first poll is likely the last.
             return max(self.floor_s, self.expected_s - elapsed_s + min(0.05 * self.expected_s, self.floor_s / 2))
         if elapsed_s < self.backoff_after_s:
-            return self.floor_s
+            # Jitter upwards only (never faster than the server asks), so jobs submitted together spread out.
+            return min(self.floor_s * self.rng.uniform(1.0, 1.1), max(self.cap_s, self.floor_s))
         # Jitter, so that many slow jobs do not poll in lockstep.
         delay = elapsed_s * self.age_fraction * self.rng.uniform(0.85, 1.15)
         return max(self.floor_s, min(delay, max(self.cap_s, self.floor_s)))
@@ -46,9 +47,10 @@ class PollSchedule:
 class DurationStats:
     """Recent durations per (server, tool), in seconds."""
 
-    def __init__(self, keep: int = 50, min_samples: int = 3) -> None:
+    def __init__(self, keep: int = 50, min_samples: int = 3, tight_ratio: float = 0.5) -> None:
         self.keep = keep
         self.min_samples = min_samples
+        self.tight_ratio = tight_ratio
         self._samples: dict[tuple[str, str], deque[float]] = {}
         self.seeded: set[tuple[str, str]] = set()
 
@@ -61,7 +63,14 @@ class DurationStats:
         self._samples.setdefault(key, deque(maxlen=self.keep)).append(duration_s)
 
     def expected(self, key: tuple[str, str]) -> float | None:
+        """When the first poll should come: the point before which few of this tool's jobs finish.
+
+        Near the median when the tool's durations are tight (its p10 at least half its median); with widely
+        spread durations, skipping early polls would find quick jobs late, so there is no expectation then.
+        """
         d = self._samples.get(key)
         if d is None or len(d) < self.min_samples:
             return None
-        return statistics.median(d)
+        median = statistics.median(d)
+        low = statistics.quantiles(d, n=10, method="inclusive")[0] if len(d) >= 2 else median
+        return low if low >= self.tight_ratio * median else None

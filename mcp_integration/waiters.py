@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# With status pushes, polls are only a safety net for a lost notification.
-PUSH_SAFETY_POLL_S = 5.0
+# With status pushes, polls are only a safety net for a lost notification (a dead stream wakes the waiter
+# at once through `conn.lost`), so they can be rare: 1,000 pushed jobs then cost a handful of polls a second.
+PUSH_SAFETY_POLL_S = 30.0
 # Consecutive failed polls (network, 5xx) before a job is given up as failed.
 MAX_POLL_FAILURES = 5
 
@@ -139,7 +140,13 @@ async def _cancel_quietly(tasks: TaskClient, handle: TaskHandle, job: Job) -> No
 
 
 async def wait_receipt(
-    job: Job, poller: ReceiptPoller, receipt: Receipt, *, floor_s: float, expected_s: float | None
+    job: Job,
+    poller: ReceiptPoller,
+    receipt: Receipt,
+    *,
+    floor_s: float,
+    expected_s: float | None,
+    poll_slots: asyncio.Semaphore,
 ) -> ToolResult:
     job.kind = "receipt"
     job.receipt = receipt.as_record()
@@ -152,7 +159,8 @@ async def wait_receipt(
         await asyncio.sleep(schedule.next_delay(time.monotonic() - job.submitted_at))
         job.polls += 1
         try:
-            outcome = await poller.poll_once(receipt)
+            async with poll_slots:
+                outcome = await poller.poll_once(receipt)
         except TransientPollError as exc:
             failures += 1
             job.emit("poll", n=job.polls, error=str(exc))
