@@ -37,8 +37,9 @@ class PollSchedule:
             # Just after the usual finish, so the first poll is likely the last.
             return max(self.floor_s, self.expected_s - elapsed_s + min(0.05 * self.expected_s, self.floor_s / 2))
         if elapsed_s < self.backoff_after_s:
-            # Jitter upwards only (never faster than the server asks), so jobs submitted together spread out.
-            return min(self.floor_s * self.rng.uniform(1.0, 1.1), max(self.cap_s, self.floor_s))
+            # Exactly the floor: a job is then seen within one interval. Jobs submitted together are spread
+            # by the dispatcher's per-server poll slots, not by jitter that would stretch the interval.
+            return self.floor_s
         # Jitter, so that many slow jobs do not poll in lockstep.
         delay = elapsed_s * self.age_fraction * self.rng.uniform(0.85, 1.15)
         return max(self.floor_s, min(delay, max(self.cap_s, self.floor_s)))
