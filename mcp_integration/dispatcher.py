@@ -316,7 +316,7 @@ class Dispatcher:
                 job.emit("accepted", job_kind="plain")
                 result = plain
         if job.kind != "plain":
-            self._stats.add(key, job.duration)
+            self._stats.add(key, job.estimated_duration)
         return result
 
     async def _open_for_submit(self, state: ServerState, job: Job) -> None:

@@ -131,6 +131,7 @@ class Job:
         self.events: deque[JobEvent] = deque(maxlen=200)
         self.submitted_at = time.monotonic()
         self.last_activity = self.submitted_at
+        self.last_pending_at: float | None = None  # when a poll or push last said "not done yet"
         self.finished_at: float | None = None
         self._registry = registry
         self._listeners: list[Callable[[JobEvent], None]] = []
@@ -186,6 +187,15 @@ class Job:
     @property
     def duration(self) -> float:
         return (self.finished_at or time.monotonic()) - self.submitted_at
+
+    @property
+    def estimated_duration(self) -> float:
+        """How long the server's work took, as well as we can tell: the finish lies between the last "not yet"
+        and our detection, so the midpoint. Our own detection lag would otherwise bias learned timing late."""
+        end = self.finished_at or time.monotonic()
+        if self.last_pending_at is None:
+            return end - self.submitted_at
+        return (self.last_pending_at + end) / 2 - self.submitted_at
 
     def touch(self) -> None:
         """Activity (progress, a status change): the caller's idle timeout starts again."""

@@ -64,6 +64,7 @@ async def wait_task(
             if status.status == "input_required":
                 reason = "the tool asked for input a voice call cannot give"
                 raise ToolCallError(job.server, job.tool, reason, "tool_error")
+            job.last_pending_at = time.monotonic()  # the server said "not yet" no earlier than this
             if status.poll_interval_s:
                 schedule.floor_s = max(schedule.floor_s, status.poll_interval_s)
             delay = schedule.next_delay(time.monotonic() - job.submitted_at)
@@ -174,6 +175,9 @@ async def wait_receipt(
         if outcome.status != last_status:
             last_status = outcome.status
             job.emit("status", state=outcome.status)
+        if not outcome.done:
+            job.last_pending_at = time.monotonic()
+            continue
         if outcome.done:
             if not outcome.ok:
                 raise ToolCallError(job.server, job.tool, outcome.error or "the workflow failed", "tool_error")
