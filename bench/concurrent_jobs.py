@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import ctypes
 import io
 import json
 import logging
@@ -32,7 +31,6 @@ import os
 import pstats
 import re
 import resource
-import select
 import signal
 import subprocess
 import sys
@@ -50,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
+from _servers import die_with_parent, spawn, stop  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
@@ -61,34 +60,6 @@ SERVERS = ROOT / "tests" / "servers"
 MODES = ("task-push", "task-push-chatty", "receipt", "receipt-learned", "plain", "plain-unlimited")
 CPU_BUDGET_PER_MIN = 3.0
 MEMORY_BUDGET_MB = 200.0
-
-
-def die_with_parent() -> None:
-    # Linux: SIGKILL this child when the process that started it dies, however it dies.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def spawn(script: str, args: list[str], procs: list[subprocess.Popen[str]]) -> int:
-    cmd = [sys.executable, str(SERVERS / script), "--port", "0", *args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, preexec_fn=die_with_parent
-    )
-    procs.append(proc)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("LISTENING "):
-        raise RuntimeError(f"{script} did not start (exit code {proc.poll()})")
-    return int(line.split()[1])
-
-
-def stop(procs: list[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        proc.kill()
-    for proc in procs:
-        proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def rss_mb() -> float:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import random
-import select
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
+from _servers import spawn, stop  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
@@ -69,29 +69,6 @@ class Mode:
     burst: bool  # all jobs at once (no learned timing) instead of waves
     polling: bool  # lag bounded by the interval, in theory
     args: Callable[[int, float], dict[str, Any]]
-
-
-def spawn(script: str, args: list[str], procs: list[subprocess.Popen[str]], env: dict[str, str] | None = None) -> int:
-    """Start a test server; returns the port it prints as `LISTENING <port>`."""
-    cmd = [sys.executable, str(SERVERS / script), "--port", "0", *args]
-    env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    procs.append(proc)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("LISTENING "):
-        raise RuntimeError(f"{script} did not start (exit code {proc.poll()})")
-    return int(line.split()[1])
-
-
-def stop(procs: list[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        proc.kill()
-    for proc in procs:
-        proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def done_at(job: Job) -> float:
