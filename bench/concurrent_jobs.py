@@ -34,7 +34,6 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 import uuid
@@ -48,11 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
-from _servers import die_with_parent, spawn, stop  # noqa: E402
+from _common import bench_database, die_with_parent, spawn, stop  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.embedded_db import EmbeddedPostgres  # noqa: E402
 from mcp_integration.jobs import Job  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
 
@@ -256,15 +254,8 @@ async def measure(base_url: str, mode: str, args: argparse.Namespace) -> dict[st
 
 
 async def child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
+    async with bench_database(announce=False) as url:
         return await measure(url, mode, args)
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp))
-        try:
-            return await measure(await embedded.start(), mode, args)
-        finally:
-            await embedded.stop()
 
 
 # -- the parent: one child per mode, then the table -----------------------------------------------------------

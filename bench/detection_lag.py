@@ -20,12 +20,10 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -39,11 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
-from _servers import spawn, stop  # noqa: E402
+from _common import bench_database, spawn, stop  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.embedded_db import EmbeddedPostgres  # noqa: E402
 from mcp_integration.jobs import Job, ToolCallError  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
 
@@ -201,18 +198,8 @@ async def bench(base_url: str, args: argparse.Namespace, ports: dict[str, int]) 
 
 
 async def run(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, tuple[Mode, list[Sample]]]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        print("database: DATABASE_URL")
+    async with bench_database() as url:
         return await bench(url, args, ports)
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp))
-        try:
-            url = await embedded.start()
-            print("database: embedded PostgreSQL")
-            return await bench(url, args, ports)
-        finally:
-            await embedded.stop()
 
 
 def p95(xs: list[float]) -> float:

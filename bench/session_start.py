@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -27,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "servers"))
 
 import psycopg  # noqa: E402
+from _common import bench_database  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.embedded_db import EmbeddedPostgres  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
 
 DEMO = ROOT / "tests" / "servers" / "demo_server.py"
@@ -157,18 +155,8 @@ async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[fl
 
 
 async def run(ports: list[int], runs: int) -> dict[str, list[float]]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        print("database: DATABASE_URL")
+    async with bench_database() as url:
         return await bench(url, ports, runs)
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp))
-        try:
-            url = await embedded.start()
-            print("database: embedded PostgreSQL")
-            return await bench(url, ports, runs)
-        finally:
-            await embedded.stop()
 
 
 def p90(xs: list[float]) -> float:

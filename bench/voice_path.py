@@ -34,7 +34,6 @@ import re
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -46,10 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
+from _common import bench_database  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher, ToolEntry  # noqa: E402
-from mcp_integration.embedded_db import EmbeddedPostgres  # noqa: E402
 from mcp_integration.fillers import FillerPolicy  # noqa: E402
 from mcp_integration.jobs import Job  # noqa: E402
 from mcp_integration.livekit_tools import McpToolbox, ScriptedLLM, TextCall, VoiceOptions  # noqa: E402
@@ -372,18 +371,8 @@ async def bench(base_url: str, args: argparse.Namespace) -> Results:
 
 
 async def run(args: argparse.Namespace) -> Results:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        print("database: DATABASE_URL")
+    async with bench_database() as url:
         return await bench(url, args)
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp))
-        try:
-            url = await embedded.start()
-            print("database: embedded PostgreSQL")
-            return await bench(url, args)
-        finally:
-            await embedded.stop()
 
 
 def kill_leftover_children() -> int:

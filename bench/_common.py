@@ -1,4 +1,5 @@
-"""Test servers as subprocesses, for the benchmarks: start one and read its port, stop them all."""
+"""What the benchmarks share: test servers as subprocesses (start one, read its port, stop them all) and a
+database (DATABASE_URL or an embedded PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+from mcp_integration.embedded_db import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "tests" / "servers"
@@ -47,3 +53,23 @@ def stop(procs: list[subprocess.Popen[str]]) -> None:
         proc.wait(5)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@asynccontextmanager
+async def bench_database(*, announce: bool = True) -> AsyncIterator[str]:
+    """DATABASE_URL when set, else an embedded PostgreSQL in a temporary folder, stopped afterwards."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        if announce:
+            print("database: DATABASE_URL")
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
+        embedded = EmbeddedPostgres(Path(tmp))
+        try:
+            url = await embedded.start()
+            if announce:
+                print("database: embedded PostgreSQL")
+            yield url
+        finally:
+            await embedded.stop()
