@@ -24,7 +24,6 @@ from mcp_integration.transports import ToolListGuard, open_transport
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
-NotificationCallback = Callable[[Any], Awaitable[None]]
 
 
 class ConnectError(Exception):
@@ -37,11 +36,9 @@ class ServerConnection:
         cfg: ServerConfig,
         *,
         connect_timeout: float = 10.0,
-        on_notification: NotificationCallback | None = None,
     ) -> None:
         self.cfg = cfg
         self.connect_timeout = connect_timeout
-        self._on_notification = on_notification
         self._client: Client | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
@@ -126,8 +123,6 @@ class ServerConnection:
             log.warning("server %s: transport error: %s", self.cfg.name, describe(message))
             return
         self.tasks.on_message(message)
-        if self._on_notification is not None:
-            await self._on_notification(message)
 
     async def _stop_runner(self) -> None:
         runner, self._runner = self._runner, None

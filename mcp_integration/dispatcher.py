@@ -93,7 +93,6 @@ class Dispatcher:
         self._max_calls = max_calls_per_server
         self._background: set[asyncio.Task[Any]] = set()
         self._writes: set[asyncio.Task[Any]] = set()
-        self.on_tools_changed: list[Any] = []
 
     # -- servers and discovery ------------------------------------------------------------------------------
 
@@ -172,8 +171,6 @@ class Dispatcher:
         names = assign_names(specs)
         self._index = {names[key]: ToolEntry(names[key], spec) for key, spec in specs.items()}
         self._validators = {k: v for k, v in self._validators.items() if k in specs}
-        for callback in self.on_tools_changed:
-            callback()
 
     @property
     def servers(self) -> dict[str, ServerState]:

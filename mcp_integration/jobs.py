@@ -269,10 +269,6 @@ class Job:
     def add_listener(self, listener: Callable[[JobEvent], None]) -> None:
         self._listeners.append(listener)
 
-    def remove_listener(self, listener: Callable[[JobEvent], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
     def emit(self, kind: str, **data: Any) -> None:
         event = JobEvent(kind, data, time.monotonic())
         self.events.append(event)

@@ -6,7 +6,6 @@ Every query is parameterised; the schema lives in numbered files under `migratio
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import uuid
@@ -394,7 +393,3 @@ class Registry:
 def redact(mapping: dict[str, str]) -> dict[str, str]:
     """What may be shown of headers or env: `env:NAME` references as they are, literal values hidden."""
     return {k: (v if v.startswith("env:") else "***") for k, v in mapping.items()}
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
