@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import Tool as MCPTool
+from starlette.applications import Starlette
+from starlette.routing import Route
 
 
 class DemoServer(MCPServer):
@@ -64,6 +68,24 @@ def build(name: str, **kwargs: Any) -> DemoServer:
         return {"city": city, "forecast": "sunny", "high_c": 21}
 
     return mcp
+
+
+def app_with_mcp(mcp: MCPServer, routes: list[Route], *, sse: bool = False) -> Starlette:
+    """`routes` beside the MCP endpoints (Streamable HTTP at /mcp; with `sse`, legacy SSE at /mcp/sse) in one app.
+
+    The MCP routes are lifted out of their sub-apps, whose lifespans then do not run: the Streamable HTTP
+    session manager is run here instead, before the first request.
+    """
+    mcp_routes = list(mcp.streamable_http_app(streamable_http_path="/mcp").routes)
+    if sse:
+        mcp_routes = [*mcp.sse_app(sse_path="/mcp/sse", message_path="/mcp/messages/").routes, *mcp_routes]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with mcp.session_manager.run():
+            yield
+
+    return Starlette(routes=[*routes, *mcp_routes], lifespan=lifespan)
 
 
 def listening_socket(port: int) -> socket.socket:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from demo_server import serve_http
+from demo_server import app_with_mcp, serve_http
 from mcp.server.mcpserver import MCPServer
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -98,21 +96,12 @@ def build(jobs: Jobs) -> Starlette:
     async def finished(_: Request) -> JSONResponse:
         return JSONResponse({j.id: j.started_wall + j.finish_after for j in jobs.jobs.values()})
 
-    streamable = mcp.streamable_http_app(streamable_http_path="/mcp")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        # The MCP routes are lifted into this app, so the session manager's lifespan is run here.
-        async with mcp.session_manager.run():
-            yield
-
     routes = [
         Route("/mcp/results/{job_id}", result, methods=["GET"]),
         Route("/_stats", stats, methods=["GET"]),
         Route("/_finished", finished, methods=["GET"]),
-        *streamable.routes,
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return app_with_mcp(mcp, routes)
 
 
 def main() -> None:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from demo_server import serve_http
+from demo_server import app_with_mcp, serve_http
 from mcp.server.mcpserver import MCPServer
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -141,23 +139,11 @@ def build(state: N8nLike) -> Starlette:
     async def stats(_: Request) -> JSONResponse:
         return JSONResponse(dict(state.gets))
 
-    sse = mcp.sse_app(sse_path="/mcp/sse", message_path="/mcp/messages/")
-    streamable = mcp.streamable_http_app(streamable_http_path="/mcp")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        # Routes are lifted out of the MCP sub-apps, so their lifespans do not run by themselves: the Streamable
-        # HTTP session manager must be running before its first request.
-        async with mcp.session_manager.run():
-            yield
-
     routes = [
         Route("/api/v1/executions/{execution_id}", get_execution, methods=["GET"]),
         Route("/_stats", stats, methods=["GET"]),
-        *sse.routes,
-        *streamable.routes,
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return app_with_mcp(mcp, routes, sse=True)
 
 
 def main() -> None:
