@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,8 @@ class HealthReport:
     ok: bool
     latency_ms: float | None
     error: str | None
+    status: str = "unknown"  # up | degraded | down | unknown, after this check
+    consecutive_failures: int = 0
 
 
 class Dispatcher:
@@ -93,22 +96,35 @@ class Dispatcher:
         self._max_calls = max_calls_per_server
         self._background: set[asyncio.Task[Any]] = set()
         self._writes: set[asyncio.Task[Any]] = set()
+        # Called with each new job before it starts (metrics, logs): they attach listeners to its events.
+        self.job_observers: list[Callable[[Job], None]] = []
+        # Called with each health check's report (metrics, the status page).
+        self.health_observers: list[Callable[[HealthReport], None]] = []
 
     # -- servers and discovery ------------------------------------------------------------------------------
 
-    async def start(self, *, wait: bool = True, servers: list[ServerConfig] | None = None) -> None:
+    async def start(
+        self,
+        *,
+        wait: bool = True,
+        servers: list[ServerConfig] | None = None,
+        cached: dict[str, list[ToolSpec]] | None = None,
+    ) -> None:
         """Load the enabled servers. With `wait=False` the index comes from the tool cache at once and fresh
-        discovery runs in the background (`await dispatcher.refreshed()` to wait for it)."""
+        discovery runs in the background (`await dispatcher.refreshed()` to wait for it). `servers` and `cached`
+        replace the registry's lists (a last-known copy kept on disk, when the database is unreachable)."""
         if servers is None:
             if self.registry is None:
                 raise ValueError("a dispatcher without a registry needs its servers passed in")
             servers = await self.registry.list_servers(enabled_only=True)
         for cfg in servers:
             self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
-        if wait or self.registry is None:
+        if wait or (self.registry is None and cached is None):
             await self.refresh()
             return
-        cached = await self.registry.cached_tools()
+        if cached is None:
+            assert self.registry is not None
+            cached = await self.registry.cached_tools()
         for name, state in self._servers.items():
             if name in cached:
                 state.tools, state.from_cache = cached[name], True
@@ -238,6 +254,8 @@ class Dispatcher:
             policy=WaitPolicy(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000, self.background_s),
         )
         self._remember(job)
+        for observe in self.job_observers:
+            observe(job)
         return job.start(lambda j: self._perform(j, state, entry.spec))
 
     async def get_result(self, job_id: str | uuid.UUID, timeout: float | None = None) -> ToolResult:

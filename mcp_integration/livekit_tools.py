@@ -185,7 +185,10 @@ class McpToolbox(llm.Toolset):
         def filler(step: int) -> str | None:
             if job.done:
                 return None
-            return run.line(step, elapsed_s=job.duration, progress=progress["fraction"], message=progress["message"])
+            line = run.line(step, elapsed_s=job.duration, progress=progress["fraction"], message=progress["message"])
+            if line is not None:
+                job.emit("filler", step=step)
+            return line
 
         release_s = self.dispatcher.servers[entry.server].cfg.release_after_ms / 1000
         threshold = self.options.policy.threshold_s

@@ -301,6 +301,34 @@ class Registry:
                 " last_error = EXCLUDED.last_error",
                 (server_id, status, latency_ms, failures, last_error),
             )
+            await conn.execute(
+                "INSERT INTO mcp_health_checks (server_id, ok, latency_ms) VALUES (%s, %s, %s)",
+                (server_id, last_error is None, latency_ms),
+            )
+
+    async def prune_health_checks(self, keep_hours: float = 24.0) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM mcp_health_checks WHERE checked_at < now() - make_interval(secs => %s)",
+                (keep_hours * 3600,),
+            )
+            return cur.rowcount
+
+    async def latency_history(self, *, minutes: float = 60.0) -> dict[str, list[tuple[datetime, bool, float | None]]]:
+        """Each server's checks over the last `minutes`, oldest first: (checked_at, ok, latency_ms)."""
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT s.name, c.checked_at, c.ok, c.latency_ms FROM mcp_health_checks c"
+                    " JOIN mcp_servers s ON s.id = c.server_id"
+                    " WHERE c.checked_at >= now() - make_interval(secs => %s) ORDER BY c.checked_at",
+                    (minutes * 60,),
+                )
+            ).fetchall()
+        out: dict[str, list[tuple[datetime, bool, float | None]]] = {}
+        for r in rows:
+            out.setdefault(r["name"], []).append((r["checked_at"], r["ok"], r["latency_ms"]))
+        return out
 
     async def health(self) -> dict[str, HealthRow]:
         async with self.pool.connection() as conn:
