@@ -1,20 +1,30 @@
-"""What the benchmarks share: test servers as subprocesses (start one, read its port, stop them all) and a
-database (DATABASE_URL or an embedded PostgreSQL)."""
+"""What the benchmarks share: test servers as subprocesses (start one, read its port, stop them all), a
+database (DATABASE_URL or an embedded PostgreSQL), a schema and a Registry of its own for each run, and
+cProfile output."""
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
 import ctypes
+import io
 import os
+import pstats
 import select
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import make_conninfo
+
 from mcp_integration.embedded_db import EmbeddedPostgres
+from mcp_integration.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "tests" / "servers"
@@ -73,3 +83,47 @@ async def bench_database(*, announce: bool = True) -> AsyncIterator[str]:
             yield url
         finally:
             await embedded.stop()
+
+
+@asynccontextmanager
+async def bench_schema(base_url: str) -> AsyncIterator[str]:
+    """A fresh `bench_<hex>` schema: yields a conninfo whose search_path is it, and drops it on exit (so close
+    whatever holds connections to it before leaving)."""
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield make_conninfo(base_url, options=f"-c search_path={schema}")
+    finally:
+        async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@asynccontextmanager
+async def bench_registry(conninfo: str, *, max_size: int = 10) -> AsyncIterator[Registry]:
+    """A Registry on `conninfo`, migrated, closed on exit (closing it earlier is fine: a second close is a no-op)."""
+    registry = await Registry.open(conninfo, max_size=max_size)
+    try:
+        await registry.migrate()
+        yield registry
+    finally:
+        await registry.close()
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool, what: str, top: int = 40) -> Iterator[None]:
+    """cProfile the block when enabled; its top functions by own and by cumulative time go to stderr."""
+    if not enabled:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        for key in ("tottime", "cumulative"):
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
+            print(f"\n---- profile of {what}, by {key} ----", file=sys.stderr)
+            print("\n".join(out.getvalue().splitlines()[5:]), file=sys.stderr)

@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import cProfile
-import io
 import json
 import logging
 import os
-import pstats
 import re
 import resource
 import signal
@@ -39,16 +35,13 @@ import tracemalloc
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
-from _common import bench_database, die_with_parent, spawn, stop  # noqa: E402
-from psycopg.conninfo import make_conninfo  # noqa: E402
+from _common import bench_database, bench_registry, bench_schema, die_with_parent, profiled, spawn, stop  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
 from mcp_integration.jobs import Job  # noqa: E402
@@ -77,24 +70,6 @@ def waiting(job: Job, plain: bool) -> bool:
     return job.state == "working" if plain else any(e.kind == "accepted" for e in job.events)
 
 
-@contextlib.contextmanager
-def profiled(enabled: bool, top: int = 30) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
-        yield
-    finally:
-        prof.disable()
-        for key in ("tottime", "cumulative"):
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
-            print(f"\n---- profile of the waiting window, by {key} ----", file=sys.stderr)
-            print("\n".join(out.getvalue().splitlines()[5:]), file=sys.stderr)
-
-
 async def watch(seconds: float, profile: bool) -> dict[str, Any]:
     """Our CPU time and memory while the jobs wait, overall and for each 10 s (a backlog shows as growth)."""
     peak = rss_mb()
@@ -104,7 +79,7 @@ async def watch(seconds: float, profile: bool) -> dict[str, Any]:
     rss_slices: list[float] = []
     task_slices: list[int] = []
     mark = (w0, c0)
-    with profiled(profile):
+    with profiled(profile, "the waiting window", top=30):
         while (left := seconds - (time.monotonic() - w0)) > 0:
             await asyncio.sleep(min(0.5, left))
             peak = max(peak, rss_mb())
@@ -170,87 +145,78 @@ def arguments(tool: str, i: int, lasts: float) -> dict[str, Any]:
 
 async def measure(base_url: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     procs: list[subprocess.Popen[str]] = []
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    registry: Registry | None = None
     d: Dispatcher | None = None
-    try:
-        cfg, tool = server_for(mode, args, procs)
-        registry = await Registry.open(make_conninfo(base_url, options=f"-c search_path={schema}"))
-        await registry.migrate()
-        cfg = await registry.add_server(cfg)
-        lasts = args.wait_s + args.margin_s
-        if mode == "receipt-learned":
-            await seed_durations(registry, cfg, tool, lasts)
-        max_calls = args.jobs if mode == "plain-unlimited" else 64
-        d = Dispatcher(registry, connect_timeout=10, max_calls_per_server=max_calls, keep_jobs=args.jobs)
-        await d.start(wait=True)
-        assert d.servers["bench"].error is None, d.servers["bench"].error
-        plain = mode.startswith("plain")
-        await asyncio.sleep(0.5)
-        rss_before = rss_mb()
-        if args.tracemalloc:
-            tracemalloc.start()
-        t0 = time.monotonic()
-        jobs = [d.submit(tool, arguments(tool, 0, lasts), server="bench")]
-        if mode == "receipt-learned":
-            accepted = asyncio.Event()
-            jobs[0].add_listener(lambda e: accepted.set() if e.kind == "accepted" else None)
-            await asyncio.wait_for(accepted.wait(), 15)
-        jobs += [d.submit(tool, arguments(tool, i, lasts), server="bench") for i in range(1, args.jobs)]
-        # Plain calls beyond the per-server limit wait for a slot: the ones in flight are what can wait.
-        expect = min(args.jobs, max_calls) if plain else args.jobs
-        while time.monotonic() - t0 < args.margin_s - 2:
-            if sum(waiting(j, plain) for j in jobs) >= expect:
-                break
-            await asyncio.sleep(0.1)
-        submitted_s = time.monotonic() - t0
-        await asyncio.sleep(1.0)  # the last accepted jobs' own DB writes
-        counts_before = Counter(j.state for j in jobs)
-        polls0 = sum(j.polls for j in jobs)
-        events0 = sum(len(j.events) for j in jobs)
-        win = await watch(args.wait_s, args.profile)
-        traced_peak = None
-        if args.tracemalloc:
-            traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
-            print(f"\n---- {mode}: largest allocations still held at the window's end ----", file=sys.stderr)
-            for stat in tracemalloc.take_snapshot().statistics("lineno")[:8]:
-                print(f"  {stat}", file=sys.stderr)
-            tracemalloc.stop()
-        result: dict[str, Any] = {
-            "mode": mode,
-            "jobs": args.jobs,
-            "waiting": sum(waiting(j, plain) and not j.done for j in jobs),
-            "done_early": sum(j.done for j in jobs),
-            "states_at_window": dict(counts_before),
-            "submit_s": submitted_s,
-            **win,
-            "polls": sum(j.polls for j in jobs) - polls0,
-            "events": sum(len(j.events) for j in jobs) - events0,
-            "rss_before_mb": rss_before,
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "traced_peak_mb": traced_peak,
-        }
-        if not plain:
-            # Let them finish: the answers must arrive, not just the waiting be cheap.
-            settling = [asyncio.ensure_future(j.settled()) for j in jobs]
-            await asyncio.wait(settling, timeout=args.margin_s + 60)
-            for fut in settling:
-                fut.cancel()
-        result["final_states"] = dict(Counter(j.state for j in jobs))
-        reasons = (re.sub(r"/results/\S+", "/results/<id>", j.error.reason) for j in jobs if j.error is not None)
-        errors = Counter(r for r in reasons if "cancelled" not in r)
-        result["errors"] = dict(errors.most_common(3))
-        return result
-    finally:
-        if d is not None:
-            await d.aclose()
-        if registry is not None:
-            await registry.close()
-        async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        stop(procs)
+    async with bench_schema(base_url) as conninfo, bench_registry(conninfo) as registry:
+        try:
+            cfg, tool = server_for(mode, args, procs)
+            cfg = await registry.add_server(cfg)
+            lasts = args.wait_s + args.margin_s
+            if mode == "receipt-learned":
+                await seed_durations(registry, cfg, tool, lasts)
+            max_calls = args.jobs if mode == "plain-unlimited" else 64
+            d = Dispatcher(registry, connect_timeout=10, max_calls_per_server=max_calls, keep_jobs=args.jobs)
+            await d.start(wait=True)
+            assert d.servers["bench"].error is None, d.servers["bench"].error
+            plain = mode.startswith("plain")
+            await asyncio.sleep(0.5)
+            rss_before = rss_mb()
+            if args.tracemalloc:
+                tracemalloc.start()
+            t0 = time.monotonic()
+            jobs = [d.submit(tool, arguments(tool, 0, lasts), server="bench")]
+            if mode == "receipt-learned":
+                accepted = asyncio.Event()
+                jobs[0].add_listener(lambda e: accepted.set() if e.kind == "accepted" else None)
+                await asyncio.wait_for(accepted.wait(), 15)
+            jobs += [d.submit(tool, arguments(tool, i, lasts), server="bench") for i in range(1, args.jobs)]
+            # Plain calls beyond the per-server limit wait for a slot: the ones in flight are what can wait.
+            expect = min(args.jobs, max_calls) if plain else args.jobs
+            while time.monotonic() - t0 < args.margin_s - 2:
+                if sum(waiting(j, plain) for j in jobs) >= expect:
+                    break
+                await asyncio.sleep(0.1)
+            submitted_s = time.monotonic() - t0
+            await asyncio.sleep(1.0)  # the last accepted jobs' own DB writes
+            counts_before = Counter(j.state for j in jobs)
+            polls0 = sum(j.polls for j in jobs)
+            events0 = sum(len(j.events) for j in jobs)
+            win = await watch(args.wait_s, args.profile)
+            traced_peak = None
+            if args.tracemalloc:
+                traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
+                print(f"\n---- {mode}: largest allocations still held at the window's end ----", file=sys.stderr)
+                for stat in tracemalloc.take_snapshot().statistics("lineno")[:8]:
+                    print(f"  {stat}", file=sys.stderr)
+                tracemalloc.stop()
+            result: dict[str, Any] = {
+                "mode": mode,
+                "jobs": args.jobs,
+                "waiting": sum(waiting(j, plain) and not j.done for j in jobs),
+                "done_early": sum(j.done for j in jobs),
+                "states_at_window": dict(counts_before),
+                "submit_s": submitted_s,
+                **win,
+                "polls": sum(j.polls for j in jobs) - polls0,
+                "events": sum(len(j.events) for j in jobs) - events0,
+                "rss_before_mb": rss_before,
+                "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "traced_peak_mb": traced_peak,
+            }
+            if not plain:
+                # Let them finish: the answers must arrive, not just the waiting be cheap.
+                settling = [asyncio.ensure_future(j.settled()) for j in jobs]
+                await asyncio.wait(settling, timeout=args.margin_s + 60)
+                for fut in settling:
+                    fut.cancel()
+            result["final_states"] = dict(Counter(j.state for j in jobs))
+            reasons = (re.sub(r"/results/\S+", "/results/<id>", j.error.reason) for j in jobs if j.error is not None)
+            errors = Counter(r for r in reasons if "cancelled" not in r)
+            result["errors"] = dict(errors.most_common(3))
+            return result
+        finally:
+            if d is not None:
+                await d.aclose()
+            stop(procs)
 
 
 async def child(mode: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,13 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-import psycopg  # noqa: E402
-from _common import bench_database, spawn, stop  # noqa: E402
-from psycopg.conninfo import make_conninfo  # noqa: E402
+from _common import bench_database, bench_registry, bench_schema, spawn, stop  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
 from mcp_integration.jobs import Job, ToolCallError  # noqa: E402
-from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
+from mcp_integration.registry import ServerConfig  # noqa: E402
 
 SERVERS = ROOT / "tests" / "servers"
 # Monotonic event times to wall time: one offset, measured once.
@@ -137,64 +134,57 @@ async def bench(base_url: str, args: argparse.Namespace, ports: dict[str, int]) 
     interval_ms: int = args.interval_ms
     rng = random.Random(args.seed)
     durations = [round(rng.uniform(args.min_s, args.max_s), 3) for _ in range(args.jobs)]
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    registry: Registry | None = None
     d: Dispatcher | None = None
-    try:
-        registry = await Registry.open(make_conninfo(base_url, options=f"-c search_path={schema}"), max_size=20)
-        await registry.migrate()
+    async with bench_schema(base_url) as conninfo, bench_registry(conninfo, max_size=20) as registry:
+        try:
 
-        def row(name: str, port: int, **kw: Any) -> ServerConfig:
-            url = f"http://127.0.0.1:{port}/mcp"
-            return ServerConfig(name=name, transport="streamable-http", url=url, poll_interval=interval_ms, **kw)
+            def row(name: str, port: int, **kw: Any) -> ServerConfig:
+                url = f"http://127.0.0.1:{port}/mcp"
+                return ServerConfig(name=name, transport="streamable-http", url=url, poll_interval=interval_ms, **kw)
 
-        rows = [
-            row("push", ports["2025"]),
-            row("taskpoll", ports["2026"]),
-            row("taskpoll_burst", ports["2026"]),
-            row("receipt", ports["receipt"]),
-            row("receipt_burst", ports["receipt"]),
-            row("naive", ports["receipt"], poll_profile="none"),
-        ]
-        for cfg in rows:
-            await registry.add_server(cfg)
-        d = Dispatcher(registry, connect_timeout=15)
-        await d.start(wait=True)
-        errors = {n: s.error for n, s in d.servers.items() if s.error}
-        assert not errors, f"discovery errors: {errors}"
+            rows = [
+                row("push", ports["2025"]),
+                row("taskpoll", ports["2026"]),
+                row("taskpoll_burst", ports["2026"]),
+                row("receipt", ports["receipt"]),
+                row("receipt_burst", ports["receipt"]),
+                row("naive", ports["receipt"], poll_profile="none"),
+            ]
+            for cfg in rows:
+                await registry.add_server(cfg)
+            d = Dispatcher(registry, connect_timeout=15)
+            await d.start(wait=True)
+            errors = {n: s.error for n, s in d.servers.items() if s.error}
+            assert not errors, f"discovery errors: {errors}"
 
-        def seconds(i: int, dur: float) -> dict[str, Any]:
-            return {"seconds": dur}
+            def seconds(i: int, dur: float) -> dict[str, Any]:
+                return {"seconds": dur}
 
-        def report(i: int, dur: float) -> dict[str, Any]:
-            return {"topic": f"t{i}", "seconds": dur}
+            def report(i: int, dur: float) -> dict[str, Any]:
+                return {"topic": f"t{i}", "seconds": dur}
 
-        modes = [
-            Mode("push (2025 task, notifications)", "push", "long_report", ports["2025"], False, False, seconds),
-            Mode("task polling (2026, waves)", "taskpoll", "report", ports["2026"], False, True, seconds),
-            Mode("task polling (2026, burst)", "taskpoll_burst", "report", ports["2026"], True, True, seconds),
-            Mode("receipt polling (waves)", "receipt", "submit_report", ports["receipt"], False, True, report),
-            Mode("receipt polling (burst)", "receipt_burst", "submit_report", ports["receipt"], True, True, report),
-        ]
-        results: dict[str, tuple[Mode, list[Sample]]] = {}
-        async with httpx.AsyncClient(timeout=10) as http:
-            for mode in modes:
-                t0 = time.perf_counter()
-                results[mode.label] = (mode, await run_mode(d, http, mode, durations, args.concurrency))
-                print(f"  {mode.label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-            naive = Mode(f"baseline: naive {interval_ms} ms loop", "naive", "", ports["receipt"], False, True, report)
-            samples = await run_naive(d, http, ports["receipt"], durations, args.concurrency, interval_ms / 1000)
-            results[naive.label] = (naive, samples)
-        return results
-    finally:
-        if d is not None:
-            await d.aclose()
-        if registry is not None:
-            await registry.close()
-        async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            modes = [
+                Mode("push (2025 task, notifications)", "push", "long_report", ports["2025"], False, False, seconds),
+                Mode("task polling (2026, waves)", "taskpoll", "report", ports["2026"], False, True, seconds),
+                Mode("task polling (2026, burst)", "taskpoll_burst", "report", ports["2026"], True, True, seconds),
+                Mode("receipt polling (waves)", "receipt", "submit_report", ports["receipt"], False, True, report),
+                Mode("receipt polling (burst)", "receipt_burst", "submit_report", ports["receipt"], True, True, report),
+            ]
+            results: dict[str, tuple[Mode, list[Sample]]] = {}
+            async with httpx.AsyncClient(timeout=10) as http:
+                for mode in modes:
+                    t0 = time.perf_counter()
+                    results[mode.label] = (mode, await run_mode(d, http, mode, durations, args.concurrency))
+                    print(f"  {mode.label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                naive = Mode(
+                    f"baseline: naive {interval_ms} ms loop", "naive", "", ports["receipt"], False, True, report
+                )
+                samples = await run_naive(d, http, ports["receipt"], durations, args.concurrency, interval_ms / 1000)
+                results[naive.label] = (naive, samples)
+            return results
+        finally:
+            if d is not None:
+                await d.aclose()
 
 
 async def run(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, tuple[Mode, list[Sample]]]:

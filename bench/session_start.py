@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,12 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "servers"))
 
-import psycopg  # noqa: E402
-from _common import bench_database  # noqa: E402
-from psycopg.conninfo import make_conninfo  # noqa: E402
+from _common import bench_database, bench_registry, bench_schema  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
+from mcp_integration.registry import ServerConfig  # noqa: E402
 
 DEMO = ROOT / "tests" / "servers" / "demo_server.py"
 TOOLS_PER_SERVER = 5  # echo, add, slow, fail, lookup.weather
@@ -71,13 +68,7 @@ def check_index(d: Dispatcher, names: list[str]) -> None:
 
 
 async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[float]]:
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    registry: Registry | None = None
-    try:
-        registry = await Registry.open(make_conninfo(base_url, options=f"-c search_path={schema}"))
-        await registry.migrate()
+    async with bench_schema(base_url) as conninfo, bench_registry(conninfo) as registry:
         cfgs = [
             await registry.add_server(
                 ServerConfig(name=f"s{i}", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp")
@@ -147,11 +138,6 @@ async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[fl
             "  aclose after warm start": closes,
         }
         return results
-    finally:
-        if registry is not None:
-            await registry.close()
-        async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 async def run(ports: list[int], runs: int) -> dict[str, list[float]]:

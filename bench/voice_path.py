@@ -35,7 +35,6 @@ import signal
 import statistics
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
-from _common import bench_database  # noqa: E402
-from psycopg.conninfo import make_conninfo  # noqa: E402
+from _common import bench_database, bench_registry, bench_schema  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher, ToolEntry  # noqa: E402
 from mcp_integration.fillers import FillerPolicy  # noqa: E402
@@ -343,13 +340,7 @@ class Results:
 
 
 async def bench(base_url: str, args: argparse.Namespace) -> Results:
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    registry: Registry | None = None
-    try:
-        registry = await Registry.open(make_conninfo(base_url, options=f"-c search_path={schema}"), max_size=20)
-        await registry.migrate()
+    async with bench_schema(base_url) as conninfo, bench_registry(conninfo, max_size=20) as registry:
         print(f"warm start, {args.servers} stdio servers ...", file=sys.stderr)
         warm = await warm_start(registry, args.servers, args.runs)
         long_cfg = await registry.add_server(stdio_demo("demo", release_after_ms=LONG_MS, timeout_ms=LONG_MS))
@@ -363,11 +354,6 @@ async def bench(base_url: str, args: argparse.Namespace) -> Results:
         slow = await slow_cases(registry, long_cfg, cases)
         released = [] if args.quick else await slow_cases(registry, default_cfg, [(40.0, 1)], released=True)
         return Results(warm, over, slow, released, FillerPolicy.load(), args.servers)
-    finally:
-        if registry is not None:
-            await registry.close()
-        async with await psycopg.AsyncConnection.connect(base_url, autocommit=True) as conn:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 async def run(args: argparse.Namespace) -> Results:

@@ -2,19 +2,32 @@
 
 The SDK's client is an anyio context manager that must be entered and left in the same task; a dedicated
 runner task holds it open, so any task may send requests while it lives, and closing is always clean.
+
+A connection also tells a dead server from a slow one. The transport's stream ending (process exited, socket
+closed) marks it lost at once; while a request waits (`watch`), a server silent for `probe_after_s` is probed
+(MCP `ping`, or `tools/list` on 2026-07-28) and one that leaves the probe unanswered for `probe_timeout_s` is
+marked lost too. A lost connection is torn down in the background and reopened by the next `open()`; opening
+that keeps failing backs off (exponential, jittered, capped) instead of hammering a dead server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 import mcp_types as types
 from mcp import Client
+from mcp.client._transport import Transport, TransportStreams
+from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp_integration.registry import ServerConfig, ToolSpec
@@ -24,10 +37,69 @@ from mcp_integration.transports import ToolListGuard, open_transport
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
+_T = TypeVar("_T")
+
+# Liveness while a request waits. After PROBE_AFTER_S without a word from the server, one probe goes out (shared
+# by every waiting request: MCP `ping`, or `server/discover` on 2026-07-28, which has no ping); a probe unanswered
+# for PROBE_TIMEOUT_S means dead. A hung server therefore fails its
+# callers about 2 s after it last spoke, while one whose pings take up to 1.5 s is left alone: the MCP spec asks
+# for a prompt ping answer, and a server that cannot give one within 1.5 s is of no use to a voice call anyway.
+PROBE_AFTER_S = 0.5
+PROBE_TIMEOUT_S = 1.5
+# Reopening after failed attempts: the first retry waits 0.5 s, doubling to 30 s, each times a jitter of 0.5-1.0 so
+# many sessions do not reconnect to one server in lockstep. A successful open resets it.
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 30.0
+# How long a closed connection may take to wind down before its runner is cancelled. It only cuts short an HTTP
+# session's DELETE to a dead server: the SDK's stdio shutdown (stdin closed, SIGTERM, SIGKILL, reap) is shielded
+# and always completes, so no server process outlives its connection or is left a zombie.
+_TEARDOWN_GRACE_S = 5.0
+
+# Why a transport's stream ended, when the runner has no better reason.
+_STREAM_ENDED = {
+    "stdio": "the server process exited",
+    "websocket": "the server closed the WebSocket",
+    "sse": "the server closed its event stream",
+    "streamable-http": "the connection to the server was lost",
+}
 
 
 class ConnectError(Exception):
     """The server could not be reached or refused the MCP handshake."""
+
+
+class Reconnecting(ConnectError):
+    """Opening failed recently: no new attempt before the backoff has passed (`retry_in` seconds from now)."""
+
+    def __init__(self, message: str, retry_in: float) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
+
+
+class ConnectionLost(ConnectError):
+    """The connection dropped, or the server stopped answering, while a request waited; `reason` says which."""
+
+    def __init__(self, server: str, reason: str) -> None:
+        super().__init__(f"server {server!r}: {reason}")
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Link:
+    """One opening of the connection: its runner, its client, and what is known of its liveness."""
+
+    generation: int
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    heard_at: float = field(default_factory=time.monotonic)  # the last message from the server
+    runner: asyncio.Task[None] | None = None
+    client: Client | None = None
+    guard: ToolListGuard | None = None
+    reason: str | None = None  # why it was lost, when known
+    watching: int = 0  # requests waiting under `watch`
+    watch_since: float = 0.0
+    keeper: asyncio.Task[None] | None = None
+    probe: asyncio.Task[str | None] | None = None
 
 
 class ServerConnection:
@@ -36,101 +108,173 @@ class ServerConnection:
         cfg: ServerConfig,
         *,
         connect_timeout: float = 10.0,
+        probe_after_s: float = PROBE_AFTER_S,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
         self.cfg = cfg
         self.connect_timeout = connect_timeout
-        self._client: Client | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._closing = asyncio.Event()
+        self.probe_after_s = probe_after_s
+        self.probe_timeout_s = probe_timeout_s
+        self._link: _Link | None = None
+        self._generations = itertools.count(1)
         self._lock = asyncio.Lock()
-        self._guard: ToolListGuard | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._unopened = asyncio.Event()
+        self._failures = 0
+        self._retry_at = 0.0
         self.last_error: str | None = None
-        # Set when the server's stream ends: waiters wake on it instead of discovering a dead server by timeout.
-        self.lost = asyncio.Event()
+        self.probes = 0  # liveness probes sent, over the connection's life (for metrics and tests)
         # The MCP tasks runtime (both dialects) on this connection's session; see tasks.py. A plain tool call's
         # length is bounded by the job engine (its wait policy), not here.
         self.tasks = TaskClient(lambda: self.client.session)
 
+    # -- state ----------------------------------------------------------------------------------------------
+
     @property
     def is_open(self) -> bool:
+        link = self._link
         return (
-            self._client is not None and self._runner is not None and not self._runner.done() and not self.lost.is_set()
+            link is not None
+            and link.client is not None
+            and link.runner is not None
+            and not link.runner.done()
+            and not link.lost.is_set()
+            and not link.closing.is_set()
         )
 
     @property
+    def lost(self) -> asyncio.Event:
+        """Set when the current connection is gone (stream ended, server silent, or closed): waiters wake on it
+        instead of discovering a dead server by timeout. A reopen brings a new, unset event."""
+        return self._link.lost if self._link is not None else self._unopened
+
+    @property
+    def generation(self) -> int:
+        """Which opening this is (0 before the first): lets a caller drop only the connection it used."""
+        return self._link.generation if self._link is not None else 0
+
+    @property
+    def lost_reason(self) -> str | None:
+        return self._link.reason if self._link is not None else None
+
+    @property
     def client(self) -> Client:
-        if self._client is None:
+        client = self._link.client if self._link is not None else None
+        if client is None:
             raise ConnectError(f"server {self.cfg.name!r} is not connected")
-        return self._client
+        return client
 
     @property
     def skipped_tools(self) -> list[str]:
-        return list(self._guard.skipped) if self._guard else []
+        guard = self._link.guard if self._link is not None else None
+        return list(guard.skipped) if guard else []
 
-    async def open(self) -> None:
-        """Connect (once; concurrent callers share the attempt). Raises ConnectError with the reason."""
+    # -- opening and closing --------------------------------------------------------------------------------
+
+    async def open(self, *, force: bool = False) -> None:
+        """Connect (once; concurrent callers share the attempt). Raises ConnectError with the reason, or
+        `Reconnecting` at once while an earlier failure's backoff lasts (`force` tries anyway)."""
         async with self._lock:
             if self.is_open:
                 return
-            await self._stop_runner()
-            self._closing = asyncio.Event()
-            self.lost = asyncio.Event()
+            wait = self._retry_at - time.monotonic()
+            if wait > 0 and not force:
+                raise Reconnecting(
+                    f"server {self.cfg.name!r}: reconnecting after {self.last_error}; next attempt in {wait:.1f} s",
+                    wait,
+                )
+            self._retire(self._link)  # a dead connection is buried in the background, not waited for
+            link = self._link = _Link(next(self._generations))
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._runner = asyncio.create_task(self._run(ready), name=f"mcp-conn-{self.cfg.name}")
+            link.runner = asyncio.create_task(self._run(link, ready), name=f"mcp-conn-{self.cfg.name}")
             try:
                 await asyncio.wait_for(asyncio.shield(ready), self.connect_timeout)
             except TimeoutError:
-                await self._stop_runner()
-                self.last_error = f"no MCP handshake within {self.connect_timeout:g} s"
-                raise ConnectError(f"server {self.cfg.name!r}: {self.last_error}") from None
+                self._retire(link)
+                raise self._failed(f"no MCP handshake within {self.connect_timeout:g} s") from None
             except asyncio.CancelledError:
-                await self._stop_runner()
+                self._retire(link)
                 raise
             except BaseException as exc:
-                await self._stop_runner()
-                self.last_error = describe(exc)
-                raise ConnectError(f"server {self.cfg.name!r}: {self.last_error}") from None
+                self._retire(link)
+                raise self._failed(describe(exc)) from None
             self.last_error = None
+            self._failures, self._retry_at = 0, 0.0
 
-    async def _run(self, ready: asyncio.Future[None]) -> None:
+    def _failed(self, reason: str) -> ConnectError:
+        self.last_error = reason
+        self._failures += 1
+        delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        return ConnectError(f"server {self.cfg.name!r}: {reason}")
+
+    async def _run(self, link: _Link, ready: asyncio.Future[None]) -> None:
         try:
-            lost = self.lost
-            self._guard = ToolListGuard(
-                open_transport(self.cfg, connect_timeout=self.connect_timeout), self.cfg.name, on_closed=lost.set
-            )
+            transport = _heard(open_transport(self.cfg, connect_timeout=self.connect_timeout), link)
+            link.guard = ToolListGuard(transport, self.cfg.name, on_closed=lambda: self._stream_ended(link))
             # cache=None: a stale cached tools/list would hide a server's changes from a refresh.
             # extensions: declares the tasks extension (2026) and routes task status pushes to self.tasks.
             async with Client(
-                self._guard.transport(), message_handler=self._message, cache=None, extensions=self.tasks.extensions()
+                link.guard.transport(), message_handler=self._message, cache=None, extensions=self.tasks.extensions()
             ) as client:
-                self._client = client
+                link.client = client
+                link.heard_at = time.monotonic()
                 if not ready.done():
                     ready.set_result(None)
-                await self._closing.wait()
+                # Leaving on `lost` too: the transport is closed at once, so a dead stdio server is reaped now.
+                await _first(link.closing, link.lost)
         except BaseException as exc:
             if not ready.done():
-                ready.set_exception(exc)
-            elif not isinstance(exc, asyncio.CancelledError):
-                self.last_error = describe(exc)
-                log.warning("server %s: connection ended: %s", self.cfg.name, self.last_error)
+                # A cancelled connect (its opener gave up) leaves no exception behind that nobody retrieves.
+                ready.cancel() if isinstance(exc, asyncio.CancelledError) else ready.set_exception(exc)
+            elif not isinstance(exc, asyncio.CancelledError) and not link.closing.is_set():
+                self._lose(link, describe(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            self._client = None
+            link.client = None
+            link.lost.set()
+            if link.keeper is not None:
+                link.keeper.cancel()
 
-    async def _message(self, message: Any) -> None:
-        if isinstance(message, Exception):
-            log.warning("server %s: transport error: %s", self.cfg.name, describe(message))
-            return
-        self.tasks.on_message(message)
+    def _stream_ended(self, link: _Link) -> None:
+        # The server's stream ended (process exited, socket closed): the one moment a dead connection can be
+        # told from a slow one without waiting. Our own close ends it too; that is no loss worth a warning.
+        if link.closing.is_set():
+            link.lost.set()
+        else:
+            self._lose(link, _STREAM_ENDED.get(self.cfg.transport, "the connection was lost"))
 
-    async def _stop_runner(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
+    def _lose(self, link: _Link, reason: str) -> None:
+        if link.lost.is_set():
             return
-        self._closing.set()
+        link.reason = reason
+        self.last_error = reason
+        log.warning("server %s: connection lost: %s", self.cfg.name, reason)
+        link.lost.set()
+
+    def drop(self, reason: str, *, generation: int | None = None) -> None:
+        """Give up the current connection (the next `open()` makes a new one), unless it is no longer the one
+        `generation` names: a caller that saw an old connection fail must not drop its replacement."""
+        link = self._link
+        if link is not None and (generation is None or link.generation == generation):
+            self._lose(link, reason)
+
+    def _retire(self, link: _Link | None) -> None:
+        if link is None:
+            return
+        link.closing.set()
+        if link.runner is not None and not link.runner.done():
+            # A connection that never finished its handshake has nothing to wind down gracefully: stop it now.
+            grace = _TEARDOWN_GRACE_S if link.client is not None else 0.0
+            task = asyncio.ensure_future(self._bury(link.runner, grace))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _bury(runner: asyncio.Task[None], grace: float) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(runner), 5.0)
+            await asyncio.wait_for(asyncio.shield(runner), grace)
         except TimeoutError:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
@@ -139,11 +283,107 @@ class ServerConnection:
             runner.cancel()
             raise
         except Exception:
-            pass  # the runner's own failure is already in last_error
+            pass  # the runner's own failure is already recorded
 
     async def close(self) -> None:
+        """Close the connection and wait until every earlier one has wound down (server processes reaped)."""
         async with self._lock:
-            await self._stop_runner()
+            self._retire(self._link)
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+    async def _message(self, message: Any) -> None:
+        if isinstance(message, Exception):
+            log.warning("server %s: transport error: %s", self.cfg.name, describe(message))
+            return
+        self.tasks.on_message(message)
+
+    # -- liveness -------------------------------------------------------------------------------------------
+
+    async def watch(self, request: Coroutine[Any, Any, _T]) -> _T:
+        """Run one request on the open connection; raise ConnectionLost as soon as the connection is lost or the
+        server stops answering probes, rather than waiting for an answer that cannot come."""
+        call = asyncio.ensure_future(request)
+        link = self._link
+        if link is None:
+            return await call
+        self._watch(link, +1)
+        lost = asyncio.ensure_future(link.lost.wait())
+        try:
+            await asyncio.wait({call, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            _abandon(call)
+            raise
+        finally:
+            lost.cancel()
+            self._watch(link, -1)
+        if call.done():
+            error = None if call.cancelled() else call.exception()
+            if isinstance(error, MCPError) and error.error.code == CONNECTION_CLOSED and link.lost.is_set():
+                raise ConnectionLost(self.cfg.name, link.reason or "the connection closed") from None
+            return call.result()
+        _abandon(call)
+        raise ConnectionLost(self.cfg.name, link.reason or "the connection was lost")
+
+    def _watch(self, link: _Link, delta: int) -> None:
+        if delta > 0 and link.watching == 0:
+            link.watch_since = time.monotonic()
+        link.watching += delta
+        if link.watching > 0 and (link.keeper is None or link.keeper.done()) and not link.lost.is_set():
+            link.keeper = asyncio.ensure_future(self._keep_watch(link))
+        elif link.watching == 0 and link.keeper is not None:
+            link.keeper.cancel()
+            link.keeper = None
+
+    async def _keep_watch(self, link: _Link) -> None:
+        """One per connection, however many requests wait: probe the server whenever it has been silent too long."""
+        while link.watching and not link.lost.is_set():
+            due = max(link.heard_at, link.watch_since) + self.probe_after_s
+            delay = due - time.monotonic()
+            if delay > 0:
+                await _first(link.lost, timeout=delay)
+                continue
+            # Shielded: the probe is shared (check_alive may wait on it too) and ends by itself within its timeout.
+            reason = await asyncio.shield(self._probe(link))
+            if reason is not None:
+                self._lose(link, reason)
+
+    def _probe(self, link: _Link) -> asyncio.Task[str | None]:
+        if link.probe is None or link.probe.done():
+            self.probes += 1
+            link.probe = asyncio.ensure_future(self._probe_once(link))
+        return link.probe
+
+    async def _probe_once(self, link: _Link) -> str | None:
+        """None if the server answered (an error reply is still an answer), else why it is judged dead."""
+        client = link.client
+        if client is None or link.lost.is_set():
+            return link.reason or "the connection closed"
+        started = time.monotonic()
+        try:
+            await _within(_still_there(client.session), self.probe_timeout_s)
+        except TimeoutError:
+            if link.heard_at > started:
+                return None  # the probe's answer is late, but the server said something meanwhile
+            return f"the server stopped answering (no reply to a ping within {self.probe_timeout_s:g} s)"
+        except MCPError as exc:
+            if exc.error.code == CONNECTION_CLOSED:
+                return link.reason or "the connection closed"
+            return None
+        except Exception as exc:
+            return f"the connection failed: {describe(exc)}"
+        link.heard_at = max(link.heard_at, time.monotonic())
+        return None
+
+    async def check_alive(self) -> bool:
+        """Probe the server now (sharing a probe already in flight); a failed probe marks the connection lost."""
+        link = self._link
+        if link is None or not self.is_open:
+            return False
+        reason = await asyncio.shield(self._probe(link))
+        if reason is not None:
+            self._lose(link, reason)
+        return reason is None
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -183,11 +423,86 @@ class ServerConnection:
         """Round-trip latency in ms: MCP `ping` where the protocol has it (removed in 2026-07-28), else tools/list."""
         session = self.client.session
         started = time.perf_counter()
-        if session.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS:
-            await asyncio.wait_for(session.send_ping(), self.connect_timeout)
-        else:
-            await asyncio.wait_for(session.list_tools(), self.connect_timeout)
+        await _within(_round_trip(session), self.connect_timeout)
         return (time.perf_counter() - started) * 1000
+
+
+async def _round_trip(session: ClientSession) -> None:
+    if session.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS:
+        await session.send_ping()
+    else:
+        await session.list_tools()
+
+
+async def _still_there(session: ClientSession) -> None:
+    """The liveness probe: the cheapest request the protocol has. On 2026-07-28 that is `server/discover`, not the
+    health check's tools/list: a server may take seconds to build its tool list, which says nothing of death."""
+    if session.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS:
+        await session.send_ping()
+    else:
+        await session.send_discover(session.protocol_version)
+
+
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _within(request: Coroutine[Any, Any, _T], timeout: float) -> _T:
+    """`wait_for` that does not wait for the abandoned request to wind down: the SDK's courtesy cancel behind it
+    may be stuck for seconds on a dead server's blocked stream, and the point of a timeout here is to be prompt."""
+    task = asyncio.ensure_future(request)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        _abandon(task)
+        raise
+    if not done:
+        _abandon(task)
+        raise TimeoutError
+    return task.result()
+
+
+# Abandoned requests, referenced until they end (the event loop holds tasks only weakly).
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # an abandoned request's late failure is expected; keep asyncio from logging it
+
+
+class _Heard:
+    """The transport's read stream, noting the time of every message: silence is what triggers a probe."""
+
+    def __init__(self, inner: Any, link: _Link) -> None:
+        self._inner = inner.__aiter__()
+        self._link = link
+
+    def __aiter__(self) -> _Heard:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._inner.__anext__()
+        self._link.heard_at = time.monotonic()
+        return item
+
+
+@asynccontextmanager
+async def _heard(inner: Transport, link: _Link) -> AsyncIterator[TransportStreams]:
+    async with inner as (read, write):
+        yield cast(Any, _Heard(read, link)), write
 
 
 def describe(exc: BaseException) -> str:

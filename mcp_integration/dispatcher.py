@@ -20,11 +20,21 @@ from jsonschema import Draft202012Validator
 from jsonschema.validators import validator_for
 from mcp.shared.exceptions import MCPError
 
-from mcp_integration.connection import ConnectError, ServerConnection, describe
+from mcp_integration.connection import (
+    ConnectError,
+    ConnectionLost,
+    ProgressCallback,
+    Reconnecting,
+    ServerConnection,
+    describe,
+)
+from mcp_integration.health import CircuitBreaker
 from mcp_integration.jobs import Job, ToolCallError, ToolResult, WaitPolicy
+from mcp_integration.limits import argument_problem
 from mcp_integration.naming import assign_names
 from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+from mcp_integration.tasks import TaskHandle
 from mcp_integration.timing import DurationStats
 from mcp_integration.transports import SecretMissing
 from mcp_integration.waiters import wait_receipt, wait_task
@@ -34,6 +44,13 @@ log = logging.getLogger(__name__)
 # Receipt polls in flight per server: below the HTTP pool's size, so polls queue here (cheaply) and not
 # inside the pool, whose queue scan is quadratic and starves the event loop with a thousand waiters.
 MAX_POLLS_IN_FLIGHT = 32
+# How long a call's submit may wait for its tool's past durations (learned timing) to load.
+SEED_WAIT_S = 0.5
+# A call facing a server that refuses connections quickly (restarting, say) waits out the connection's backoff
+# between attempts when the wait is short (up to 1 s each, 2 s in all), then fails as unreachable; a call that
+# meets a longer backoff fails at once with the reason ("reconnecting ...; next attempt in N s").
+SUBMIT_CONNECT_PATIENCE_S = 2.0
+SUBMIT_WAITS_OUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,10 @@ class ServerState:
     discovered_at: float | None = None
     error: str | None = None
     skipped: list[str] = field(default_factory=list)
-    consecutive_failures: int = 0
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    last_status: str = "unknown"
+    # Health writes in order: a check's and a call's verdicts may be written concurrently.
+    health_writes: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,7 @@ class Dispatcher:
         self._max_calls = max_calls_per_server
         self._background: set[asyncio.Task[Any]] = set()
         self._writes: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Future[None]] = set()
         # Called with each new job before it starts (metrics, logs): they attach listeners to its events.
         self.job_observers: list[Callable[[Job], None]] = []
         # Called with each health check's report (metrics, the status page).
@@ -119,6 +140,8 @@ class Dispatcher:
             servers = await self.registry.list_servers(enabled_only=True)
         for cfg in servers:
             self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
+        if self.registry is not None and cached is None:
+            await self._recall_health()
         if wait or (self.registry is None and cached is None):
             await self.refresh()
             return
@@ -130,6 +153,20 @@ class Dispatcher:
                 state.tools, state.from_cache = cached[name], True
         self._rebuild_index()
         self._spawn(self.refresh())
+
+    async def _recall_health(self) -> None:
+        """Start each breaker from the last recorded verdict, so a server that failed a minute ago in another
+        session (or a CLI check) is not taken for healthy; a down one is probed at once, not refused blind."""
+        assert self.registry is not None
+        try:
+            rows = await self.registry.health()
+        except Exception as exc:
+            log.info("no recorded health: %s", describe(exc))
+            return
+        for name, row in rows.items():
+            if name in self._servers:
+                self._servers[name].breaker.recall(row.status, row.consecutive_failures)
+                self._servers[name].last_status = row.status
 
     async def refreshed(self) -> None:
         """Wait for background discovery started by `start(wait=False)`."""
@@ -180,7 +217,12 @@ class Dispatcher:
         state = self._servers.pop(name, None)
         if state is not None:
             self._rebuild_index()  # its tools go at once; closing the connection may take a moment
-            await state.conn.close()
+            closing = asyncio.ensure_future(state.conn.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            # Shielded: a caller cancelled meanwhile (a watcher stopping) must not leave a stdio process behind;
+            # aclose() waits for whatever is still closing.
+            await asyncio.shield(closing)
 
     def _rebuild_index(self) -> None:
         specs = {(s.cfg.name, t.name): t for s in self._servers.values() for t in s.tools}
@@ -222,15 +264,25 @@ class Dispatcher:
     def validate_arguments(self, entry: ToolEntry, arguments: Any) -> None:
         if not isinstance(arguments, dict):
             raise ToolCallError(entry.server, entry.spec.name, "arguments must be a JSON object", "invalid_arguments")
+        # Size and depth first: the schema check recurses, and the SDK cannot serialise a 10 000-level value.
+        problem = argument_problem(arguments)
+        if problem is not None:
+            raise ToolCallError(entry.server, entry.spec.name, problem, "invalid_arguments")
         key = (entry.server, entry.spec.name)
         validator = self._validators.get(key)
         if validator is None:
             cls = validator_for(entry.spec.input_schema, default=Draft202012Validator)
             validator = self._validators[key] = cls(entry.spec.input_schema)
-        error = next(iter(sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))), None)
+        try:
+            error = next(iter(sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))), None)
+        except RecursionError:
+            reason = "the tool's input schema nests too deeply to check these arguments"
+            raise ToolCallError(entry.server, entry.spec.name, reason, "invalid_arguments") from None
         if error is not None:
-            where = "/".join(str(p) for p in error.path)
-            reason = f"argument {where!r}: {error.message}" if where else error.message
+            where = "/".join(str(p) for p in error.path)[:200]
+            # The message quotes the offending value, which may be a megabyte long.
+            message = error.message if len(error.message) <= 300 else error.message[:300] + "…"
+            reason = f"argument {where!r}: {message}" if where else message
             raise ToolCallError(entry.server, entry.spec.name, f"invalid arguments: {reason}", "invalid_arguments")
 
     # -- calls ----------------------------------------------------------------------------------------------
@@ -254,6 +306,7 @@ class Dispatcher:
             policy=WaitPolicy(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000, self.background_s),
         )
         self._remember(job)
+        job.add_listener(lambda e: self._on_call_done(state, job) if e.kind == "done" else None)
         for observe in self.job_observers:
             observe(job)
         return job.start(lambda j: self._perform(j, state, entry.spec))
@@ -289,6 +342,8 @@ class Dispatcher:
                 del self._jobs[jid]
 
     async def _perform(self, job: Job, state: ServerState, spec: ToolSpec) -> ToolResult:
+        # Refused inside the job, not before it: a call to a down server is still a job, recorded and counted.
+        self._refuse_if_down(state, job.tool)
         cfg = state.cfg
         limit = self._limits.setdefault(cfg.name, asyncio.Semaphore(self._max_calls))
         key = (cfg.name, spec.name)
@@ -298,19 +353,7 @@ class Dispatcher:
             job.emit("progress", progress=progress, total=total, message=message)
 
         async with limit:
-            await self._open_for_submit(state, job)
-            job.set_state("working")
-            try:
-                outcome = await state.conn.tasks.call_tool(
-                    job.tool, job.arguments, tool_meta=spec.meta, progress=on_progress
-                )
-            except MCPError as exc:
-                if _connection_lost(exc):
-                    # The connection is gone; close our side so the next call reconnects.
-                    self._spawn(state.conn.close())
-                raise ToolCallError(cfg.name, job.tool, describe(exc)) from None
-            except ConnectError as exc:
-                raise ToolCallError(cfg.name, job.tool, str(exc), "unreachable") from None
+            outcome = await self._send_call(job, state, spec, on_progress)
         floor = cfg.poll_interval / 1000
         if not isinstance(outcome, types.CallToolResult):
             result = await wait_task(job, state.conn, outcome, floor_s=floor, expected_s=expected)
@@ -334,21 +377,60 @@ class Dispatcher:
             self._stats.add(key, job.estimated_duration)
         return result
 
+    async def _send_call(
+        self, job: Job, state: ServerState, spec: ToolSpec, progress: ProgressCallback
+    ) -> types.CallToolResult | TaskHandle:
+        """Send the tools/call and wait for its first answer, failing fast if the server dies or goes silent
+        meanwhile (the connection's liveness probe). A `404 Session not found` means the server (restarted, or
+        expired our session) never ran the call: it is sent once more on a new connection."""
+        cfg, conn = state.cfg, state.conn
+        for attempt in range(2):
+            await self._open_for_submit(state, job)
+            job.set_state("working")
+            generation = conn.generation
+            try:
+                return await conn.watch(
+                    conn.tasks.call_tool(job.tool, job.arguments, tool_meta=spec.meta, progress=progress)
+                )
+            except ConnectionLost as exc:
+                reason = f"lost the server during the call: {exc.reason}"
+                raise ToolCallError(cfg.name, job.tool, reason, "unreachable") from None
+            except ConnectError as exc:
+                raise ToolCallError(cfg.name, job.tool, str(exc), "unreachable") from None
+            except MCPError as exc:
+                if attempt == 0 and _session_expired(exc):
+                    why = "the server no longer knows our session"
+                    conn.drop(why, generation=generation)
+                    job.emit("status", state="reconnecting", message=why)
+                    continue
+                if _connection_lost(exc) and not await conn.check_alive():
+                    # This request's stream broke and the server does not answer a probe either: it is gone.
+                    reason = f"lost the server during the call: {conn.lost_reason or describe(exc)}"
+                    raise ToolCallError(cfg.name, job.tool, reason, "unreachable") from None
+                raise ToolCallError(cfg.name, job.tool, describe(exc)) from None
+        raise AssertionError("not reached: the second attempt returns or raises")
+
     async def _open_for_submit(self, state: ServerState, job: Job) -> None:
-        """Connect before submitting. Nothing has been sent yet, so a quick failure (refused) is retried."""
-        for attempt in range(3):
+        """Connect before submitting. Nothing has been sent yet, so a quick failure (refused: a server restarting)
+        is retried while the connection's backoff stays short; a slow failure (a timeout) or a long backoff fails
+        the call at once, so a dead server costs one connect timeout at most, not one per retry."""
+        deadline = time.monotonic() + SUBMIT_CONNECT_PATIENCE_S
+        while True:
             started = time.monotonic()
             try:
                 await state.conn.open()
                 return
             except SecretMissing as exc:
                 raise ToolCallError(state.cfg.name, job.tool, str(exc), "unreachable") from None
+            except Reconnecting as exc:
+                if exc.retry_in > SUBMIT_WAITS_OUT_S or time.monotonic() + exc.retry_in > deadline:
+                    raise ToolCallError(state.cfg.name, job.tool, str(exc), "unreachable") from None
+                await asyncio.sleep(exc.retry_in)
             except ConnectError as exc:
-                if attempt == 2 or time.monotonic() - started > 1.0:
+                if time.monotonic() - started > 1.0 or time.monotonic() >= deadline:
                     raise ToolCallError(
                         state.cfg.name, job.tool, f"cannot reach the server: {exc}", "unreachable"
                     ) from None
-                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def _expected_duration(self, key: tuple[str, str]) -> float | None:
         if self.registry is not None and key not in self._stats.seeded:
@@ -356,7 +438,8 @@ class Dispatcher:
             seeding = self._seeding.get(key)
             if seeding is None:
                 seeding = self._seeding[key] = asyncio.ensure_future(self._seed(key))
-            await asyncio.shield(seeding)
+            # Bounded: with the database down, the call goes now and polls blind rather than wait for the pool.
+            await asyncio.wait([seeding], timeout=SEED_WAIT_S)
         return self._stats.expected(key)
 
     async def _seed(self, key: tuple[str, str]) -> None:
@@ -374,36 +457,93 @@ class Dispatcher:
 
     # -- health ---------------------------------------------------------------------------------------------
 
-    async def health_check(self, server: str | None = None) -> dict[str, HealthReport]:
-        """Check reachability now (connect if needed, then ping), for one server or all, concurrently."""
+    async def health_check(self, server: str | None = None, *, timeout: float | None = None) -> dict[str, HealthReport]:
+        """Check reachability now (connect if needed, then ping), for one server or all, concurrently. Each check
+        feeds the server's circuit breaker and is recorded in the registry."""
         names = [server] if server else list(self._servers)
         unknown = [n for n in names if n not in self._servers]
         if unknown:
             raise ToolCallError(unknown[0], "-", f"no enabled server named {unknown[0]!r}", "unknown_server")
-        reports = await asyncio.gather(*(self._check(self._servers[n]) for n in names))
-        for report in reports:
-            await self._record_health(self._servers[report.server], report)
+        reports = await asyncio.gather(*(self._check(self._servers[n], timeout) for n in names))
         return {r.server: r for r in reports}
 
-    async def _record_health(self, state: ServerState, report: HealthReport) -> None:
-        state.consecutive_failures = 0 if report.ok else state.consecutive_failures + 1
+    async def _check(self, state: ServerState, timeout: float | None) -> HealthReport:
+        async def probe() -> float:
+            # force: the breaker already paces checks; the connection's own backoff is for calls.
+            await state.conn.open(force=True)
+            return await state.conn.ping()
+
+        latency: float | None = None
+        error: str | None = None
+        try:
+            latency = await asyncio.wait_for(probe(), timeout)
+        except TimeoutError:
+            error = f"no answer to a health check within {timeout:g} s"
+        except (ConnectError, SecretMissing) as exc:
+            error = str(exc)
+        except Exception as exc:
+            error = describe(exc)
+        if error is None:
+            state.breaker.success(latency)
+            if state.error is not None and self._servers.get(state.cfg.name) is state:
+                # Down when discovered (no tools, or stale cached ones): back now, so discover it again.
+                self._spawn(self.refresh([state.cfg.name]))
+        else:
+            state.breaker.failure()
+        report = self._report(state, latency, error)
+        await self._publish_health(state, report)
+        return report
+
+    def _report(self, state: ServerState, latency: float | None, error: str | None) -> HealthReport:
+        b = state.breaker
+        return HealthReport(state.cfg.name, error is None, latency, error, b.status, b.failures)
+
+    def _refuse_if_down(self, state: ServerState, tool: str) -> None:
+        if not state.breaker.allow():
+            wait = state.breaker.seconds_to_retry()
+            reason = f"the server is not answering right now (down; next try in {wait:.0f} s)"
+            raise ToolCallError(state.cfg.name, tool, reason, "unreachable")
+
+    def _on_call_done(self, state: ServerState, job: Job) -> None:
+        """Calls feed the breaker too: a call that could not reach the server is a failure, one the server
+        answered (even with an error) a success; a timeout tells nothing about reachability."""
+        if self._servers.get(state.cfg.name) is not state:
+            return  # removed or replaced meanwhile
+        breaker, before = state.breaker, state.breaker.status
+        error = job.error
+        if error is not None and error.kind == "unreachable":
+            breaker.failure()
+        elif job.state == "completed" or (error is not None and error.kind in ("tool_error", "server_error")):
+            if before in ("up", "unknown") or breaker.failures == 0:
+                return  # nothing new (a slow server stays degraded until a check finds it quick again)
+            breaker.success()
+        else:
+            breaker.probe_inconclusive()
+            return
+        if breaker.status != before:
+            self._spawn(self._publish_health(state, self._report(state, None, error.reason if error else None)))
+
+    async def _publish_health(self, state: ServerState, report: HealthReport) -> None:
+        if report.status != state.last_status:
+            if report.status == "down":
+                log.warning("server %s is down: %s", state.cfg.name, report.error)
+            elif state.last_status in ("down", "degraded") and report.status == "up":
+                log.info("server %s is back up", state.cfg.name)
+            state.last_status = report.status
+        for observe in self.health_observers:
+            try:
+                observe(report)
+            except Exception:
+                log.exception("health observer failed")
         if self.registry is None or state.cfg.id is None:
             return
         try:
-            await self.registry.record_health(
-                state.cfg.id, "up" if report.ok else "down", report.latency_ms, state.consecutive_failures, report.error
-            )
+            async with state.health_writes:
+                await self.registry.record_health(
+                    state.cfg.id, report.status, report.latency_ms, report.consecutive_failures, report.error
+                )
         except Exception as exc:
             log.warning("server %s: health not recorded: %s", state.cfg.name, describe(exc))
-
-    async def _check(self, state: ServerState) -> HealthReport:
-        try:
-            await state.conn.open()
-            latency = await state.conn.ping()
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, ConnectError | SecretMissing) else describe(exc)
-            return HealthReport(state.cfg.name, False, None, reason)
-        return HealthReport(state.cfg.name, True, latency, None)
 
     # -- shutdown -------------------------------------------------------------------------------------------
 
@@ -420,14 +560,28 @@ class Dispatcher:
         for job in list(self._jobs.values()):
             if not job.done:
                 await job.cancel()
+        # Finished jobs' final rows are written before we go (bounded: an outage must not hold shutdown).
+        settling = [asyncio.ensure_future(j.settled()) for j in self._jobs.values()]
+        if settling:
+            _, late = await asyncio.wait(settling, timeout=5.0)
+            for fut in late:
+                fut.cancel()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(s.conn.close() for s in self._servers.values()), return_exceptions=True)
+        await asyncio.gather(*(s.conn.close() for s in self._servers.values()), *self._closing, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
 
 
 def _connection_lost(exc: MCPError) -> bool:
-    # CONNECTION_CLOSED (-32000) is what the SDK raises for every request pending when a transport ends.
+    # CONNECTION_CLOSED (-32000) is what the SDK raises for every request pending when a transport ends, and for
+    # one Streamable HTTP request whose response stream broke off.
     return exc.error.code == -32000 or "closed" in exc.error.message.lower()
+
+
+def _session_expired(exc: MCPError) -> bool:
+    # Streamable HTTP answers an unknown session id with 404: the SDK passes on the server's JSON-RPC error
+    # ("Session not found" from the Python and TypeScript SDKs) or, without one, says "Session terminated".
+    message = exc.error.message.lower()
+    return "session not found" in message or "session terminated" in message or "session expired" in message

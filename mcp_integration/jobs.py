@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections import deque
@@ -17,6 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import mcp_types as types
+import psycopg
+from psycopg_pool import PoolClosed
+
+from mcp_integration.limits import MAX_REASON_CHARS, bounded, cut_text
+from mcp_integration.logs import log_context
 
 if TYPE_CHECKING:
     from mcp_integration.registry import Registry
@@ -24,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINAL_STATES = ("completed", "failed", "timed_out", "cancelled")
+# A record write that failed because the database was unreachable is tried again, with backoff (first delay,
+# cap), for this long: a PostgreSQL restart takes seconds, and a job's final state must land once it is back.
+RECORD_RETRY_S = 300.0
+RECORD_BACKOFF_S = (0.5, 5.0)
 
 
 class ToolCallError(Exception):
@@ -36,7 +46,8 @@ class ToolCallError(Exception):
     def __init__(self, server: str | None, tool: str, reason: str, kind: str = "server_error") -> None:
         self.server = server
         self.tool = tool
-        self.reason = reason
+        # A server's error message is its own text: bounded, and storable in mcp_jobs (no NUL).
+        self.reason = reason = cut_text(str(reason), MAX_REASON_CHARS)
         self.kind = kind
         where = f"{server}/{tool}" if server else tool
         super().__init__(f"{where}: {reason}")
@@ -44,11 +55,24 @@ class ToolCallError(Exception):
 
 @dataclass(frozen=True)
 class ToolResult:
-    """What a tool answered: its text for a language model, and its structured content when it sent some."""
+    """What a tool answered: its text for a language model, and its structured content when it sent some.
+
+    However it is made (a tool's answer, a task's, a polled receipt's, a row read back), a result is bounded:
+    `limits.MAX_RESULT_CHARS` of text and as much structured content, "(cut)" where something was left out,
+    storable in mcp_jobs as is. Images, audio and blobs are placeholders in the text, never base64.
+    """
 
     text: str
     structured: Any = None
     content: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Frozen, so the bounded values are set the one way a frozen dataclass allows.
+        object.__setattr__(self, "text", cut_text(self.text if isinstance(self.text, str) else str(self.text)))
+        if self.structured is not None:
+            object.__setattr__(self, "structured", bounded(self.structured)[0])
+        if self.content:
+            object.__setattr__(self, "content", bounded([_without_payload(c) for c in self.content])[0])
 
     @classmethod
     def from_mcp(cls, result: types.CallToolResult) -> ToolResult:
@@ -60,20 +84,39 @@ class ToolResult:
                 parts.append(item.text)
             elif isinstance(item, types.EmbeddedResource):
                 res = item.resource
-                parts.append(
-                    res.text if isinstance(res, types.TextResourceContents) else f"[binary resource {res.uri}]"
-                )
+                text = res.text if isinstance(res, types.TextResourceContents) else None
+                parts.append(text if text is not None else f"[binary resource {_short_uri(str(res.uri))}]")
             elif isinstance(item, types.ResourceLink):
-                parts.append(f"[resource {item.name}: {item.uri}]")
+                parts.append(f"[resource {item.name[:200]}: {_short_uri(str(item.uri))}]")
             else:
-                parts.append(f"[{item.type} content]")
+                mime = getattr(item, "mime_type", None)
+                parts.append(f"[{item.type} content{f', {mime[:100]}' if isinstance(mime, str) else ''}]")
         text = "\n".join(parts)
-        if not text and result.structured_content is not None:
-            text = json.dumps(result.structured_content, ensure_ascii=False)
-        return cls(text=text, structured=result.structured_content, content=raw)
+        structured, _ = bounded(result.structured_content) if result.structured_content is not None else (None, False)
+        if not text and structured is not None:
+            text = json.dumps(structured, ensure_ascii=False)
+        return cls(text=text, structured=structured, content=raw)
 
     def as_record(self) -> dict[str, Any]:
         return {"text": self.text, "structured": self.structured}
+
+
+def _without_payload(item: Any) -> Any:
+    """A content item for keeping: base64 data (images, audio, blobs) replaced by its size."""
+    if not isinstance(item, dict):
+        return item
+    out = dict(item)
+    for key in ("data", "blob"):
+        if isinstance(out.get(key), str):
+            out[key] = f"({len(out[key]):,} base64 characters not kept)"
+    if isinstance(out.get("resource"), dict):
+        out["resource"] = _without_payload(out["resource"])
+    return out
+
+
+def _short_uri(uri: str) -> str:
+    # A data: URI is its payload; anything else is cut to what a reader could use.
+    return uri.split(",", 1)[0] + ",…" if uri.startswith("data:") else uri[:300]
 
 
 @dataclass(frozen=True)
@@ -141,12 +184,15 @@ class Job:
         self._task: asyncio.Task[None] | None = None
         self._record_lock = asyncio.Lock()
         self._pending_records: set[asyncio.Task[None]] = set()
-        self._insert: asyncio.Future[None] | None = None
+        self._insert: asyncio.Future[bool] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self, submit: Submit) -> Job:
-        self._task = asyncio.create_task(self._run(submit), name=f"job-{self.id}")
+        # The task copies the context as it is created: every line logged for this job, by any module and by
+        # the tasks it starts, names the job, its server and its tool.
+        with log_context(job_id=str(self.id), server=self.server, tool=self.tool):
+            self._task = asyncio.create_task(self._run(submit), name=f"job-{self.id}")
         return self
 
     async def _run(self, submit: Submit) -> None:
@@ -294,34 +340,91 @@ class Job:
 
     # -- the record in mcp_jobs -----------------------------------------------------------------------------
 
-    async def _record_insert(self) -> None:
+    async def _record_insert(self) -> bool:
+        """Write the job's row; True once it is there. A database restart delays the row, never drops it."""
         if self._registry is None:
-            return
+            return False
+        return await self._record_with_retry("row", self._insert_row, give_up_when_done=False)
+
+    async def _insert_row(self) -> None:
+        assert self._registry is not None
         try:
             await self._registry.insert_job(self.id, self.server_id, self.server, self.tool, self.kind)
-        except Exception as exc:
-            log.warning("job %s: not recorded in mcp_jobs: %s", self.id, type(exc).__name__)
+        except psycopg.errors.UniqueViolation:
+            pass  # an earlier attempt committed, but its connection broke before the answer came back
 
     async def _record_update(self, *, finished: bool) -> None:
         if self._registry is None:
             return
         async with self._record_lock:
+            inserted = False
             if self._insert is not None:
-                await asyncio.gather(self._insert, return_exceptions=True)
+                (inserted,) = await asyncio.gather(self._insert, return_exceptions=True)
+            if finished and inserted is not True:
+                # The row never landed (a long outage): the final state is worth one more try at it.
+                await self._record_with_retry("row", self._insert_row, give_up_when_done=False)
+            # A state on the way is only worth retrying while the job runs: once it is done, the final write
+            # carries everything, and must not queue behind stale retries.
+            await self._record_with_retry(
+                f"state {self.state}", lambda: self._update_row(finished), give_up_when_done=not finished
+            )
+
+    async def _update_row(self, finished: bool) -> None:
+        assert self._registry is not None
+        # Read at each attempt, so a retry writes the job as it is now, not as it was when the write failed.
+        await self._registry.update_job(
+            self.id,
+            state=self.state,
+            kind=self.kind,
+            receipt=self.receipt,
+            result=self.result.as_record() if self.result else None,
+            error=self.error.reason if self.error else None,
+            polls=self.polls,
+            finished=finished,
+            delivered_late=self.late if finished else None,
+        )
+
+    async def _record_with_retry(
+        self, what: str, write: Callable[[], Awaitable[None]], *, give_up_when_done: bool
+    ) -> bool:
+        """Run one write; while the database is unreachable (a restart, an outage), try again with jittered
+        backoff for up to RECORD_RETRY_S. Other errors (a bad row, a missing table) are not retried."""
+        deadline = time.monotonic() + RECORD_RETRY_S
+        delay = RECORD_BACKOFF_S[0]
+        attempts = 0
+        while True:
+            attempts += 1
             try:
-                await self._registry.update_job(
-                    self.id,
-                    state=self.state,
-                    kind=self.kind,
-                    receipt=self.receipt,
-                    result=self.result.as_record() if self.result else None,
-                    error=self.error.reason if self.error else None,
-                    polls=self.polls,
-                    finished=finished,
-                    delivered_late=self.late if finished else None,
-                )
+                await write()
+            except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout
+                if give_up_when_done and self.done:
+                    return False  # the final write carries this state
+                if isinstance(exc, PoolClosed) or time.monotonic() + delay > deadline:
+                    log.warning(
+                        "job %s: %s not recorded in mcp_jobs (%d tries): %s", self.id, what, attempts, _reason(exc)
+                    )
+                    return False
+                if attempts == 1:
+                    log.warning(
+                        "job %s: %s not recorded yet (%s); retrying until the database is back",
+                        self.id,
+                        what,
+                        _reason(exc),
+                    )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, RECORD_BACKOFF_S[1])
             except Exception as exc:
-                log.warning("job %s: state %s not recorded in mcp_jobs: %s", self.id, self.state, type(exc).__name__)
+                log.warning("job %s: %s not recorded in mcp_jobs: %s", self.id, what, _reason(exc))
+                return False
+            else:
+                if attempts > 1:
+                    log.info("job %s: %s recorded in mcp_jobs after %d attempts", self.id, what, attempts)
+                return True
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -28,6 +29,29 @@ POLL_PROFILES: tuple[str, ...] = ("auto", "mcp-task", "http", "n8n", "none")
 NAME_RE = re.compile(r"^[a-z0-9_-]{1,48}$")
 # Serialises concurrent migrators (two workers starting at once) without a table lock.
 _MIGRATION_LOCK_KEY = 0x6D6370  # "mcp"
+
+
+# Connection defaults for the pool and the registry watcher's LISTEN connection: a connect attempt to an
+# unreachable host gives up, and keepalives end a query whose server vanished without closing the socket.
+CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+POOL_TIMEOUT_S = 5.0
+RECONNECT_GIVE_UP_S = 10.0
+
+
+def connect_defaults(conninfo: str) -> dict[str, Any]:
+    """CONNECT_DEFAULTS less what the connection string already sets (`?connect_timeout=2` wins)."""
+    given = conninfo_to_dict(conninfo)
+    return {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+
+
+async def _reconnect_failed(pool: AsyncConnectionPool) -> None:
+    log.info("database unreachable for %g s; reconnecting on the next request", RECONNECT_GIVE_UP_S)
 
 
 class RegistryError(Exception):
@@ -153,7 +177,12 @@ class Registry:
         self.pool = pool
 
     @classmethod
-    async def open(cls, conninfo: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0) -> Registry:
+    async def open(
+        cls, conninfo: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0, wait: bool = True
+    ) -> Registry:
+        """Open the pool. With `wait` (the default) the database must answer within `timeout` or this raises;
+        without it the pool connects in the background and keeps trying, so an agent can start while the
+        database is down and its writes resume once it is back."""
         pool = AsyncConnectionPool(
             conninfo,
             min_size=min_size,
@@ -162,12 +191,17 @@ class Registry:
             # A connection broken by a server restart is noticed and replaced before use.
             check=AsyncConnectionPool.check_connection,
             # A call waits at most this long for a connection: an unreachable database fails fast.
-            timeout=5.0,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            timeout=POOL_TIMEOUT_S,
+            # The pool's reconnect backoff doubles (1, 2, 4 s...) without a cap until it gives up; giving up at
+            # 10 s restarts it on the next request, so no gap exceeds 4 s, under the pool timeout: the first call
+            # after the database is back gets a connection, however long the outage was.
+            reconnect_timeout=RECONNECT_GIVE_UP_S,
+            reconnect_failed=_reconnect_failed,
+            kwargs={**connect_defaults(conninfo), "autocommit": True, "row_factory": dict_row},
             name="voice-mcp",
         )
         try:
-            await pool.open(wait=True, timeout=timeout)
+            await pool.open(wait=wait, timeout=timeout)
         except Exception:
             await pool.close()
             raise

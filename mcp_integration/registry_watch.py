@@ -14,11 +14,12 @@ from collections.abc import Callable
 import psycopg
 
 from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.registry import Registry, ServerConfig, connect_defaults
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "mcp_servers_changed"
+MAX_BACKOFF_S = 5.0
 
 
 def _fingerprint(cfg: ServerConfig) -> tuple[object, ...]:
@@ -50,7 +51,8 @@ class RegistryWatcher:
             try:
                 # A connection of its own: LISTEN holds it for the life of the session.
                 conninfo = self.registry.pool.conninfo
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                options = connect_defaults(conninfo)
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **options) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
                     backoff = 0.5
@@ -63,7 +65,8 @@ class RegistryWatcher:
                 self.listening.clear()
                 log.warning("registry watch interrupted (%s); retrying in %.1f s", type(exc).__name__, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                # Capped low: after a database restart or outage the watch should be back within seconds.
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def sync(self) -> None:
         wanted = {cfg.name: cfg for cfg in await self.registry.list_servers(enabled_only=True)}

@@ -36,6 +36,7 @@ async def wait_task(
 ) -> ToolResult:
     tasks = conn.tasks
     job.kind = "task"
+    job.record_soon()  # the row says task/receipt while it runs, not only once it is done
     job.task_id = handle.task_id
     job.emit("accepted", job_kind="task", task_id=handle.task_id)
     job.set_state("working")
@@ -150,6 +151,7 @@ async def wait_receipt(
     poll_slots: asyncio.Semaphore,
 ) -> ToolResult:
     job.kind = "receipt"
+    job.record_soon()  # the row says task/receipt while it runs, not only once it is done
     job.receipt = receipt.as_record()
     job.emit("accepted", job_kind="receipt", receipt_id=receipt.job_id, status=receipt.status)
     job.set_state("working")

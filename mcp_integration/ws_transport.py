@@ -167,6 +167,10 @@ async def _bridge(ws: Connection, request: Request | None = None) -> AsyncIterat
 
 def _parse_frame(frame: str | bytes, request: Request | None) -> SessionMessage | Exception:
     """Parses one frame, returning a parse error as a value for the session to surface."""
+    if isinstance(frame, bytes):
+        # A text frame is UTF-8 by the protocol; a binary one may not be, and one bad byte in a string must
+        # not cost the whole message (the stdio transport decodes the same way).
+        frame = frame.decode("utf-8", "replace")
     try:
         message = types.jsonrpc_message_adapter.validate_json(frame, by_name=False)
     except ValueError as exc:

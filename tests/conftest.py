@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from mcp_integration.jobs import FINAL_STATES, Job
 from mcp_integration.registry import Registry, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +97,14 @@ def spawn() -> Iterator[Callable[..., int]]:
         proc.wait(5)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def all_final(registry: Registry, jobs: list[Job]) -> dict[uuid.UUID, dict]:
+    """No job lost: each submitted job has its row in mcp_jobs, in a final state, and no other row exists."""
+    for job in jobs:
+        await job.settled()
+    rows = {row["id"]: row for row in await registry.recent_jobs(limit=1000)}
+    assert set(rows) == {job.id for job in jobs}
+    for job in jobs:
+        assert rows[job.id]["state"] in FINAL_STATES and rows[job.id]["state"] == job.state
+    return rows

@@ -5,6 +5,10 @@
 
 Tools: echo (fast), slow (sleeps, reports progress), fail (an error result), add, lookup.weather (a name
 unsafe for LLMs); --list-delay-ms delays every tools/list answer. Malformed schemas: raw_stdio_server.py.
+Faults on demand: --ping-delay-ms delays every `ping` and `server/discover` (the liveness probes); --legacy
+refuses `server/discover`, so a client falls back to the 2025-11-25 handshake (with an `Mcp-Session-Id` on
+Streamable HTTP); --sse-close-after-ms ends each SSE event stream that long after it opened (as an
+idle-closing proxy does); --pid-file writes the process id.
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import uvicorn
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPError
+from mcp_types import METHOD_NOT_FOUND
 from mcp_types import Tool as MCPTool
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -70,6 +79,36 @@ def build(name: str, **kwargs: Any) -> DemoServer:
     return mcp
 
 
+class Quirks:
+    """Server middleware for fault tests: slow `ping` and `server/discover`, and (legacy) no `server/discover`."""
+
+    def __init__(self, *, ping_delay_ms: int = 0, legacy: bool = False) -> None:
+        self.ping_delay_s = ping_delay_ms / 1000
+        self.legacy = legacy
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if self.legacy and ctx.method == "server/discover":
+            raise MCPError(METHOD_NOT_FOUND, "Method not found: server/discover")
+        if ctx.method in ("ping", "server/discover") and self.ping_delay_s:
+            await asyncio.sleep(self.ping_delay_s)
+        return await call_next(ctx)
+
+
+def closing_event_streams(app: Any, after_ms: int) -> Any:
+    """Wrap an ASGI app so the server ends each GET (event stream) response `after_ms` after it opened."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            await app(scope, receive, send)
+            return
+        with anyio.move_on_after(after_ms / 1000) as timer:
+            await app(scope, receive, send)
+        if timer.cancelled_caught:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return wrapped
+
+
 def app_with_mcp(mcp: MCPServer, routes: list[Route], *, sse: bool = False) -> Starlette:
     """`routes` beside the MCP endpoints (Streamable HTTP at /mcp; with `sse`, legacy SSE at /mcp/sse) in one app.
 
@@ -111,12 +150,24 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="demo")
     parser.add_argument("--list-delay-ms", type=int, default=0)
+    parser.add_argument("--ping-delay-ms", type=int, default=0)
+    parser.add_argument("--legacy", action="store_true", help="refuse server/discover: 2025-11-25 handshake")
+    parser.add_argument("--sse-close-after-ms", type=int, default=0)
+    parser.add_argument("--pid-file", default="")
     args = parser.parse_args()
+    if args.pid_file:
+        with open(args.pid_file, "w") as f:
+            f.write(str(os.getpid()))
     mcp = build(args.name, list_delay_ms=args.list_delay_ms)
+    if args.ping_delay_ms or args.legacy:
+        mcp.middleware.append(Quirks(ping_delay_ms=args.ping_delay_ms, legacy=args.legacy))
     if args.transport == "stdio":
         mcp.run("stdio")
     elif args.transport == "sse":
-        asyncio.run(serve_http(mcp.sse_app(), args.port))
+        app = mcp.sse_app()
+        if args.sse_close_after_ms:
+            app = closing_event_streams(app, args.sse_close_after_ms)
+        asyncio.run(serve_http(app, args.port))
     else:
         asyncio.run(serve_http(mcp.streamable_http_app(), args.port))
 

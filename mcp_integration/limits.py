@@ -1,0 +1,162 @@
+"""How big and how deep anything crossing the boundary with a server may be, and the walkers that enforce it.
+
+Arguments over a limit are refused before anything is sent; results over a limit are cut, with "(cut)" where
+something was left out. No walker here recurses deeper than `MAX_DEPTH`, so a 10 000-level document gives a
+clear answer, never RecursionError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+# One call's arguments, as JSON. Far above what a language model writes; a larger payload is a mistake or abuse.
+MAX_ARGUMENT_BYTES = 1_000_000
+# Nesting of arguments, tool schemas and structured results. Real schemas and results stay below 15 levels;
+# pydantic's own JSON parser stops at 200, and the JSON Schema validator recurses several frames per level.
+MAX_DEPTH = 64
+# What is kept of a result's text and of its structured content (as its JSON would measure): what a language
+# model, mcp_jobs and follow-up questions ever see. A voice answer uses a few hundred characters of it.
+MAX_RESULT_CHARS = 100_000
+# A failure's reason (a server's error message among them): enough for a log line and mcp_jobs.error.
+MAX_REASON_CHARS = 2_000
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # PostgreSQL text and jsonb refuse NUL; UTF-8 refuses surrogates
+
+
+def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether containers nest more than `limit` levels (a scalar is level 0); stops as soon as it knows."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list | tuple):
+            children = list(item)
+        else:
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def argument_problem(arguments: Any) -> str | None:
+    """Why these arguments cannot be sent (too deep, too large, not JSON), or None when they can."""
+    if deeper_than(arguments):
+        return f"arguments nest deeper than {MAX_DEPTH} levels"
+    try:
+        # Strict UTF-8: a lone surrogate cannot be sent either.
+        size = len(json.dumps(arguments, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    except (TypeError, ValueError) as exc:
+        return f"arguments must be plain JSON values ({str(exc)[:120]})"
+    if size > MAX_ARGUMENT_BYTES:
+        return f"arguments are {size:,} bytes of JSON; the limit is {MAX_ARGUMENT_BYTES:,}"
+    return None
+
+
+def cut_text(text: str, limit: int = MAX_RESULT_CHARS) -> str:
+    """At most `limit` characters, marker included (so cutting twice changes nothing), storable in PostgreSQL."""
+    text = _UNSTORABLE.sub("\ufffd", text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - _MARKER_ROOM, 0)
+    return f"{text[:keep]}… (cut: {len(text) - keep:,} more characters)"
+
+
+def bounded(value: Any, budget: int = MAX_RESULT_CHARS) -> tuple[Any, bool]:
+    """A JSON value that fits: about `budget` characters of JSON, `MAX_DEPTH` levels, storable in PostgreSQL's
+    jsonb (no NUL, no NaN, no surrogates; keys are strings). Returns it and whether anything was cut.
+
+    A value that fits comes back equal (only made storable); bounding a bounded value changes nothing.
+    """
+    walker = _Bounder(budget)
+    out = walker.walk(value, 0)
+    if walker.over:
+        # Cut with room to spare for the markers, so the result itself fits the budget.
+        walker = _Bounder(max(budget - _RESERVE, 0))
+        out = walker.walk(value, 0)
+    return out, walker.over or walker.too_deep
+
+
+# The longest "… (cut: N more characters)" marker; markers added past a budget stay within _RESERVE in all
+# (one per container on the way down to where the budget ran out, and at most MAX_DEPTH of those).
+_MARKER_ROOM = 48
+_RESERVE = _MARKER_ROOM * (MAX_DEPTH + 2)
+
+
+class _Bounder:
+    """One walk: copies a JSON value while counting what its JSON would measure (an upper bound for
+    `json.dumps(..., ensure_ascii=False)`), cutting where the budget ends."""
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+        self.over = False
+        self.too_deep = False
+
+    def walk(self, value: Any, depth: int) -> Any:
+        if value is None or isinstance(value, bool):
+            self.left -= 5
+            return value
+        if isinstance(value, int):
+            # Beyond what Python will even turn into text (and what JSON tools accept): not a usable number.
+            if value.bit_length() > 3000:
+                self.left -= 4
+                return None
+            self.left -= 20 if value.bit_length() <= 64 else len(str(value))
+            return value
+        if isinstance(value, float):
+            self.left -= 24
+            return value if math.isfinite(value) else None  # NaN and infinities are not JSON; jsonb refuses them
+        if isinstance(value, dict | list | tuple):
+            self.left -= 2
+            if depth >= MAX_DEPTH - 1 and value:  # its children would nest past the limit: it stays, empty
+                self.too_deep = True
+                return {} if isinstance(value, dict) else []
+            return self._dict(value, depth) if isinstance(value, dict) else self._list(value, depth)
+        return self._string(value if isinstance(value, str) else str(value))
+
+    def _string(self, text: str) -> str:
+        if len(text) + 2 <= self.left:
+            cost = len(text) + 2 + _escapes(text)
+            if cost <= self.left:
+                self.left -= cost
+                return _UNSTORABLE.sub("\ufffd", text)
+        self.over = True
+        room = max(self.left - 2, 0)
+        room = max(room - _escapes(text[:room]), 0)
+        out = cut_text(text, room)
+        self.left -= len(out) + 2 + _escapes(out)
+        return out
+
+    def _dict(self, value: dict[Any, Any], depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for n, (key, item) in enumerate(value.items()):
+            if self.left <= 0:
+                self.over = True
+                out["(cut)"] = f"{len(value) - n} more keys"
+                break
+            self.left -= 4  # ": " and ", "
+            name = self._string(key if isinstance(key, str) else str(key))  # the key first: it comes first
+            out[name] = self.walk(item, depth + 1)
+        return out
+
+    def _list(self, value: list[Any] | tuple[Any, ...], depth: int) -> list[Any]:
+        out: list[Any] = []
+        for n, item in enumerate(value):
+            if self.left <= 0:
+                self.over = True
+                out.append(f"(cut: {len(value) - n} more items)")
+                break
+            self.left -= 2  # ", "
+            out.append(self.walk(item, depth + 1))
+        return out
+
+
+_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
+def _escapes(text: str) -> int:
+    """Characters JSON adds to escape `text`: one for a quote or backslash, up to five for a control character."""
+    return sum(5 if c < " " else 1 for c in _ESCAPED.findall(text))
