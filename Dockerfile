@@ -7,9 +7,12 @@
 FROM python:3.11-slim
 
 # Unbuffered stdout/stderr, so a crashing worker still leaves its logs.
+# PROMETHEUS_MULTIPROC_DIR: calls run in job processes, so /metrics (METRICS_PORT) needs prometheus_client's
+# multiprocess mode, which it picks at import, before agent.py runs; a writable directory the worker may fill.
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
+    PIP_ROOT_USER_ACTION=ignore \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/voice-mcp-prometheus
 
 # A non-privileged user to run the worker (its home keeps the model cache that download-files fills).
 ARG UID=10001

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -16,8 +18,12 @@ from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.embedded_db import open_registry
 from mcp_integration.importer import literal_secrets, load_file
-from mcp_integration.jobs import JobEvent, ToolCallError
+from mcp_integration.jobs import FINAL_STATES, JobEvent, ToolCallError
+from mcp_integration.logs import setup_logging
 from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, RegistryError, ServerConfig, redact
+
+# The states a row of mcp_jobs can be in: the two of a running job, then the final ones.
+JOB_STATES = ("submitted", "working", *FINAL_STATES)
 
 
 class CliError(Exception):
@@ -71,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="run the offline demo (embedded PostgreSQL when DATABASE_URL is unset)")
 
+    dash = sub.add_parser("dashboard", help="serve the live status page (off loopback it needs DASHBOARD_TOKEN)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one (default 8080)")
+    dash.add_argument("--check-interval", type=float, metavar="S", default=15.0, help="seconds between health checks")
+
     tools = sub.add_parser("tools", help="list the tools of the enabled servers")
     tools.add_argument("--server")
     tools.add_argument("--json", action="store_true")
@@ -81,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--server")
     call.add_argument("--raw", action="store_true", help="print the whole result as JSON")
     call.add_argument("--timeout", type=float, metavar="S", help="stop waiting after S seconds")
+
+    jobs = sub.add_parser("jobs", help="list recent tool calls recorded in mcp_jobs, newest first")
+    jobs.add_argument("--server")
+    jobs.add_argument("--state", choices=JOB_STATES)
+    jobs.add_argument("--limit", type=int, default=20, metavar="N", help="how many (default 20)")
+    jobs.add_argument("--json", action="store_true")
     return p
 
 
@@ -140,7 +157,8 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             await d.aclose()
         failed = [r for r in reports.values() if not r.ok]
         for r in reports.values():
-            _say(f"{r.server}: up ({r.latency_ms:.0f} ms)" if r.ok else f"{r.server}: down ({r.error})")
+            # A single check shows `degraded` for one failure: the breaker needs three in a row for `down`.
+            _say(f"{r.server}: {r.status} ({r.latency_ms:.0f} ms)" if r.ok else f"{r.server}: down ({r.error})")
         if failed:
             raise CliError(f"{len(failed)} of {len(reports)} servers did not answer")
     elif args.action == "import":
@@ -184,14 +202,24 @@ async def _list_servers(reg: Registry, *, as_json: bool) -> None:
     if not servers:
         _say("no servers registered; add one with: python -m mcp_integration servers add NAME --transport …")
         return
-    table = [("NAME", "TRANSPORT", "ENABLED", "HEALTH", "TARGET")]
+    table = [("NAME", "TRANSPORT", "ENABLED", "HEALTH", "CHECKED", "TARGET")]
     for s in servers:
         h = health.get(s.name)
         status = h.status if h else "unknown"
-        if h and h.latency_ms is not None and status == "up":
+        if h and h.latency_ms is not None and status in ("up", "degraded"):
             status += f" ({h.latency_ms:.0f} ms)"
-        table.append((s.name, s.transport, "yes" if s.enabled else "no", status, s.label))
+        if h and h.consecutive_failures:
+            status += f", {h.consecutive_failures} failed"
+        checked = _ago(h.checked_at) if h and h.checked_at else "never"
+        table.append((s.name, s.transport, "yes" if s.enabled else "no", status, checked, s.label))
     _say(_format_table(table))
+
+
+def _ago(when: datetime) -> str:
+    seconds = max(0, int((datetime.now(UTC) - when).total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    return f"{seconds // 60} min ago" if seconds < 7200 else f"{seconds // 3600} h ago"
 
 
 def _format_table(rows: list[tuple[str, ...]]) -> str:
@@ -295,13 +323,91 @@ def _print_event(event: JobEvent) -> None:
         _note(f"… still running after {d['waited_s']:g} s")
 
 
+async def cmd_jobs(reg: Registry, args: argparse.Namespace) -> None:
+    if args.limit < 1:
+        raise CliError(f"--limit must be at least 1, got {args.limit}")
+    rows = await reg.recent_jobs(server=args.server, state=args.state, limit=args.limit)
+    if args.json:
+        _say(json.dumps([_job_record(r) for r in rows], indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        _say("no jobs recorded" + (" for this filter" if args.server or args.state else ""))
+        return
+    table = [("SUBMITTED", "SERVER", "TOOL", "KIND", "STATE", "TOOK", "POLLS", "ID", "ERROR")]
+    for r in rows:
+        took = _job_seconds(r)
+        table.append(
+            (
+                r["submitted_at"].astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+                r["server_name"],
+                r["tool"],
+                r["kind"],
+                r["state"] + (" (late)" if r["delivered_late"] else ""),
+                "-" if took is None else f"{took:.1f} s",
+                str(r["polls"]),
+                str(r["id"]),
+                _one_line(r["error"] or "", 60),
+            )
+        )
+    _say(_format_table(table))
+
+
+def _job_seconds(row: dict[str, Any]) -> float | None:
+    return (row["finished_at"] - row["submitted_at"]).total_seconds() if row["finished_at"] else None
+
+
+def _job_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "server": row["server_name"],
+        "tool": row["tool"],
+        "kind": row["kind"],
+        "state": row["state"],
+        "submitted_at": row["submitted_at"].isoformat(),
+        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+        "duration_s": _job_seconds(row),
+        "polls": row["polls"],
+        "delivered_late": row["delivered_late"],
+        "error": row["error"],
+    }
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 async def cmd_demo(reg: Registry, _: argparse.Namespace) -> None:
     from mcp_integration.demo import run_demo
 
     await run_demo(reg, out=_say)
 
 
-COMMANDS = {"migrate": cmd_migrate, "servers": cmd_servers, "tools": cmd_tools, "call": cmd_call, "demo": cmd_demo}
+async def cmd_dashboard(reg: Registry, args: argparse.Namespace) -> None:
+    from mcp_integration.web import TOKEN_ENV, BindingError, serve
+
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be between 0 and 65535, got {args.port}")
+    if not args.check_interval > 0:
+        raise CliError(f"--check-interval must be a positive number of seconds, got {args.check_interval:g}")
+    token = os.environ.get(TOKEN_ENV) or None
+    try:
+        await serve(
+            reg, host=args.host, port=args.port, token=token, check_interval_s=args.check_interval, announce=_note
+        )
+    except BindingError as exc:
+        raise CliError(str(exc)) from None
+
+
+COMMANDS = {
+    "migrate": cmd_migrate,
+    "servers": cmd_servers,
+    "tools": cmd_tools,
+    "call": cmd_call,
+    "jobs": cmd_jobs,
+    "demo": cmd_demo,
+    "dashboard": cmd_dashboard,
+}
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> None:
@@ -312,11 +418,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.ERROR,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        # LOG_FORMAT=json: one JSON object per line, with the job's id, server and tool on lines about a call.
+        setup_logging(level=logging.INFO if args.verbose else logging.ERROR)
+    except ValueError as exc:
+        _note(f"error: {exc}")
+        return 1
     try:
         asyncio.run(run(args, settings))
     except (CliError, RegistryError, ToolCallError) as exc:

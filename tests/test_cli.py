@@ -158,7 +158,11 @@ def test_servers_check_reports_a_dead_server(cli) -> None:
     cli("servers", "add", "dead", "--transport", "streamable-http", "--url", "http://127.0.0.1:9/mcp")
     code, out, err = cli("servers", "check")
     assert code == 1 and "dead: down" in out and "did not answer" in one_line_error(err)
-    assert "down" in cli("servers", "list")[1]
+    # One failed check: degraded; the breaker says down after three in a row, remembered across runs.
+    assert "degraded, 1 failed" in cli("servers", "list")[1]
+    cli("servers", "check", "dead")
+    cli("servers", "check", "dead")
+    assert "down, 3 failed" in cli("servers", "list")[1]
 
 
 def test_import_mcp_servers_json(cli, tmp_path: Path) -> None:
@@ -286,3 +290,25 @@ def test_call_shows_receipt_polls(cli, spawn) -> None:
     assert code == 0, err
     assert "accepted (receipt call" in err and "… poll 1" in err
     assert "cli" in out and "queued" not in out
+
+
+def test_jobs_lists_recent_calls_from_mcp_jobs(cli) -> None:
+    cli("servers", "add", "demo", "--transport", "stdio", "--command", PY, "--arg", DEMO)
+    assert cli("call", "echo", "--args", '{"text": "one"}')[0] == 0
+    assert cli("call", "fail", "--args", '{"reason": "no seats left"}')[0] == 1
+    code, out, err = cli("jobs")
+    assert code == 0, err
+    header, newest, oldest = out.splitlines()
+    assert header.split() == ["SUBMITTED", "SERVER", "TOOL", "KIND", "STATE", "TOOK", "POLLS", "ID", "ERROR"]
+    assert newest.split()[2:6] == ["demo", "fail", "plain", "failed"] and newest.endswith("no seats left")
+    assert oldest.split()[2:6] == ["demo", "echo", "plain", "completed"]
+
+    rows = json.loads(cli("jobs", "--json")[1])
+    assert [r["tool"] for r in rows] == ["fail", "echo"]
+    assert rows[0]["id"] in newest and rows[1]["id"] in oldest
+    assert rows[1]["duration_s"] >= 0 and rows[1]["finished_at"] and rows[1]["error"] is None
+    assert [r["tool"] for r in json.loads(cli("jobs", "--state", "completed", "--json")[1])] == ["echo"]
+    assert [r["tool"] for r in json.loads(cli("jobs", "--limit", "1", "--json")[1])] == ["fail"]
+    assert cli("jobs", "--server", "ghost") == (0, "no jobs recorded for this filter\n", "")
+    code, _, err = cli("jobs", "--limit", "0")
+    assert code == 1 and "--limit must be at least 1" in one_line_error(err)
