@@ -110,6 +110,8 @@ async def entrypoint(ctx: JobContext) -> None:
         registry, dispatcher, on_change=lambda: save_soon(dispatcher, settings.snapshot_path)
     ).start()
     # Pings every server and drives its circuit breaker: a dead one is refused at once, not waited out.
+    # Each session checks on its own, but writes to the registry only when a server's status changes.
+    dispatcher.record_every_check = False
     monitor = HealthMonitor(dispatcher, interval_s=settings.health_interval_s).start()
 
     async def shutdown() -> None:

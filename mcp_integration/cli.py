@@ -157,8 +157,12 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             await d.aclose()
         failed = [r for r in reports.values() if not r.ok]
         for r in reports.values():
-            # A single check shows `degraded` for one failure: the breaker needs three in a row for `down`.
-            _say(f"{r.server}: {r.status} ({r.latency_ms:.0f} ms)" if r.ok else f"{r.server}: down ({r.error})")
+            # The status is the breaker's: one failed check makes a server degraded, three in a row down.
+            _say(
+                f"{r.server}: {r.status} ({r.latency_ms:.0f} ms)"
+                if r.ok
+                else f"{r.server}: {r.status}, no answer ({r.error})"
+            )
         if failed:
             raise CliError(f"{len(failed)} of {len(reports)} servers did not answer")
     elif args.action == "import":

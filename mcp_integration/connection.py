@@ -30,6 +30,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
+from mcp_integration.logs import outside_job
 from mcp_integration.registry import ServerConfig, ToolSpec
 from mcp_integration.tasks import TaskClient
 from mcp_integration.transports import ToolListGuard, open_transport
@@ -186,7 +187,9 @@ class ServerConnection:
             self._retire(self._link)  # a dead connection is buried in the background, not waited for
             link = self._link = _Link(next(self._generations))
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            link.runner = asyncio.create_task(self._run(link, ready), name=f"mcp-conn-{self.cfg.name}")
+            link.runner = asyncio.create_task(
+                self._run(link, ready), name=f"mcp-conn-{self.cfg.name}", context=outside_job()
+            )
             try:
                 await asyncio.wait_for(asyncio.shield(ready), self.connect_timeout)
             except TimeoutError:
@@ -330,7 +333,7 @@ class ServerConnection:
             link.watch_since = time.monotonic()
         link.watching += delta
         if link.watching > 0 and (link.keeper is None or link.keeper.done()) and not link.lost.is_set():
-            link.keeper = asyncio.ensure_future(self._keep_watch(link))
+            link.keeper = asyncio.create_task(self._keep_watch(link), context=outside_job())
         elif link.watching == 0 and link.keeper is not None:
             link.keeper.cancel()
             link.keeper = None
@@ -351,7 +354,7 @@ class ServerConnection:
     def _probe(self, link: _Link) -> asyncio.Task[str | None]:
         if link.probe is None or link.probe.done():
             self.probes += 1
-            link.probe = asyncio.ensure_future(self._probe_once(link))
+            link.probe = asyncio.create_task(self._probe_once(link), context=outside_job())
         return link.probe
 
     async def _probe_once(self, link: _Link) -> str | None:

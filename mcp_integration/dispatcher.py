@@ -31,6 +31,7 @@ from mcp_integration.connection import (
 from mcp_integration.health import CircuitBreaker
 from mcp_integration.jobs import Job, ToolCallError, ToolResult, WaitPolicy
 from mcp_integration.limits import argument_problem
+from mcp_integration.logs import outside_job
 from mcp_integration.naming import assign_names
 from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
@@ -51,6 +52,10 @@ SEED_WAIT_S = 0.5
 # meets a longer backoff fails at once with the reason ("reconnecting ...; next attempt in N s").
 SUBMIT_CONNECT_PATIENCE_S = 2.0
 SUBMIT_WAITS_OUT_S = 1.0
+
+
+class CircuitOpen(ToolCallError):
+    """A call refused without trying, because its server's breaker says it is down."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class HealthReport:
     error: str | None
     status: str = "unknown"  # up | degraded | down | unknown, after this check
     consecutive_failures: int = 0
+    source: str = "check"  # check: a health check ran; call: a call's outcome moved the breaker
 
 
 class Dispatcher:
@@ -119,6 +125,9 @@ class Dispatcher:
         self._closing: set[asyncio.Future[None]] = set()
         # Called with each new job before it starts (metrics, logs): they attach listeners to its events.
         self.job_observers: list[Callable[[Job], None]] = []
+        # Every check written to mcp_server_health and its history (a CLI, the status page), or only changes of
+        # status: each voice session runs its own monitor, and a hundred sessions must not write 300 rows a second.
+        self.record_every_check = True
         # Called with each health check's report (metrics, the status page).
         self.health_observers: list[Callable[[HealthReport], None]] = []
 
@@ -130,17 +139,19 @@ class Dispatcher:
         wait: bool = True,
         servers: list[ServerConfig] | None = None,
         cached: dict[str, list[ToolSpec]] | None = None,
+        recall_health: bool = True,
     ) -> None:
         """Load the enabled servers. With `wait=False` the index comes from the tool cache at once and fresh
         discovery runs in the background (`await dispatcher.refreshed()` to wait for it). `servers` and `cached`
-        replace the registry's lists (a last-known copy kept on disk, when the database is unreachable)."""
+        replace the registry's lists (a last-known copy kept on disk, when the database is unreachable; then pass
+        `recall_health=False` too, or the breakers' recorded state is read from the unreachable database)."""
         if servers is None:
             if self.registry is None:
                 raise ValueError("a dispatcher without a registry needs its servers passed in")
             servers = await self.registry.list_servers(enabled_only=True)
         for cfg in servers:
             self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
-        if self.registry is not None and cached is None:
+        if self.registry is not None and recall_health:
             await self._recall_health()
         if wait or (self.registry is None and cached is None):
             await self.refresh()
@@ -308,7 +319,10 @@ class Dispatcher:
         self._remember(job)
         job.add_listener(lambda e: self._on_call_done(state, job) if e.kind == "done" else None)
         for observe in self.job_observers:
-            observe(job)
+            try:
+                observe(job)
+            except Exception:  # metrics or logs must never cost a caller the call
+                log.exception("job observer failed")
         return job.start(lambda j: self._perform(j, state, entry.spec))
 
     async def get_result(self, job_id: str | uuid.UUID, timeout: float | None = None) -> ToolResult:
@@ -494,15 +508,17 @@ class Dispatcher:
         await self._publish_health(state, report)
         return report
 
-    def _report(self, state: ServerState, latency: float | None, error: str | None) -> HealthReport:
+    def _report(
+        self, state: ServerState, latency: float | None, error: str | None, source: str = "check"
+    ) -> HealthReport:
         b = state.breaker
-        return HealthReport(state.cfg.name, error is None, latency, error, b.status, b.failures)
+        return HealthReport(state.cfg.name, error is None, latency, error, b.status, b.failures, source)
 
     def _refuse_if_down(self, state: ServerState, tool: str) -> None:
         if not state.breaker.allow():
             wait = state.breaker.seconds_to_retry()
             reason = f"the server is not answering right now (down; next try in {wait:.0f} s)"
-            raise ToolCallError(state.cfg.name, tool, reason, "unreachable")
+            raise CircuitOpen(state.cfg.name, tool, reason, "unreachable")
 
     def _on_call_done(self, state: ServerState, job: Job) -> None:
         """Calls feed the breaker too: a call that could not reach the server is a failure, one the server
@@ -511,6 +527,8 @@ class Dispatcher:
             return  # removed or replaced meanwhile
         breaker, before = state.breaker, state.breaker.status
         error = job.error
+        if isinstance(error, CircuitOpen):
+            return  # refused without trying: says nothing new about the server
         if error is not None and error.kind == "unreachable":
             breaker.failure()
         elif job.state == "completed" or (error is not None and error.kind in ("tool_error", "server_error")):
@@ -521,10 +539,12 @@ class Dispatcher:
             breaker.probe_inconclusive()
             return
         if breaker.status != before:
-            self._spawn(self._publish_health(state, self._report(state, None, error.reason if error else None)))
+            report = self._report(state, None, error.reason if error else None, source="call")
+            self._spawn(self._publish_health(state, report))
 
     async def _publish_health(self, state: ServerState, report: HealthReport) -> None:
-        if report.status != state.last_status:
+        changed = report.status != state.last_status
+        if changed:
             if report.status == "down":
                 log.warning("server %s is down: %s", state.cfg.name, report.error)
             elif state.last_status in ("down", "degraded") and report.status == "up":
@@ -537,10 +557,17 @@ class Dispatcher:
                 log.exception("health observer failed")
         if self.registry is None or state.cfg.id is None:
             return
+        if not self.record_every_check and not changed:
+            return
         try:
             async with state.health_writes:
                 await self.registry.record_health(
-                    state.cfg.id, report.status, report.latency_ms, report.consecutive_failures, report.error
+                    state.cfg.id,
+                    report.status,
+                    report.latency_ms,
+                    report.consecutive_failures,
+                    report.error,
+                    checked=report.source == "check" and self.record_every_check,
                 )
         except Exception as exc:
             log.warning("server %s: health not recorded: %s", state.cfg.name, describe(exc))
@@ -549,7 +576,7 @@ class Dispatcher:
 
     def _spawn(self, coro: Any, into: set[asyncio.Task[Any]] | None = None) -> None:
         group = self._background if into is None else into
-        task = asyncio.ensure_future(coro)
+        task = asyncio.create_task(coro, context=outside_job())
         group.add(task)
         task.add_done_callback(group.discard)
 
@@ -557,13 +584,14 @@ class Dispatcher:
         if self._writes:
             # Cache writes are finished, not cancelled: the next session starts from them.
             await asyncio.wait(list(self._writes), timeout=5.0)
-        for job in list(self._jobs.values()):
-            if not job.done:
-                await job.cancel()
-        # Finished jobs' final rows are written before we go (bounded: an outage must not hold shutdown).
-        settling = [asyncio.ensure_future(j.settled()) for j in self._jobs.values()]
-        if settling:
-            _, late = await asyncio.wait(settling, timeout=5.0)
+        # Running jobs are cancelled together, and every job's final row written before we go; bounded, and with
+        # no retries: a database outage must not hold a session's shutdown for minutes.
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.stop_retrying()
+        ending = [asyncio.ensure_future(j.cancel() if not j.done else j.settled()) for j in jobs]
+        if ending:
+            _, late = await asyncio.wait(ending, timeout=5.0)
             for fut in late:
                 fut.cancel()
         for task in list(self._background):

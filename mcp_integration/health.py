@@ -129,8 +129,11 @@ class HealthMonitor:
         while True:
             try:
                 await self._round()
-                if self.dispatcher.registry is not None and time.monotonic() - last_prune > 3600:
+                # Pruned by the processes that write the history (the status page), at start and hourly.
+                writes_history = self.dispatcher.record_every_check and self.dispatcher.registry is not None
+                if writes_history and (last_prune == 0.0 or time.monotonic() - last_prune > 3600):
                     last_prune = time.monotonic()
+                    assert self.dispatcher.registry is not None
                     await self.dispatcher.registry.prune_health_checks(self.keep_history_h)
             except asyncio.CancelledError:
                 raise

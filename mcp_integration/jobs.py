@@ -185,6 +185,7 @@ class Job:
         self._record_lock = asyncio.Lock()
         self._pending_records: set[asyncio.Task[None]] = set()
         self._insert: asyncio.Future[bool] | None = None
+        self._retry_records = True
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -304,6 +305,10 @@ class Job:
         if self._task is not None:
             await asyncio.shield(self._task)
 
+    def stop_retrying(self) -> None:
+        """From now on a record write that fails is logged, not retried (the process is closing)."""
+        self._retry_records = False
+
     async def cancel(self) -> None:
         """Stop the job: its strategy cancels on the server where it can (tasks); our waiting always stops."""
         if self._task is not None and not self._task.done():
@@ -360,6 +365,8 @@ class Job:
             inserted = False
             if self._insert is not None:
                 (inserted,) = await asyncio.gather(self._insert, return_exceptions=True)
+            if not finished and self.done:
+                return  # a quick job: its final write carries this state, one statement fewer per call
             if finished and inserted is not True:
                 # The row never landed (a long outage): the final state is worth one more try at it.
                 await self._record_with_retry("row", self._insert_row, give_up_when_done=False)
@@ -399,7 +406,7 @@ class Job:
             except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout
                 if give_up_when_done and self.done:
                     return False  # the final write carries this state
-                if isinstance(exc, PoolClosed) or time.monotonic() + delay > deadline:
+                if isinstance(exc, PoolClosed) or not self._retry_records or time.monotonic() + delay > deadline:
                     log.warning(
                         "job %s: %s not recorded in mcp_jobs (%d tries): %s", self.id, what, attempts, _reason(exc)
                     )

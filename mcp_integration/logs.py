@@ -9,6 +9,7 @@ formats print a record's extra attributes).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -51,6 +52,15 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         unbind(token)
+
+
+def outside_job() -> contextvars.Context:
+    """A copy of the current context without a job's fields, for the long-lived tasks a job may happen to start
+    (a connection's runner, its liveness watch, a rediscovery): their lines are about the server, not that job."""
+    ctx = contextvars.copy_context()
+    kept = MappingProxyType({k: v for k, v in _fields.get().items() if k not in ("job_id", "tool")})
+    ctx.run(_fields.set, kept)
+    return ctx
 
 
 def current_fields() -> dict[str, Any]:

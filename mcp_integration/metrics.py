@@ -11,6 +11,7 @@ its own process and a parent serves them all (LiveKit's worker with `PROMETHEUS_
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -163,8 +164,7 @@ class Metrics:
         if report.latency_ms is not None:
             self.server_latency.labels(report.server).set(report.latency_ms / 1000)
         self.server_failures.labels(report.server).set(report.consecutive_failures)
-        # A report without latency or error is a status change seen by a call, not a check.
-        if report.latency_ms is not None or report.error is not None:
+        if report.source == "check":  # a call's outcome moving the breaker is not a check
             self.health_checks.labels(report.server, "ok" if report.ok else "failed").inc()
 
     # -- recorded: from the database, for a process that runs no calls --------------------------------------
@@ -195,6 +195,10 @@ def process_metrics() -> Metrics:
     global _process_metrics
     with _process_lock:
         if _process_metrics is None:
+            # Multiprocess mode writes files there on first use; a process other than LiveKit's worker (the
+            # status page, the CLI) in an image that sets it would otherwise fail on a missing directory.
+            if multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                os.makedirs(multiproc_dir, exist_ok=True)
             _process_metrics = Metrics()
         return _process_metrics
 

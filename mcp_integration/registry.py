@@ -323,22 +323,32 @@ class Registry:
     # -- health ---------------------------------------------------------------------------------------------
 
     async def record_health(
-        self, server_id: int, status: str, latency_ms: float | None, failures: int, last_error: str | None
+        self,
+        server_id: int,
+        status: str,
+        latency_ms: float | None,
+        failures: int,
+        last_error: str | None,
+        *,
+        checked: bool = True,
     ) -> None:
+        """The server's current verdict. `checked=False` (a call moved the breaker, no check ran): the last
+        check's latency stays, and no point is added to the latency history."""
         async with self.pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO mcp_server_health"
                 " (server_id, status, checked_at, latency_ms, consecutive_failures, last_error)"
                 " VALUES (%s, %s, now(), %s, %s, %s)"
                 " ON CONFLICT (server_id) DO UPDATE SET status = EXCLUDED.status, checked_at = now(),"
-                " latency_ms = EXCLUDED.latency_ms, consecutive_failures = EXCLUDED.consecutive_failures,"
-                " last_error = EXCLUDED.last_error",
-                (server_id, status, latency_ms, failures, last_error),
+                " latency_ms = CASE WHEN %s THEN EXCLUDED.latency_ms ELSE mcp_server_health.latency_ms END,"
+                " consecutive_failures = EXCLUDED.consecutive_failures, last_error = EXCLUDED.last_error",
+                (server_id, status, latency_ms, failures, last_error, checked),
             )
-            await conn.execute(
-                "INSERT INTO mcp_health_checks (server_id, ok, latency_ms) VALUES (%s, %s, %s)",
-                (server_id, last_error is None, latency_ms),
-            )
+            if checked:
+                await conn.execute(
+                    "INSERT INTO mcp_health_checks (server_id, ok, latency_ms) VALUES (%s, %s, %s)",
+                    (server_id, last_error is None, latency_ms),
+                )
 
     async def prune_health_checks(self, keep_hours: float = 24.0) -> int:
         async with self.pool.connection() as conn:

@@ -190,7 +190,7 @@ async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> Ses
             reason,
             path,
         )
-        await dispatcher.start(wait=False, servers=[], cached={})
+        await dispatcher.start(wait=False, servers=[], cached={}, recall_health=False)
         return SessionStart("empty", reason=reason)
     age = snap.age_s
     log.warning(
@@ -202,7 +202,7 @@ async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> Ses
         len(snap.servers),
         sum(len(v) for v in snap.tools.values()),
     )
-    await dispatcher.start(wait=False, servers=snap.servers, cached=snap.tools)
+    await dispatcher.start(wait=False, servers=snap.servers, cached=snap.tools, recall_health=False)
     return SessionStart("snapshot", age_s=age, reason=reason)
 
 

@@ -118,10 +118,10 @@ async def _reconnect(job: Job, conn: ServerConnection) -> None:
     A server that cannot be reached again fails the job now, not at the timeout."""
     job.emit("status", state="reconnecting", message="the connection to the server dropped")
     try:
-        await conn.open()
+        await conn.open(force=True)  # one real attempt now: the stream only just ended
     except Exception as exc:
         raise ToolCallError(
-            job.server, job.tool, f"the server went away while the task was running ({exc})", "server_error"
+            job.server, job.tool, f"the server went away while the task was running ({exc})", "unreachable"
         ) from None
 
 

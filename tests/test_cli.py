@@ -157,11 +157,11 @@ def test_tools_and_call_against_a_real_server(cli) -> None:
 def test_servers_check_reports_a_dead_server(cli) -> None:
     cli("servers", "add", "dead", "--transport", "streamable-http", "--url", "http://127.0.0.1:9/mcp")
     code, out, err = cli("servers", "check")
-    assert code == 1 and "dead: down" in out and "did not answer" in one_line_error(err)
+    assert code == 1 and "dead: degraded, no answer (" in out and "did not answer" in one_line_error(err)
     # One failed check: degraded; the breaker says down after three in a row, remembered across runs.
     assert "degraded, 1 failed" in cli("servers", "list")[1]
     cli("servers", "check", "dead")
-    cli("servers", "check", "dead")
+    assert "dead: down, no answer (" in cli("servers", "check", "dead")[1]
     assert "down, 3 failed" in cli("servers", "list")[1]
 
 

@@ -309,14 +309,18 @@ async def test_ten_pages_share_one_change_detector(registry: Registry) -> None:
         try:
             await wait_for(lambda: all({"servers", "jobs", "status"} <= set(got) for got in streams))
             assert feed.listeners == 10
-            # Settle: the first look may race the monitor's first recorded check.
-            await asyncio.sleep(1.0)
-            builds = feed.builds
+            # Settle: wait until nothing has been rebuilt for a while (the monitor's first records, cache writes).
+            quiet_since, builds = time.monotonic(), feed.builds
+            while time.monotonic() - quiet_since < 1.5:
+                await asyncio.sleep(0.1)
+                if feed.builds != builds:
+                    quiet_since, builds = time.monotonic(), feed.builds
             before = [got.count("servers") for got in streams]
             await registry.add_server(ServerConfig(name="gamma", transport="stdio", command="gamma", enabled=False))
             await wait_for(lambda: all(got.count("servers") > n for got, n in zip(streams, before, strict=True)))
-            # One change, one rebuild, ten deliveries of the same text.
-            assert feed.builds == builds + 1
+            # One change, one rebuild (two if a late write of this process lands too), ten deliveries of the
+            # same text; a rebuild per page would be ten.
+            assert 1 <= feed.builds - builds <= 2
         finally:
             stop.set()
             for task in readers:

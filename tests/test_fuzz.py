@@ -8,6 +8,7 @@ one process serves all the examples of a property, so the whole file stays fast.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -507,6 +508,53 @@ async def test_a_model_sending_huge_or_deep_arguments_gets_an_error_and_the_sess
     finally:
         await call.aclose()
         await d.aclose()
+
+
+# Whatever a model writes as a tool call's arguments: broken JSON, JSON that is not an object, objects of the
+# wrong shape. LiveKit parses (and repairs) the text before our tool runs; what is ours is that every such turn
+# ends with an answer or an error, and the session goes on.
+model_arguments = st.one_of(
+    st.text(alphabet='{}[]":,0123456789.-+eE abctrufalsn\\', max_size=40),
+    st.builds(
+        json.dumps,
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["text", "x", ""]), inner),
+            max_leaves=8,
+        ),
+    ),
+)
+
+
+@pytest.fixture
+async def talking(registry: Registry) -> AsyncIterator[tuple[TextCall, dict[str, Any]]]:
+    plan: dict[str, Any] = {}
+    model = ScriptedLLM(lambda said: ("echo", plan["raw"]) if said == "go" else ("echo", {"text": said}))
+    await registry.add_server(stdio_cfg())
+    d = Dispatcher(registry, connect_timeout=15)
+    await d.start()
+    call = await TextCall(d, model).start(greeting=None)
+    try:
+        yield call, plan
+    finally:
+        await call.aclose()
+        await d.aclose()
+
+
+@settings(SHARED, max_examples=25)
+@given(raw=model_arguments)
+@example(raw="{not json")
+@example(raw="[1, 2]")
+@example(raw='{"text": 5}')
+async def test_any_arguments_from_the_model_end_the_turn_and_the_session_goes_on(
+    talking: tuple[TextCall, dict[str, Any]], raw: str
+) -> None:
+    call, plan = talking
+    plan["raw"] = raw
+    await asyncio.wait_for(call.say("go"), 30)  # a turn that ends (with the tool's answer or an error)
+    result = await asyncio.wait_for(call.say("still here"), 30)
+    out = next(e for e in result.events if e.type == "function_call_output").item
+    assert not out.is_error and "still here" in out.output
 
 
 # -- speech ----------------------------------------------------------------------------------------------------

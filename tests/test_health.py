@@ -134,11 +134,12 @@ async def test_killed_server_goes_down_fails_fast_and_comes_back(registry: Regis
         assert rows["booking"].status == "down" and rows["booking"].consecutive_failures >= 3
         assert rows["booking"].last_error
 
-        started = time.monotonic()
+        started, failures = time.monotonic(), d.servers["booking"].breaker.failures
         jobs.append(refused := d.submit("echo", {"text": "anyone?"}))
         with pytest.raises(ToolCallError) as info:
             await refused.wait(10)
-        assert time.monotonic() - started < 1.0  # refused at once, no timeout waited out
+        assert time.monotonic() - started < 3.0  # refused at once, not after a timeout (35 s)
+        assert d.servers["booking"].breaker.failures == failures  # a refusal is not one more failure
         assert info.value.kind == "unreachable" and "not answering right now" in info.value.reason
         assert error_sentence(info.value, server_label="the booking system") == (
             "The booking system is not answering right now."
@@ -178,16 +179,19 @@ async def test_server_that_never_answers_is_down_after_three_checks(registry: Re
             held.append(conn)
 
     acceptor = asyncio.create_task(accept_forever())
-    await registry.add_server(http_cfg("mute", port))
+    mute = await registry.add_server(http_cfg("mute", port))
+    assert mute.id is not None
+    await registry.save_tools(mute.id, [ToolSpec("mute", "echo", "Echo.", {"type": "object"})])
     d = Dispatcher(registry, connect_timeout=1)
-    await d.start(wait=False)
+    await d.start(wait=False)  # its tool known from the cache
     try:
         for expected in ("degraded", "degraded", "down"):
             report = (await d.health_check("mute", timeout=0.5))["mute"]
             assert not report.ok and report.status == expected and report.error
+        assert "within 0.5 s" in (report.error or "")
         with pytest.raises(ToolCallError) as info:
             await d.call("echo", {"text": "x"}, server="mute")
-        assert info.value.kind in ("unreachable", "unknown_tool")
+        assert info.value.kind == "unreachable" and "not answering right now" in info.value.reason
     finally:
         acceptor.cancel()
         await asyncio.gather(acceptor, return_exceptions=True)
@@ -229,7 +233,7 @@ async def test_calls_that_cannot_connect_trip_the_breaker(registry: Registry) ->
         started = time.monotonic()
         with pytest.raises(ToolCallError) as info:
             await d.call("book", {})
-        assert "not answering right now" in info.value.reason and time.monotonic() - started < 0.5
+        assert "not answering right now" in info.value.reason and time.monotonic() - started < 3.0
         assert (await db_status(registry, "gone", "down")).consecutive_failures == 3
     finally:
         await d.aclose()

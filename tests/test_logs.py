@@ -4,13 +4,16 @@ real server, and the CLI as a real subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, stdio_demo
@@ -188,3 +191,33 @@ def test_cli_log_format_json_and_a_bad_value(
     monkeypatch.setenv("LOG_FORMAT", "yaml")
     assert main(["migrate"]) == 1
     assert capsys.readouterr().err == "error: LOG_FORMAT must be one of text, json, not 'yaml'\n"
+
+
+async def test_a_connection_a_job_reopened_does_not_log_as_that_job(
+    registry: Registry, root_stream, tmp_path: Path
+) -> None:
+    """The connection's runner outlives the job that happened to reopen it: its lines are about the server."""
+    handler, stream = root_stream
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter())
+    pidfile = tmp_path / "pid"
+    await registry.add_server(stdio_demo("demo", "--pid-file", str(pidfile)))
+    d = Dispatcher(registry, connect_timeout=15)
+    await d.start(wait=True)
+    try:
+        await d.servers["demo"].conn.close()  # the next call, inside its job, opens a new connection
+        with log_context(room="room-9"):
+            job = d.submit("echo", {"text": "hi"})
+            assert (await job.wait(20)).text == "echo: hi"
+        conn = d.servers["demo"].conn
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)  # the runner notices and logs, after the job ended
+        await asyncio.wait_for(conn.lost.wait(), 20)
+    finally:
+        await d.aclose()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    lost = [line for line in lines if "connection lost" in line.get("message", "")]
+    assert lost, lines
+    for line in lost:
+        assert "job_id" not in line and "tool" not in line, line
+        # room-9 was bound only around the job: the runner did start from the job's context, less its fields.
+        assert line.get("room") == "room-9" and line.get("server") == "demo"
