@@ -34,6 +34,8 @@ FINAL_STATES = ("completed", "failed", "timed_out", "cancelled")
 # cap), for this long: a PostgreSQL restart takes seconds, and a job's final state must land once it is back.
 RECORD_RETRY_S = 300.0
 RECORD_BACKOFF_S = (0.5, 5.0)
+# How long the row's insert waits for the call to start working, so it can say so at once.
+INSERT_GRACE_S = 0.1
 
 
 class ToolCallError(Exception):
@@ -186,6 +188,8 @@ class Job:
         self._pending_records: set[asyncio.Task[None]] = set()
         self._insert: asyncio.Future[bool] | None = None
         self._retry_records = True
+        self._written: tuple[str, str] | None = None  # the (state, kind) last written to the row
+        self._moved = asyncio.Event()  # the job left `submitted` (working, or done)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -226,6 +230,7 @@ class Job:
         self.late = self._waiter_gave_up
         self.emit("done", state=state, error=error.reason if error else None, late=self.late)
         self._done.set()
+        self._moved.set()
 
     @property
     def done(self) -> bool:
@@ -334,6 +339,7 @@ class Job:
     def set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
+            self._moved.set()
             self.emit("status", state=state)
             self.record_soon()
 
@@ -349,14 +355,22 @@ class Job:
         """Write the job's row; True once it is there. A database restart delays the row, never drops it."""
         if self._registry is None:
             return False
+        # A moment for the call to start (usually at once, once connected): the row then says `working`, which
+        # spares the update that would follow at once. A slow connect does not hold the row back for long.
+        if not self._moved.is_set():
+            await _wait_event(self._moved, INSERT_GRACE_S)
         return await self._record_with_retry("row", self._insert_row, give_up_when_done=False)
 
     async def _insert_row(self) -> None:
         assert self._registry is not None
+        # The state as it is when the row is written: a call usually is `working` by then, which saves the
+        # separate update (a third of the statements of a plain call).
+        state = self.state if self.state in ("submitted", "working") else "working"
         try:
-            await self._registry.insert_job(self.id, self.server_id, self.server, self.tool, self.kind)
+            await self._registry.insert_job(self.id, self.server_id, self.server, self.tool, self.kind, state)
         except psycopg.errors.UniqueViolation:
-            pass  # an earlier attempt committed, but its connection broke before the answer came back
+            return  # an earlier attempt committed, but its connection broke before the answer came back
+        self._written = (state, self.kind)
 
     async def _record_update(self, *, finished: bool) -> None:
         if self._registry is None:
@@ -365,8 +379,8 @@ class Job:
             inserted = False
             if self._insert is not None:
                 (inserted,) = await asyncio.gather(self._insert, return_exceptions=True)
-            if not finished and self.done:
-                return  # a quick job: its final write carries this state, one statement fewer per call
+            if not finished and (self.done or (self.state, self.kind) == self._written):
+                return  # already written with the row, or the final write will carry it
             if finished and inserted is not True:
                 # The row never landed (a long outage): the final state is worth one more try at it.
                 await self._record_with_retry("row", self._insert_row, give_up_when_done=False)
@@ -379,6 +393,7 @@ class Job:
     async def _update_row(self, finished: bool) -> None:
         assert self._registry is not None
         # Read at each attempt, so a retry writes the job as it is now, not as it was when the write failed.
+        written = (self.state, self.kind)
         await self._registry.update_job(
             self.id,
             state=self.state,
@@ -390,6 +405,7 @@ class Job:
             finished=finished,
             delivered_late=self.late if finished else None,
         )
+        self._written = written
 
     async def _record_with_retry(
         self, what: str, write: Callable[[], Awaitable[None]], *, give_up_when_done: bool

@@ -391,11 +391,13 @@ class Registry:
 
     # -- jobs -----------------------------------------------------------------------------------------------
 
-    async def insert_job(self, job_id: uuid.UUID, server_id: int | None, server: str, tool: str, kind: str) -> None:
+    async def insert_job(
+        self, job_id: uuid.UUID, server_id: int | None, server: str, tool: str, kind: str, state: str = "submitted"
+    ) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(
-                "INSERT INTO mcp_jobs (id, server_id, server_name, tool, kind) VALUES (%s, %s, %s, %s, %s)",
-                (job_id, server_id, server, tool, kind),
+                "INSERT INTO mcp_jobs (id, server_id, server_name, tool, kind, state) VALUES (%s, %s, %s, %s, %s, %s)",
+                (job_id, server_id, server, tool, kind, state),
             )
 
     async def update_job(
