@@ -44,6 +44,7 @@ def prewarm(proc: JobProcess) -> None:
     proc.userdata["settings"] = Settings.from_env()
     # LiveKit owns the handlers (here, the one forwarding records to the worker); ours adds the job's fields.
     install_context_filter()
+    process_metrics()  # registered now, so the worker's /metrics carries ours before the first session
 
 
 async def process_registry(proc: JobProcess) -> Registry:
@@ -99,7 +100,9 @@ async def entrypoint(ctx: JobContext) -> None:
     registry = await process_registry(ctx.proc)
     settings: Settings = ctx.proc.userdata.get("settings") or Settings.from_env()
     dispatcher = Dispatcher(registry)
-    process_metrics().attach(dispatcher)
+    metrics = process_metrics()
+    metrics.attach(dispatcher)
+    metrics.sessions.inc()
     # From the tool cache at once (the on-disk copy if the database is down): a slow server never delays the
     # greeting; discovery goes on behind it.
     await start_dispatcher(dispatcher, settings.snapshot_path, timeout=settings.db_start_timeout_s)
@@ -115,6 +118,7 @@ async def entrypoint(ctx: JobContext) -> None:
     monitor = HealthMonitor(dispatcher, interval_s=settings.health_interval_s).start()
 
     async def shutdown() -> None:
+        metrics.sessions.dec()
         await monitor.aclose()
         await watcher.aclose()
         await dispatcher.aclose()

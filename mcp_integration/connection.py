@@ -225,7 +225,7 @@ class ServerConnection:
                 if not ready.done():
                     ready.set_result(None)
                 # Leaving on `lost` too: the transport is closed at once, so a dead stdio server is reaped now.
-                await _first(link.closing, link.lost)
+                await first_set(link.closing, link.lost)
         except BaseException as exc:
             if not ready.done():
                 # A cancelled connect (its opener gave up) leaves no exception behind that nobody retrieves.
@@ -344,7 +344,7 @@ class ServerConnection:
             due = max(link.heard_at, link.watch_since) + self.probe_after_s
             delay = due - time.monotonic()
             if delay > 0:
-                await _first(link.lost, timeout=delay)
+                await first_set(link.lost, timeout=delay)
                 continue
             # Shielded: the probe is shared (check_alive may wait on it too) and ends by itself within its timeout.
             reason = await asyncio.shield(self._probe(link))
@@ -446,7 +446,8 @@ async def _still_there(session: ClientSession) -> None:
         await session.send_discover(session.protocol_version)
 
 
-async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
+async def first_set(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until any of the events is set, or the timeout passes (no error either way)."""
     waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
         await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -51,6 +51,11 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        # Unlabelled, so it exists (at 0) from the first moment: a worker's /metrics shows its job processes
+        # are reporting before any call has been made.
+        self.sessions = Gauge(
+            "voice_mcp_sessions_running", "Voice sessions in progress.", registry=reg, multiprocess_mode="livesum"
+        )
         self.duration = Histogram(
             "voice_mcp_job_duration_seconds",
             "From submit to final state.",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
+from mcp_integration.connection import first_set
 from mcp_integration.jobs import Job, ToolCallError, ToolResult
 from mcp_integration.receipts import PermanentPollError, Receipt, ReceiptPoller, TransientPollError
 from mcp_integration.timing import PollSchedule
@@ -73,7 +74,7 @@ async def wait_task(
                 delay = max(delay, PUSH_SAFETY_POLL_S)
             if not pushed and not conn.lost.is_set():
                 wake.clear()
-                await _first_of(wake, conn.lost, timeout=delay)
+                await first_set(wake, conn.lost, timeout=delay)
             if pushed:
                 status = pushed.pop(0)
                 continue
@@ -102,15 +103,6 @@ async def wait_task(
         raise
     finally:
         unsubscribe()
-
-
-async def _first_of(a: asyncio.Event, b: asyncio.Event, *, timeout: float) -> None:
-    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 async def _reconnect(job: Job, conn: ServerConnection) -> None:

@@ -7,12 +7,17 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import ROOT, SERVERS, stdio_demo
 from prometheus_client import CollectorRegistry, generate_latest
@@ -243,3 +248,51 @@ async def test_voice_path_counts_fillers_releases_and_late_answers(registry: Reg
     row = await registry.get_job(job.id)
     assert row is not None and row["delivered_late"] and row["state"] == "completed"
     assert m["voice_mcp_late_results_total"] == {("demo", "slow"): 1.0}
+
+
+def test_the_worker_serves_our_metrics_beside_livekits(tmp_path: Path, pg_base_url: str) -> None:
+    """The real worker (`agent.py start`) with METRICS_PORT: LiveKit's own metrics server answers, and carries
+    ours from its job processes (prewarmed, no LiveKit server needed: it keeps retrying to connect)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "METRICS_PORT": str(port),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+        "LIVEKIT_URL": "ws://127.0.0.1:9",  # nothing listens: the worker retries, its processes still start
+        "LIVEKIT_API_KEY": "test-key",
+        "LIVEKIT_API_SECRET": "test-secret",
+        "DATABASE_URL": pg_base_url,
+        "OPENAI_API_KEY": "unused",
+        "DEEPGRAM_API_KEY": "unused",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "agent.py", "start"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # LiveKit's job processes go with the group at the end
+    )
+    try:
+        families: dict[str, Any] = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "voice_mcp_sessions_running" not in families:
+            time.sleep(0.5)
+            assert worker.poll() is None, "the worker exited"
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                continue
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert "voice_mcp_sessions_running" in families, sorted(families)
+        assert [s.value for s in families["voice_mcp_sessions_running"].samples] == [0.0]
+        assert any(name.startswith("lk_agents_") for name in families)  # LiveKit's, from the same endpoint
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
