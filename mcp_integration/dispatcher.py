@@ -151,11 +151,21 @@ class Dispatcher:
             servers = await self.registry.list_servers(enabled_only=True)
         for cfg in servers:
             self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
-        if self.registry is not None and recall_health:
-            await self._recall_health()
+        # Beside discovery, not before it: one more query must not delay a session's start. A verdict this
+        # process reaches first (a check, a call) wins over the recorded one.
+        recalling = (
+            asyncio.create_task(self._recall_health(), context=outside_job())
+            if self.registry is not None and recall_health
+            else None
+        )
         if wait or (self.registry is None and cached is None):
             await self.refresh()
+            if recalling is not None:
+                await recalling
             return
+        if recalling is not None:
+            self._background.add(recalling)
+            recalling.add_done_callback(self._background.discard)
         if cached is None:
             assert self.registry is not None
             cached = await self.registry.cached_tools()

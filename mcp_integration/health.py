@@ -58,8 +58,9 @@ class CircuitBreaker:
         return self.status
 
     def recall(self, status: str, failures: int) -> None:
-        """Resume from a recorded verdict; a down server may be probed at once."""
-        if status in ("up", "degraded", "down"):
+        """Resume from a recorded verdict, unless this process already has one; a down server may be probed at
+        once."""
+        if self.status == "unknown" and status in ("up", "degraded", "down"):
             self.status, self.failures = status, max(0, failures)
             if status == "down":
                 self.failures = max(self.failures, self.down_after)
