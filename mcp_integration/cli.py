@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--poll-profile", choices=POLL_PROFILES, default="auto")
     add.add_argument("--disabled", action="store_true", help="register it switched off")
     add.add_argument("--replace", action="store_true", help="update the server if the name exists")
+    add.add_argument("--allow-literal-secrets", action="store_true", help=_LITERAL_HELP)
     lst = servers.add_parser("list", help="list servers and their health")
     lst.add_argument("--json", action="store_true")
     for verb in ("remove", "enable", "disable"):
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = servers.add_parser("import", help="import an mcpServers JSON file (Claude Desktop, Cursor, …)")
     imp.add_argument("file")
     imp.add_argument("--replace", action="store_true", help="update servers whose names exist")
+    imp.add_argument("--allow-literal-secrets", action="store_true", help=_LITERAL_HELP)
 
     sub.add_parser("demo", help="run the offline demo (embedded PostgreSQL when DATABASE_URL is unset)")
 
@@ -135,6 +137,7 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             raise CliError("the stdio transport takes --command, not --url")
         if cfg.transport != "stdio" and cfg.command:
             raise CliError(f"the {cfg.transport} transport takes --url, not --command")
+        _refuse_literal_secrets([cfg], allowed=args.allow_literal_secrets)
         saved = await reg.add_server(cfg, replace=args.replace)
         for item in literal_secrets(saved):
             _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
@@ -167,6 +170,7 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             raise CliError(f"{len(failed)} of {len(reports)} servers did not answer")
     elif args.action == "import":
         cfgs = load_file(args.file)
+        _refuse_literal_secrets(cfgs, allowed=args.allow_literal_secrets)
         if not args.replace:
             existing = {s.name for s in await reg.list_servers()}
             clash = [c.name for c in cfgs if c.name in existing]
@@ -177,6 +181,19 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             for item in literal_secrets(saved):
                 _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
             _say(f"imported {saved.name} ({saved.transport} {saved.label})")
+
+
+_LITERAL_HELP = "store header/env values that look secret as given, not as env:NAME references (not advised)"
+
+
+def _refuse_literal_secrets(cfgs: list[ServerConfig], *, allowed: bool) -> None:
+    """Secrets belong in the environment, referenced as env:NAME; a literal one is refused unless asked for."""
+    found = [f"{c.name}: {item}" for c in cfgs for item in literal_secrets(c)]
+    if found and not allowed:
+        raise CliError(
+            f"{'; '.join(found)} holds a literal value that looks secret: put it in the environment and write "
+            "env:NAME instead (or pass --allow-literal-secrets)"
+        )
 
 
 async def _list_servers(reg: Registry, *, as_json: bool) -> None:

@@ -64,7 +64,7 @@ def test_servers_add_list_enable_disable_remove(cli) -> None:
         "none",
     )
     assert code == 0 and "added demo" in out
-    code, out, err = cli(
+    books = [
         "servers",
         "add",
         "books",
@@ -80,7 +80,11 @@ def test_servers_add_list_enable_disable_remove(cli) -> None:
         "/jobs/{job_id}",
         "--poll-profile",
         "http",
-    )
+    ]
+    code, out, err = cli(*books)  # a literal secret is refused: secrets are env:NAME references
+    assert code == 1 and "X-Api-Key" in one_line_error(err) and "env:NAME" in err and "sk-literal" not in err + out
+    assert "books" not in cli("servers", "list")[1]
+    code, out, err = cli(*books, "--allow-literal-secrets")
     assert code == 0
     assert "X-Api-Key" in err and "sk-literal-123" not in err + out  # warned about, never shown
 
@@ -176,7 +180,10 @@ def test_import_mcp_servers_json(cli, tmp_path: Path) -> None:
     }
     path = tmp_path / "claude_desktop_config.json"
     path.write_text(json.dumps(config))
-    code, out, err = cli("servers", "import", str(path))
+    code, out, err = cli("servers", "import", str(path))  # n8n's token is a literal: nothing is imported
+    assert code == 1 and "n8n: header Authorization" in one_line_error(err) and "Bearer abc" not in out + err
+    assert json.loads(cli("servers", "list", "--json")[1]) == []
+    code, out, err = cli("servers", "import", str(path), "--allow-literal-secrets")
     assert code == 0, err
     assert "Bearer abc" not in out + err and "header Authorization of 'n8n'" in err
     rows = {r["name"]: r for r in json.loads(cli("servers", "list", "--json")[1])}
@@ -186,9 +193,9 @@ def test_import_mcp_servers_json(cli, tmp_path: Path) -> None:
     assert rows["sock"]["transport"] == "websocket"
     assert rows["local-demo"]["env"] == {"API_TOKEN": "env:DEMO_TOKEN", "MODE": "***"}
 
-    code, _, err = cli("servers", "import", str(path))
+    code, _, err = cli("servers", "import", str(path), "--allow-literal-secrets")
     assert code == 1 and "--replace" in one_line_error(err)
-    assert cli("servers", "import", str(path), "--replace")[0] == 0
+    assert cli("servers", "import", str(path), "--replace", "--allow-literal-secrets")[0] == 0
 
 
 @pytest.mark.parametrize(
