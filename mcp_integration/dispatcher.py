@@ -19,6 +19,7 @@ import mcp_types as types
 from jsonschema import Draft202012Validator
 from jsonschema.validators import validator_for
 from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED
 
 from mcp_integration.connection import (
     ConnectError,
@@ -122,7 +123,7 @@ class Dispatcher:
         self._max_calls = max_calls_per_server
         self._background: set[asyncio.Task[Any]] = set()
         self._writes: set[asyncio.Task[Any]] = set()
-        self._closing: set[asyncio.Future[None]] = set()
+        self._closing: set[asyncio.Task[Any]] = set()
         # Called with each new job before it starts (metrics, logs): they attach listeners to its events.
         self.job_observers: list[Callable[[Job], None]] = []
         # Every check written to mcp_server_health and its history (a CLI, the status page), or only changes of
@@ -153,19 +154,12 @@ class Dispatcher:
             self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
         # Beside discovery, not before it: one more query must not delay a session's start. A verdict this
         # process reaches first (a check, a call) wins over the recorded one.
-        recalling = (
-            asyncio.create_task(self._recall_health(), context=outside_job())
-            if self.registry is not None and recall_health
-            else None
-        )
+        recalling = self._spawn(self._recall_health()) if self.registry is not None and recall_health else None
         if wait or (self.registry is None and cached is None):
             await self.refresh()
             if recalling is not None:
                 await recalling
             return
-        if recalling is not None:
-            self._background.add(recalling)
-            recalling.add_done_callback(self._background.discard)
         if cached is None:
             assert self.registry is not None
             cached = await self.registry.cached_tools()
@@ -238,9 +232,7 @@ class Dispatcher:
         state = self._servers.pop(name, None)
         if state is not None:
             self._rebuild_index()  # its tools go at once; closing the connection may take a moment
-            closing = asyncio.ensure_future(state.conn.close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            closing = self._spawn(state.conn.close(), self._closing)
             # Shielded: a caller cancelled meanwhile (a watcher stopping) must not leave a stdio process behind;
             # aclose() waits for whatever is still closing.
             await asyncio.shield(closing)
@@ -584,11 +576,12 @@ class Dispatcher:
 
     # -- shutdown -------------------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any, into: set[asyncio.Task[Any]] | None = None) -> None:
+    def _spawn(self, coro: Any, into: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
         group = self._background if into is None else into
         task = asyncio.create_task(coro, context=outside_job())
         group.add(task)
         task.add_done_callback(group.discard)
+        return task
 
     async def aclose(self) -> None:
         if self._writes:
@@ -615,7 +608,7 @@ class Dispatcher:
 def _connection_lost(exc: MCPError) -> bool:
     # CONNECTION_CLOSED (-32000) is what the SDK raises for every request pending when a transport ends, and for
     # one Streamable HTTP request whose response stream broke off.
-    return exc.error.code == -32000 or "closed" in exc.error.message.lower()
+    return exc.error.code == CONNECTION_CLOSED or "closed" in exc.error.message.lower()
 
 
 def _session_expired(exc: MCPError) -> bool:

@@ -63,10 +63,6 @@ def outside_job() -> contextvars.Context:
     return ctx
 
 
-def current_fields() -> dict[str, Any]:
-    return dict(_fields.get())
-
-
 class ContextFilter(logging.Filter):
     """Copies the context fields onto each record. Never overwrites an attribute the record already has: an
     explicit `extra=`, or fields set in another process (LiveKit forwards job-process records to its parent)."""

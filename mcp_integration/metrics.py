@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 if TYPE_CHECKING:
     from mcp_integration.dispatcher import Dispatcher, HealthReport
     from mcp_integration.jobs import Job, JobEvent
-    from mcp_integration.registry import Registry
+    from mcp_integration.registry import HealthRow, Registry
 
 HEALTH_STATES = ("up", "degraded", "down", "unknown")
 # A voice call waits seconds, a background job minutes (bounded at 10 by default).
@@ -211,7 +211,7 @@ def process_metrics() -> Metrics:
 @dataclass
 class _Snapshot:
     jobs: list[dict[str, Any]] = field(default_factory=list)
-    health: list[dict[str, Any]] = field(default_factory=list)
+    health: list[HealthRow] = field(default_factory=list)
     read_at: float | None = None
     source: int | None = None  # which Registry it was read from: another database is never served stale
 
@@ -244,22 +244,9 @@ class _TableCollector:
         snap = self._snapshot
         if snap.source == id(registry) and snap.read_at is not None and time.monotonic() - snap.read_at < max_age_s:
             return
-        async with registry.pool.connection() as conn:
-            jobs = await (
-                await conn.execute(
-                    "SELECT server_name, tool, kind, state, count(*) AS n,"
-                    " count(*) FILTER (WHERE delivered_late AND state = 'completed') AS late,"
-                    " coalesce(sum(polls), 0) AS polls"
-                    " FROM mcp_jobs GROUP BY server_name, tool, kind, state"
-                )
-            ).fetchall()
-            health = await (
-                await conn.execute(
-                    "SELECT s.name, h.status, h.latency_ms FROM mcp_server_health h"
-                    " JOIN mcp_servers s ON s.id = h.server_id"
-                )
-            ).fetchall()
-        self._snapshot = _Snapshot(list(jobs), list(health), time.monotonic(), id(registry))
+        jobs = await registry.job_totals()
+        health = list((await registry.health()).values())
+        self._snapshot = _Snapshot(jobs, health, time.monotonic(), id(registry))
 
     def describe(self) -> Iterable[Metric]:
         return [GaugeMetricFamily(name, doc, labels=labels) for name, doc, labels in _RECORDED.values()]
@@ -282,9 +269,9 @@ class _TableCollector:
             fam["polls"].add_metric(list(pkey), n)
         for h in snap.health:
             for name in HEALTH_STATES:
-                fam["status"].add_metric([h["name"], name], 1.0 if h["status"] == name else 0.0)
-            if h["latency_ms"] is not None:
-                fam["latency"].add_metric([h["name"]], h["latency_ms"] / 1000)
+                fam["status"].add_metric([h.server, name], 1.0 if h.status == name else 0.0)
+            if h.latency_ms is not None:
+                fam["latency"].add_metric([h.server], h.latency_ms / 1000)
         yield from fam.values()
 
 

@@ -175,6 +175,7 @@ class Registry:
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
+        self._migrated = False
 
     @classmethod
     async def open(
@@ -207,6 +208,12 @@ class Registry:
             raise
         return cls(pool)
 
+    async def ping(self, timeout: float) -> None:
+        """A connection and a round trip within `timeout`, or the pool's error: the registry's own calls would
+        each wait the pool's longer timeout."""
+        async with self.pool.connection(timeout=timeout) as conn:
+            await conn.execute("SELECT 1")
+
     async def close(self) -> None:
         await self.pool.close()
 
@@ -219,7 +226,11 @@ class Registry:
         return [(p.name.removesuffix(".sql"), p.read_text(encoding="utf-8")) for p in files]
 
     async def migrate(self) -> list[str]:
-        """Apply the migrations not yet recorded, each in its own transaction, in order. Returns what ran."""
+        """Apply the migrations not yet recorded, each in its own transaction, in order. Returns what ran.
+        Once it succeeded on this registry it does nothing more: each session start asks, and the advisory lock
+        would make concurrent starts wait on one another."""
+        if self._migrated:
+            return []
         applied: list[str] = []
         async with self.pool.connection() as conn:
             await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_KEY,))
@@ -240,6 +251,7 @@ class Registry:
                     log.info("applied migration %s", version)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY,))
+        self._migrated = True
         return applied
 
     async def applied_migrations(self) -> list[str]:
@@ -358,22 +370,6 @@ class Registry:
             )
             return cur.rowcount
 
-    async def latency_history(self, *, minutes: float = 60.0) -> dict[str, list[tuple[datetime, bool, float | None]]]:
-        """Each server's checks over the last `minutes`, oldest first: (checked_at, ok, latency_ms)."""
-        async with self.pool.connection() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT s.name, c.checked_at, c.ok, c.latency_ms FROM mcp_health_checks c"
-                    " JOIN mcp_servers s ON s.id = c.server_id"
-                    " WHERE c.checked_at >= now() - make_interval(secs => %s) ORDER BY c.checked_at",
-                    (minutes * 60,),
-                )
-            ).fetchall()
-        out: dict[str, list[tuple[datetime, bool, float | None]]] = {}
-        for r in rows:
-            out.setdefault(r["name"], []).append((r["checked_at"], r["ok"], r["latency_ms"]))
-        return out
-
     async def health(self) -> dict[str, HealthRow]:
         async with self.pool.connection() as conn:
             rows = await (
@@ -446,6 +442,18 @@ class Registry:
                 )
             ).fetchall()
         return [r["s"] for r in rows]
+
+    async def job_totals(self) -> list[dict[str, Any]]:
+        """Jobs counted by server, tool, kind and state, with the late ones and the polls made (for metrics)."""
+        async with self.pool.connection() as conn:
+            return await (
+                await conn.execute(
+                    "SELECT server_name, tool, kind, state, count(*) AS n,"
+                    " count(*) FILTER (WHERE delivered_late AND state = 'completed') AS late,"
+                    " coalesce(sum(polls), 0) AS polls"
+                    " FROM mcp_jobs GROUP BY server_name, tool, kind, state"
+                )
+            ).fetchall()
 
     async def get_job(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         async with self.pool.connection() as conn:

@@ -169,9 +169,7 @@ async def start_dispatcher(
 async def _load(
     registry: Registry, *, timeout: float, migrate: bool
 ) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]]]:
-    # A connection within `timeout` first: the registry's own calls would each wait the pool's longer timeout.
-    async with registry.pool.connection(timeout=timeout) as conn:
-        await conn.execute("SELECT 1")
+    await registry.ping(timeout)  # first, within `timeout`: the calls below would each wait the pool's longer one
     if migrate:
         await registry.migrate()  # idempotent; a database that was down when the process started gets it now
     return await registry.list_servers(enabled_only=True), await registry.cached_tools()

@@ -278,7 +278,9 @@ def _error(rid: Any, code: int, message: str) -> types.JSONRPCError:
 @functools.cache
 def _call_result_adapters() -> list[TypeAdapter[Any]]:
     # Every protocol version's shape, as the SDK checks them: a result fit for the version in use passes.
-    return [TypeAdapter(model) for (method, _), model in SERVER_RESULTS.items() if method == "tools/call"]
+    # Versions share models (four of five, today): each distinct one is checked once.
+    models = dict.fromkeys(model for (method, _), model in SERVER_RESULTS.items() if method == "tools/call")
+    return [TypeAdapter(model) for model in models]
 
 
 def _call_result_problem(result: dict[str, Any]) -> str | None:

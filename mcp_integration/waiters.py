@@ -172,9 +172,8 @@ async def wait_receipt(
         if not outcome.done:
             job.last_pending_at = time.monotonic()
             continue
-        if outcome.done:
-            if not outcome.ok:
-                raise ToolCallError(job.server, job.tool, outcome.error or "the workflow failed", "tool_error")
-            if outcome.result is None:
-                raise ToolCallError(job.server, job.tool, "the workflow finished without an answer", "tool_error")
-            return outcome.result
+        if not outcome.ok:
+            raise ToolCallError(job.server, job.tool, outcome.error or "the workflow failed", "tool_error")
+        if outcome.result is None:
+            raise ToolCallError(job.server, job.tool, "the workflow finished without an answer", "tool_error")
+        return outcome.result

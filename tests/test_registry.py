@@ -13,6 +13,8 @@ from mcp_integration.registry import Registry, RegistryError, ServerConfig, Tool
 async def test_migrations_apply_once_in_order(registry: Registry) -> None:
     assert await registry.applied_migrations() == [v for v, _ in Registry.migration_files()]
     assert await registry.migrate() == []  # a second run applies nothing
+    # ... nor does another process's first run (a new Registry reads schema_migrations; this one remembers).
+    assert await Registry(registry.pool).migrate() == []
 
 
 async def test_add_list_get_enable_remove(registry: Registry) -> None:

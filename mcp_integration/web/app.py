@@ -146,13 +146,14 @@ def create_app(
         if verb not in ("enable", "disable", "check"):
             return _message(404, f"no action {verb!r}: use enable, disable or check")
         try:
+            if verb in ("enable", "disable"):
+                if not await registry.set_enabled(name, verb == "enable"):
+                    return _message(404, f"no server named {name!r}")
+                feed.poke()
+                return _message(200, f"{name} {verb}d", server=name, enabled=verb == "enable")
             cfg = await registry.get_server(name)
             if cfg is None:
                 return _message(404, f"no server named {name!r}")
-            if verb in ("enable", "disable"):
-                await registry.set_enabled(name, verb == "enable")
-                feed.poke()
-                return _message(200, f"{name} {verb}d", server=name, enabled=verb == "enable")
         except DB_ERRORS:
             return _message(503, "the database is unreachable: try again in a moment")
         if not cfg.enabled:
@@ -222,8 +223,7 @@ def _message(code: int, text: str, **extra: object) -> JSONResponse:
 async def _database_answers(registry: Registry) -> bool:
     try:
         async with asyncio.timeout(HEALTHZ_TIMEOUT_S):
-            async with registry.pool.connection(timeout=HEALTHZ_TIMEOUT_S) as conn:
-                await conn.execute("SELECT 1")
+            await registry.ping(HEALTHZ_TIMEOUT_S)
         return True
     except DB_ERRORS:
         return False

@@ -12,10 +12,10 @@ import json
 from datetime import UTC, datetime
 from html import escape
 
+from mcp_integration.jobs import FINAL_STATES
 from mcp_integration.web.views import HISTORY_MINUTES, JobView, Minute, ServerView, Snapshot
 
 CHART_W, CHART_H = 120, 28
-_FINAL = ("completed", "failed", "timed_out", "cancelled")
 
 
 def page(snapshot: Snapshot, *, monitor_running: bool, asset_version: str) -> str:
@@ -140,7 +140,7 @@ def _server_row(s: ServerView) -> str:
 
 def _job_row(j: JobView) -> str:
     state = escape(j.state)
-    if j.state in _FINAL:
+    if j.state in FINAL_STATES:
         duration = _seconds(j.seconds)
     else:
         duration = f'<time datetime="{_iso(j.submitted_at)}" data-since>running</time>'
