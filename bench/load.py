@@ -187,7 +187,7 @@ def start_servers(args: argparse.Namespace, procs: list[subprocess.Popen[str]]) 
     cfg = http("receipts", port, poll_interval=args.poll_ms)
     targets.append(Target(cfg, "receipt", "submit_report", "receipt generic", report, args.job_s, finished(port)))
     port = spawn("n8n_like_server.py", ["--finish-after-ms", job_ms], procs)
-    cfg = http("n8n", port, "/mcp/sse", "sse", poll_interval=args.poll_ms, poll_profile="n8n")
+    cfg = http("n8n", port, "/mcp/reports", "sse", poll_interval=args.poll_ms, poll_profile="n8n")
     targets.append(Target(cfg, "receipt", "start_workflow", "receipt n8n", workflow, args.job_s))
     return targets
 

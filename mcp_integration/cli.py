@@ -50,16 +50,32 @@ def build_parser() -> argparse.ArgumentParser:
     servers = sub.add_parser("servers", help="manage registered MCP servers").add_subparsers(
         dest="action", required=True
     )
-    add = servers.add_parser("add", help="register a server")
+    add = servers.add_parser(
+        "add",
+        help="register a server",
+        usage="%(prog)s NAME (--url URL | --command CMD [--arg ARG ...] | [options] -- CMD [ARG ...])",
+        description="Register a server. A stdio server's command line may follow `--`, as desktop MCP clients take "
+        "it: `servers add files -- npx -y @modelcontextprotocol/server-filesystem /srv/shared`.",
+    )
     add.add_argument("name")
-    add.add_argument("--transport", required=True, choices=TRANSPORTS)
-    target = add.add_mutually_exclusive_group(required=True)
+    add.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        help="default: stdio for a command; for a URL, websocket for ws(s)://, "
+        "sse when the path ends in /sse, else streamable-http",
+    )
+    target = add.add_mutually_exclusive_group()
     target.add_argument("--url")
     target.add_argument("--command")
-    add.add_argument("--arg", action="append", default=[], help="an argument for --command (repeatable)")
+    add.add_argument(
+        "--arg", action="append", default=[], help="an argument for --command (repeatable; may start with -)"
+    )
     add.add_argument("--header", action="append", help="K=V; V may be env:NAME (repeatable)")
     add.add_argument("--env", action="append", help="K=V for a stdio server; V may be env:NAME (repeatable)")
     add.add_argument("--allow-tool", action="append", default=[], help="offer only these tools (repeatable)")
+    add.add_argument(
+        "--root", action="append", default=[], metavar="PATH", help="a root the server may work in (repeatable)"
+    )
     add.add_argument("--timeout", type=int, metavar="MS", default=35_000, help="idle timeout per call (ms)")
     add.add_argument("--poll-interval", type=int, metavar="MS", default=1_000)
     add.add_argument("--result-endpoint", default="/mcp/results")
@@ -118,15 +134,23 @@ async def cmd_migrate(reg: Registry, _: argparse.Namespace) -> None:
 
 async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
     if args.action == "add":
+        command, command_args = args.command, list(args.arg)
+        if args.command_line:
+            if args.command or args.url or command_args:
+                raise CliError("give the server's command either after -- or with --command/--arg, not both")
+            command, command_args = args.command_line[0], args.command_line[1:]
+        if not (command or args.url):
+            raise CliError("say how to reach the server: --url URL, or its command line after --")
         cfg = ServerConfig(
             name=args.name,
-            transport=args.transport,
+            transport=args.transport or _transport_for(args.url),
             url=args.url,
-            command=args.command,
-            args=args.arg,
+            command=command,
+            args=command_args,
             headers=_pairs(args.header, "--header"),
             env=_pairs(args.env, "--env"),
             allowed_tools=args.allow_tool,
+            roots=args.root,
             enabled=not args.disabled,
             timeout_ms=args.timeout,
             poll_interval=args.poll_interval,
@@ -161,11 +185,12 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
         failed = [r for r in reports.values() if not r.ok]
         for r in reports.values():
             # The status is the breaker's: one failed check makes a server degraded, three in a row down.
-            _say(
-                f"{r.server}: {r.status} ({r.latency_ms:.0f} ms)"
-                if r.ok
-                else f"{r.server}: {r.status}, no answer ({r.error})"
-            )
+            if not r.ok:
+                _say(f"{r.server}: {r.status}, no answer ({r.error})")
+            elif r.latency_ms is None:
+                _say(f"{r.server}: {r.status}, busy with a call (it answers one request at a time)")
+            else:
+                _say(f"{r.server}: {r.status} ({r.latency_ms:.0f} ms)")
         if failed:
             raise CliError(f"{len(failed)} of {len(reports)} servers did not answer")
     elif args.action == "import":
@@ -181,6 +206,16 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             for item in literal_secrets(saved):
                 _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
             _say(f"imported {saved.name} ({saved.transport} {saved.label})")
+
+
+def _transport_for(url: str | None) -> str:
+    """The transport a URL most likely speaks, when --transport is not given."""
+    if url is None:
+        return "stdio"
+    lowered = url.lower()
+    if lowered.startswith(("ws://", "wss://")):
+        return "websocket"
+    return "sse" if lowered.split("?", 1)[0].rstrip("/").endswith("/sse") else "streamable-http"
 
 
 _LITERAL_HELP = "store header/env values that look secret as given, not as env:NAME references (not advised)"
@@ -212,6 +247,7 @@ async def _list_servers(reg: Registry, *, as_json: bool) -> None:
                     "headers": redact(s.headers),
                     "env": redact(s.env),
                     "allowed_tools": s.allowed_tools,
+                    "roots": s.roots,
                     "timeout_ms": s.timeout_ms,
                     "poll_interval": s.poll_interval,
                     "poll_profile": s.poll_profile,
@@ -266,37 +302,49 @@ async def _dispatcher(reg: Registry, server: str | None, *, quiet: bool = False)
     return d
 
 
+def _unavailable(d: Dispatcher) -> list[str]:
+    """Why each server that could not be discovered failed (the tools of such a server are missing)."""
+    return [state.error for state in d.servers.values() if state.error]
+
+
 async def cmd_tools(reg: Registry, args: argparse.Namespace) -> None:
     d = await _dispatcher(reg, args.server)
     try:
-        entries = d.tools
-        if args.json:
-            _say(
-                json.dumps(
-                    [
-                        {
-                            "name": e.name,
-                            "server": e.server,
-                            "tool": e.spec.name,
-                            "description": e.spec.description,
-                            "input_schema": e.spec.input_schema,
-                        }
-                        for e in entries
-                    ],
-                    indent=2,
-                )
-            )
-            return
-        if not entries:
-            _say("no tools available")
-            return
-        table = [("NAME", "SERVER", "DESCRIPTION")]
-        for e in entries:
-            first = (e.spec.description.strip().splitlines() or [""])[0]
-            table.append((e.name, e.server, first[:80]))
-        _say(_format_table(table))
+        _list_tools(d, args)
+        failed = _unavailable(d)
+        if failed:
+            raise CliError(f"{len(failed)} of {len(d.servers)} servers could not be listed: {'; '.join(failed)}")
     finally:
         await d.aclose()
+
+
+def _list_tools(d: Dispatcher, args: argparse.Namespace) -> None:
+    entries = d.tools
+    if args.json:
+        _say(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "server": e.server,
+                        "tool": e.spec.name,
+                        "description": e.spec.description,
+                        "input_schema": e.spec.input_schema,
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
+        return
+    if not entries:
+        _say("no tools available")
+        return
+    table = [("NAME", "SERVER", "DESCRIPTION")]
+    for e in entries:
+        first = (e.spec.description.strip().splitlines() or [""])[0]
+        table.append((e.name, e.server, first[:80]))
+    _say(_format_table(table))
 
 
 async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
@@ -306,9 +354,16 @@ async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
         raise CliError(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(arguments, dict):
         raise CliError('--args must be a JSON object, like \'{"text": "hi"}\'')
-    d = await _dispatcher(reg, args.server)
+    d = await _dispatcher(reg, args.server, quiet=True)
     try:
-        job = d.submit(args.tool, arguments, server=args.server)
+        try:
+            job = d.submit(args.tool, arguments, server=args.server)
+        except ToolCallError as exc:
+            failed = _unavailable(d)
+            if exc.kind == "unknown_tool" and failed:
+                # The tool may well be on a server that could not be reached: say which, and why.
+                raise CliError(f"{exc}; {'; '.join(failed)}") from None
+            raise
         job.add_listener(_print_event)
         result = await job.wait(args.timeout)
         if args.raw:
@@ -436,8 +491,39 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         await COMMANDS[args.verb](reg, args)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """argparse, with two conventions of MCP clients' CLIs that argparse alone does not follow: everything after
+    `--` is a server's command line (so `-y` or `--db-path` reach the server, not us), and `--arg` takes a value
+    that starts with a dash (`--arg -y`)."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    command_line: list[str] = []
+    if "--" in tokens:
+        cut = tokens.index("--")
+        tokens, command_line = tokens[:cut], tokens[cut + 1 :]
+    joined: list[str] = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] == "--arg" and i + 1 < len(tokens):
+            joined.append(f"--arg={tokens[i + 1]}")
+            i += 2
+            continue
+        joined.append(tokens[i])
+        i += 1
+    parser = build_parser()
+    args = parser.parse_args(joined)
+    if command_line and not (args.verb == "servers" and args.action == "add"):
+        parser.error("a command line after -- is only taken by `servers add`")
+    if command_line and not command_line[0]:
+        parser.error("the command after -- is empty")
+    args.command_line = command_line
+    if getattr(args, "root", None):
+        # A root is stored absolute: the server may be started from another directory (another worker, even).
+        args.root = [r if r.startswith("file://") else os.path.abspath(r) for r in args.root]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     settings = Settings.from_env()
     try:
         # LOG_FORMAT=json: one JSON object per line, with the job's id, server and tool on lines about a call.

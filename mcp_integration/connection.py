@@ -3,11 +3,14 @@
 The SDK's client is an anyio context manager that must be entered and left in the same task; a dedicated
 runner task holds it open, so any task may send requests while it lives, and closing is always clean.
 
-A connection also tells a dead server from a slow one. The transport's stream ending (process exited, socket
-closed) marks it lost at once; while a request waits (`watch`), a server silent for `probe_after_s` is probed
-(MCP `ping`, or `tools/list` on 2026-07-28) and one that leaves the probe unanswered for `probe_timeout_s` is
-marked lost too. A lost connection is torn down in the background and reopened by the next `open()`; opening
-that keeps failing backs off (exponential, jittered, capped) instead of hammering a dead server.
+A connection also tells a dead server from a slow one, on evidence a busy server cannot produce: the transport's
+stream ending (process exited, pipe or socket closed, event stream ended), or a probe whose own request fails
+outright (connection refused or reset, stream closed). While a request waits (`watch`), a server silent for
+`probe_after_s` gets one probe (MCP `ping`, or `server/discover` on 2026-07-28). An *unanswered* probe proves
+nothing: many real servers (n8n among them) handle one request per session at a time and answer a ping only
+when the call in front of it ends. Such a server is remembered as `serial` and is not probed during calls again;
+its calls end at their idle timeout like any slow server's. A lost connection is torn down in the background and
+reopened by the next `open()`; opening that keeps failing backs off (exponential, jittered, capped).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import mcp_types as types
@@ -30,6 +34,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
+from mcp_integration import __version__
 from mcp_integration.logs import outside_job
 from mcp_integration.registry import ServerConfig, ToolSpec
 from mcp_integration.tasks import TaskClient
@@ -41,10 +46,9 @@ ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
 _T = TypeVar("_T")
 
 # Liveness while a request waits. After PROBE_AFTER_S without a word from the server, one probe goes out (shared
-# by every waiting request: MCP `ping`, or `server/discover` on 2026-07-28, which has no ping); a probe unanswered
-# for PROBE_TIMEOUT_S means dead. A hung server therefore fails its
-# callers about 2 s after it last spoke, while one whose pings take up to 1.5 s is left alone: the MCP spec asks
-# for a prompt ping answer, and a server that cannot give one within 1.5 s is of no use to a voice call anyway.
+# by every waiting request: MCP `ping`, or `server/discover` on 2026-07-28, which has no ping). Its request
+# failing outright (refused, reset, closed) means dead; an answer means alive; no answer within PROBE_TIMEOUT_S
+# means the server is serial (it answers between requests only), which is no sign of death at all.
 PROBE_AFTER_S = 0.5
 PROBE_TIMEOUT_S = 1.5
 # Reopening after failed attempts: the first retry waits 0.5 s, doubling to 30 s, each times a jitter of 0.5-1.0 so
@@ -55,6 +59,12 @@ BACKOFF_CAP_S = 30.0
 # session's DELETE to a dead server: the SDK's stdio shutdown (stdin closed, SIGTERM, SIGKILL, reap) is shielded
 # and always completes, so no server process outlives its connection or is left a zombie.
 _TEARDOWN_GRACE_S = 5.0
+
+# Who we are, to every server (the SDK would say "mcp 0.1.0").
+CLIENT_INFO = types.Implementation(name="voice-mcp", version=__version__)
+
+# A probe's verdict when the server said nothing in time: busy or frozen, no telling which.
+_SILENT = "(no answer in time)"
 
 # Why a transport's stream ended, when the runner has no better reason.
 _STREAM_ENDED = {
@@ -75,6 +85,18 @@ class Reconnecting(ConnectError):
     def __init__(self, message: str, retry_in: float) -> None:
         super().__init__(message)
         self.retry_in = retry_in
+
+
+class Unauthorized(ConnectError):
+    """The server refused our credentials (HTTP 401 or 403): no retry will help until they change."""
+
+    def __init__(self, server: str, status: int) -> None:
+        super().__init__(f"server {server!r} needs authorization (HTTP {status})")
+        self.status = status
+
+
+class Busy(ConnectError):
+    """A serial server is working on a request of ours: a ping would wait behind it and prove nothing."""
 
 
 class ConnectionLost(ConnectError):
@@ -101,6 +123,13 @@ class _Link:
     watch_since: float = 0.0
     keeper: asyncio.Task[None] | None = None
     probe: asyncio.Task[str | None] | None = None
+    refused: int | None = None  # the last HTTP answer was 401 or 403 (None once a request succeeds again)
+
+    def saw_status(self, status: int) -> None:
+        if status in (401, 403):
+            self.refused = status
+        elif status < 400:
+            self.refused = None
 
 
 class ServerConnection:
@@ -125,6 +154,9 @@ class ServerConnection:
         self._retry_at = 0.0
         self.last_error: str | None = None
         self.probes = 0  # liveness probes sent, over the connection's life (for metrics and tests)
+        # Learned, and kept across reopenings: the server answers one request at a time (a probe sent while a
+        # request of ours was in flight went unanswered). It gets no more probes while requests wait.
+        self.serial = False
         # The MCP tasks runtime (both dialects) on this connection's session; see tasks.py. A plain tool call's
         # length is bounded by the job engine (its wait policy), not here.
         self.tasks = TaskClient(lambda: self.client.session)
@@ -153,6 +185,11 @@ class ServerConnection:
     def generation(self) -> int:
         """Which opening this is (0 before the first): lets a caller drop only the connection it used."""
         return self._link.generation if self._link is not None else 0
+
+    @property
+    def refused(self) -> int | None:
+        """401 or 403 when the server's last HTTP answer refused our credentials, else None."""
+        return self._link.refused if self._link is not None else None
 
     @property
     def lost_reason(self) -> str | None:
@@ -200,6 +237,10 @@ class ServerConnection:
                 raise
             except BaseException as exc:
                 self._retire(link)
+                status = link.refused or refused_status(exc)
+                if status is not None:
+                    self._failed(f"needs authorization (HTTP {status})")
+                    raise Unauthorized(self.cfg.name, status) from None
                 raise self._failed(describe(exc)) from None
             self.last_error = None
             self._failures, self._retry_at = 0, 0.0
@@ -213,12 +254,20 @@ class ServerConnection:
 
     async def _run(self, link: _Link, ready: asyncio.Future[None]) -> None:
         try:
-            transport = _heard(open_transport(self.cfg, connect_timeout=self.connect_timeout), link)
+            opened = open_transport(self.cfg, connect_timeout=self.connect_timeout, on_status=link.saw_status)
+            transport = _heard(opened, link)
             link.guard = ToolListGuard(transport, self.cfg.name, on_closed=lambda: self._stream_ended(link))
             # cache=None: a stale cached tools/list would hide a server's changes from a refresh.
             # extensions: declares the tasks extension (2026) and routes task status pushes to self.tasks.
             async with Client(
-                link.guard.transport(), message_handler=self._message, cache=None, extensions=self.tasks.extensions()
+                link.guard.transport(),
+                message_handler=self._message,
+                cache=None,
+                extensions=self.tasks.extensions(),
+                client_info=CLIENT_INFO,
+                # Declared always (with no roots unless configured): filesystem-style servers ask, and warn when
+                # a client cannot answer.
+                list_roots_callback=self._roots,
             ) as client:
                 link.client = client
                 link.heard_at = time.monotonic()
@@ -295,6 +344,10 @@ class ServerConnection:
         while self._retiring:
             await asyncio.gather(*list(self._retiring), return_exceptions=True)
 
+    async def _roots(self, _context: Any) -> types.ListRootsResult:
+        roots = [types.Root(uri=r if r.startswith("file://") else Path(r).as_uri()) for r in self.cfg.roots]
+        return types.ListRootsResult(roots=roots)
+
     async def _message(self, message: Any) -> None:
         if isinstance(message, Exception):
             log.warning("server %s: transport error: %s", self.cfg.name, describe(message))
@@ -339,17 +392,29 @@ class ServerConnection:
             link.keeper = None
 
     async def _keep_watch(self, link: _Link) -> None:
-        """One per connection, however many requests wait: probe the server whenever it has been silent too long."""
-        while link.watching and not link.lost.is_set():
+        """One per connection, however many requests wait: probe the server whenever it has been silent too long.
+        Only a probe that fails outright ends the connection; one left unanswered marks the server serial."""
+        while link.watching and not link.lost.is_set() and not self.serial:
             due = max(link.heard_at, link.watch_since) + self.probe_after_s
             delay = due - time.monotonic()
             if delay > 0:
                 await first_set(link.lost, timeout=delay)
                 continue
             # Shielded: the probe is shared (check_alive may wait on it too) and ends by itself within its timeout.
-            reason = await asyncio.shield(self._probe(link))
-            if reason is not None:
-                self._lose(link, reason)
+            verdict = await asyncio.shield(self._probe(link))
+            self._judge(link, verdict)
+
+    def _judge(self, link: _Link, verdict: str | None) -> None:
+        if verdict is _SILENT:
+            if not self.serial:
+                self.serial = True
+                log.info(
+                    "server %s answers one request at a time (no reply to a ping while a call ran); "
+                    "its calls are left to their idle timeout",
+                    self.cfg.name,
+                )
+        elif verdict is not None:
+            self._lose(link, verdict)
 
     def _probe(self, link: _Link) -> asyncio.Task[str | None]:
         if link.probe is None or link.probe.done():
@@ -358,7 +423,8 @@ class ServerConnection:
         return link.probe
 
     async def _probe_once(self, link: _Link) -> str | None:
-        """None if the server answered (an error reply is still an answer), else why it is judged dead."""
+        """None if the server answered (an error reply is still an answer), `_SILENT` if it did not answer in
+        time (busy, or frozen: no telling), else why the connection is known to be dead."""
         client = link.client
         if client is None or link.lost.is_set():
             return link.reason or "the connection closed"
@@ -366,9 +432,9 @@ class ServerConnection:
         try:
             await _within(_still_there(client.session), self.probe_timeout_s)
         except TimeoutError:
-            if link.heard_at > started:
-                return None  # the probe's answer is late, but the server said something meanwhile
-            return f"the server stopped answering (no reply to a ping within {self.probe_timeout_s:g} s)"
+            if link.lost.is_set():
+                return link.reason or "the connection closed"
+            return None if link.heard_at > started else _SILENT
         except MCPError as exc:
             if exc.error.code == CONNECTION_CLOSED:
                 return link.reason or "the connection closed"
@@ -379,14 +445,23 @@ class ServerConnection:
         return None
 
     async def check_alive(self) -> bool:
-        """Probe the server now (sharing a probe already in flight); a failed probe marks the connection lost."""
+        """Probe the server now (sharing a probe already in flight). False only on evidence of death, which also
+        marks the connection lost. No answer in time is no such evidence: a serial server may still be working
+        on the very request whose stream broke."""
         link = self._link
         if link is None or not self.is_open:
             return False
-        reason = await asyncio.shield(self._probe(link))
-        if reason is not None:
-            self._lose(link, reason)
-        return reason is None
+        verdict = await asyncio.shield(self._probe(link))
+        if verdict is _SILENT:
+            return True
+        self._judge(link, verdict)
+        return verdict is None
+
+    @property
+    def busy(self) -> bool:
+        """A serial server is working on a request of ours: anything else sent now waits behind it."""
+        link = self._link
+        return self.serial and link is not None and link.watching > 0
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -422,11 +497,24 @@ class ServerConnection:
         # task, which only the client-level call resolves (through the claim in tasks.py) into a result.
         return await self.client.call_tool(name, arguments, progress_callback=progress)
 
-    async def ping(self) -> float:
-        """Round-trip latency in ms: MCP `ping` where the protocol has it (removed in 2026-07-28), else tools/list."""
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round-trip latency in ms: MCP `ping` where the protocol has it (removed in 2026-07-28), else tools/list.
+
+        Raises `Busy` rather than ask a serial server that is working on a call of ours (the answer would only
+        come after the call), and learns that a server is serial when a ping sent beside a call goes unanswered.
+        """
+        if self.busy:
+            raise Busy(f"server {self.cfg.name!r} is busy with a call and answers one request at a time")
+        link = self._link
         session = self.client.session
         started = time.perf_counter()
-        await _within(_round_trip(session), self.connect_timeout)
+        try:
+            await _within(_round_trip(session), self.connect_timeout if timeout is None else timeout)
+        except TimeoutError:
+            if link is not None and link.watching and not link.lost.is_set():
+                self._judge(link, _SILENT)
+                raise Busy(f"server {self.cfg.name!r} did not answer a ping while a call of ours ran") from None
+            raise
         return (time.perf_counter() - started) * 1000
 
 
@@ -510,12 +598,34 @@ async def _heard(inner: Transport, link: _Link) -> AsyncIterator[TransportStream
 
 
 def describe(exc: BaseException) -> str:
-    """A one-line reason for an exception, unwrapping the exception groups anyio raises."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
+    """A one-line reason for an exception, fit for a person: the exception groups anyio raises unwrapped, and
+    HTTP failures said as their status, never as a class name."""
+    exc = _innermost(exc)
     if isinstance(exc, MCPError):
         return f"MCP error {exc.error.code}: {exc.error.message}"
+    status = _http_status(exc)
+    if status is not None:
+        return f"the server answered HTTP {status}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def refused_status(exc: BaseException) -> int | None:
+    """401 or 403 when the exception is an HTTP answer refusing our credentials."""
+    status = _http_status(_innermost(exc))
+    return status if status in (401, 403) else None
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _http_status(exc: BaseException) -> int | None:
+    # httpx2.HTTPStatusError (SSE), websockets' InvalidStatus (a refused WebSocket handshake): both carry the answer.
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) and not isinstance(exc, MCPError) else None

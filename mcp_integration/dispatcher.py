@@ -22,11 +22,13 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from mcp_integration.connection import (
+    Busy,
     ConnectError,
     ConnectionLost,
     ProgressCallback,
     Reconnecting,
     ServerConnection,
+    Unauthorized,
     describe,
 )
 from mcp_integration.health import CircuitBreaker
@@ -94,7 +96,9 @@ class HealthReport:
     error: str | None
     status: str = "unknown"  # up | degraded | down | unknown, after this check
     consecutive_failures: int = 0
-    source: str = "check"  # check: a health check ran; call: a call's outcome moved the breaker
+    # check: a health check ran; call: a call's outcome moved the breaker; busy: a serial server was working on a
+    # call of ours, so no check could tell anything (the status is the breaker's, unchanged)
+    source: str = "check"
 
 
 class Dispatcher:
@@ -414,6 +418,10 @@ class Dispatcher:
             except ConnectError as exc:
                 raise ToolCallError(cfg.name, job.tool, str(exc), "unreachable") from None
             except MCPError as exc:
+                if conn.refused is not None:
+                    # A 401/403 mid-session (a token that expired or was revoked): reconnecting will not help.
+                    reason = f"needs authorization (HTTP {conn.refused})"
+                    raise ToolCallError(cfg.name, job.tool, reason, "unauthorized") from None
                 if attempt == 0 and _session_expired(exc):
                     why = "the server no longer knows our session"
                     conn.drop(why, generation=generation)
@@ -438,6 +446,9 @@ class Dispatcher:
                 return
             except SecretMissing as exc:
                 raise ToolCallError(state.cfg.name, job.tool, str(exc), "unreachable") from None
+            except Unauthorized as exc:
+                reason = f"needs authorization (HTTP {exc.status})"
+                raise ToolCallError(state.cfg.name, job.tool, reason, "unauthorized") from None
             except Reconnecting as exc:
                 if exc.retry_in > SUBMIT_WAITS_OUT_S or time.monotonic() + exc.retry_in > deadline:
                     raise ToolCallError(state.cfg.name, job.tool, str(exc), "unreachable") from None
@@ -484,15 +495,26 @@ class Dispatcher:
         return {r.server: r for r in reports}
 
     async def _check(self, state: ServerState, timeout: float | None) -> HealthReport:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
         async def probe() -> float:
             # force: the breaker already paces checks; the connection's own backoff is for calls.
             await state.conn.open(force=True)
-            return await state.conn.ping()
+            # The ping gives up a moment before the check does, so an unanswered ping beside a call of ours can
+            # still be told apart (Busy) from a server that answers nothing.
+            left = None if deadline is None else max(0.01, (deadline - time.monotonic()) * 0.9)
+            return await state.conn.ping(left)
 
         latency: float | None = None
         error: str | None = None
         try:
             latency = await asyncio.wait_for(probe(), timeout)
+        except Busy:
+            # A server that answers one request at a time, working on a call of ours: a ping would wait behind the
+            # call and say nothing of its health. The breaker keeps what it knew.
+            report = self._report(state, None, None, source="busy")
+            self._notify_health(report)
+            return report
         except TimeoutError:
             error = f"no answer to a health check within {timeout:g} s"
         except (ConnectError, SecretMissing) as exc:
@@ -533,7 +555,9 @@ class Dispatcher:
             return  # refused without trying: says nothing new about the server
         if error is not None and error.kind == "unreachable":
             breaker.failure()
-        elif job.state == "completed" or (error is not None and error.kind in ("tool_error", "server_error")):
+        elif job.state == "completed" or (
+            error is not None and error.kind in ("tool_error", "server_error", "unauthorized")
+        ):
             if before in ("up", "unknown") or breaker.failures == 0:
                 return  # nothing new (a slow server stays degraded until a check finds it quick again)
             breaker.success()
@@ -552,11 +576,7 @@ class Dispatcher:
             elif state.last_status in ("down", "degraded") and report.status == "up":
                 log.info("server %s is back up", state.cfg.name)
             state.last_status = report.status
-        for observe in self.health_observers:
-            try:
-                observe(report)
-            except Exception:
-                log.exception("health observer failed")
+        self._notify_health(report)
         if self.registry is None or state.cfg.id is None:
             return
         if not self.record_every_check and not changed:
@@ -573,6 +593,13 @@ class Dispatcher:
                 )
         except Exception as exc:
             log.warning("server %s: health not recorded: %s", state.cfg.name, describe(exc))
+
+    def _notify_health(self, report: HealthReport) -> None:
+        for observe in self.health_observers:
+            try:
+                observe(report)
+            except Exception:
+                log.exception("health observer failed")
 
     # -- shutdown -------------------------------------------------------------------------------------------
 

@@ -41,8 +41,8 @@ INSERT_GRACE_S = 0.1
 class ToolCallError(Exception):
     """Every failure of a tool call, with the server, the tool and a reason fit to tell a person.
 
-    `kind` says what went wrong: unknown_tool, invalid_arguments, unreachable, server_error, tool_error,
-    timeout, cancelled.
+    `kind` says what went wrong: unknown_tool, invalid_arguments, unreachable, unauthorized (the server refused
+    our credentials: HTTP 401/403), server_error, tool_error, timeout, cancelled.
     """
 
     def __init__(self, server: str | None, tool: str, reason: str, kind: str = "server_error") -> None:

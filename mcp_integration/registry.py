@@ -68,6 +68,7 @@ class ServerConfig:
     env: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     allowed_tools: list[str] = field(default_factory=list)
+    roots: list[str] = field(default_factory=list)  # answered to the server's roots/list (file:// URIs)
     enabled: bool = True
     timeout_ms: int = 35_000
     max_wait_ms: int = 300_000
@@ -106,6 +107,9 @@ class ServerConfig:
         ):
             if not isinstance(value, int) or value < low:
                 raise RegistryError(f"server {self.name!r}: {label} must be an integer of at least {low} ms")
+        for root in self.roots:
+            if not isinstance(root, str) or not (root.startswith("file://") or root.startswith("/")):
+                raise RegistryError(f"server {self.name!r}: a root must be an absolute path or a file:// URI")
         for label, mapping in (("header", self.headers), ("env", self.env)):
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
                 raise RegistryError(f"server {self.name!r}: every {label} name and value must be a string")

@@ -59,7 +59,14 @@ def resolve_refs(
     return out
 
 
-def open_transport(cfg: ServerConfig, *, connect_timeout: float = 10.0) -> Transport:
+# Called with the status of each HTTP response the transport receives: how a 401 or 403 is told apart from
+# other failures (the SDK's Streamable HTTP client reports every 4xx as "Server returned an error response").
+StatusHook = Callable[[int], None]
+
+
+def open_transport(
+    cfg: ServerConfig, *, connect_timeout: float = 10.0, on_status: StatusHook | None = None
+) -> Transport:
     """The SDK transport (an async context manager yielding the stream pair) for a registry row."""
     headers = resolve_refs(cfg.headers, what="header", server=cfg.name)
     if cfg.transport == "stdio":
@@ -72,19 +79,43 @@ def open_transport(cfg: ServerConfig, *, connect_timeout: float = 10.0) -> Trans
         # The server's stderr goes to ours, where an operator can see why it failed to start.
         return stdio_client(params, errlog=_errlog())
     assert cfg.url
+    hooks = _status_hooks(on_status)
     if cfg.transport == "streamable-http":
         # A long read timeout: the server may hold a response stream open while a tool works.
         client = httpx2.AsyncClient(
             headers=headers,
             timeout=httpx2.Timeout(connect_timeout, read=max(300.0, cfg.max_wait_ms / 1000)),
             verify=_ssl_context(),
+            event_hooks=hooks,
         )
         return _owning(streamable_http_client(cfg.url, http_client=client), client)
     if cfg.transport == "sse":
-        return sse_client(cfg.url, headers=headers, timeout=connect_timeout, sse_read_timeout=3600.0)
+
+        def factory(
+            headers: dict[str, str] | None = None,
+            timeout: httpx2.Timeout | None = None,
+            auth: httpx2.Auth | None = None,
+        ) -> httpx2.AsyncClient:
+            return httpx2.AsyncClient(
+                headers=headers, timeout=timeout, auth=auth, verify=_ssl_context(), event_hooks=hooks
+            )
+
+        return sse_client(
+            cfg.url, headers=headers, timeout=connect_timeout, sse_read_timeout=3600.0, httpx_client_factory=factory
+        )
     if cfg.transport == "websocket":
         return websocket_client(cfg.url, headers=headers, open_timeout=connect_timeout)
     raise ValueError(f"unknown transport {cfg.transport!r}")
+
+
+def _status_hooks(on_status: StatusHook | None) -> dict[str, list[Callable[[httpx2.Response], Any]]]:
+    if on_status is None:
+        return {}
+
+    async def seen(response: httpx2.Response) -> None:
+        on_status(response.status_code)
+
+    return {"response": [seen]}
 
 
 @functools.cache

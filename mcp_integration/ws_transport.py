@@ -23,7 +23,7 @@ from websockets.typing import Subprotocol
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
     from websockets.asyncio.connection import Connection
-    from websockets.http11 import Request
+    from websockets.http11 import Request, Response
 
 __all__ = ["MCP_SUBPROTOCOL", "serve_websocket", "websocket_client"]
 
@@ -88,12 +88,14 @@ async def serve_websocket(
     port: int = 0,
     *,
     on_connect: Callable[[ServerConnection], Awaitable[None]] | None = None,
+    process_request: Callable[[ServerConnection, Request], Response | None] | None = None,
 ) -> AsyncIterator[int]:
     """Serves `server` over WebSocket, one MCP session per connection; yields the bound port.
 
     `on_connect`, if given, runs alongside each session (cancelled when the session
-    ends), e.g. to cap a connection's lifetime. Tools see the handshake headers as
-    `ctx.headers`, as they would on the HTTP transports.
+    ends), e.g. to cap a connection's lifetime; `process_request` may refuse a handshake
+    (websockets' hook: return a response to send instead). Tools see the handshake
+    headers as `ctx.headers`, as they would on the HTTP transports.
     """
     # The SDK's own run methods reach for this attribute; there is no public equivalent yet.
     lowlevel = server._lowlevel_server  # pyright: ignore[reportPrivateUsage]
@@ -113,6 +115,7 @@ async def serve_websocket(
         subprotocols=[MCP_SUBPROTOCOL],
         max_size=DEFAULT_MAX_SIZE,
         logger=_server_wire_logger,
+        process_request=process_request,
     ) as ws_server:
         yield ws_server.sockets[0].getsockname()[1]
 

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.jobs import FINAL_STATES, Job
 from mcp_integration.registry import Registry, ServerConfig
 
@@ -64,6 +65,19 @@ async def registry(pg_url: str) -> AsyncIterator[Registry]:
         await reg.close()
 
 
+# Lines for the end of the test session's output (a figure a test measured, such as the conformance count).
+_REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    _REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _REPORT:
+        terminalreporter.write_line(line)
+
+
 def stdio_demo(name: str = "demo", *extra: str) -> ServerConfig:
     return ServerConfig(name=name, transport="stdio", command=sys.executable, args=[DEMO, "--name", name, *extra])
 
@@ -97,6 +111,19 @@ def spawn() -> Iterator[Callable[..., int]]:
         proc.wait(5)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def started(registry: Registry, *cfgs: ServerConfig, connect_timeout: float = 15) -> Dispatcher:
+    """A dispatcher over these servers (added to the registry first), every one discovered without error."""
+    for cfg in cfgs:
+        await registry.add_server(cfg)
+    d = Dispatcher(registry, connect_timeout=connect_timeout)
+    await d.start()
+    errors = {n: s.error for n, s in d.servers.items() if s.error is not None}
+    if errors:
+        await d.aclose()
+        raise AssertionError(f"servers not discovered: {errors}")
+    return d
 
 
 async def all_final(registry: Registry, jobs: list[Job]) -> dict[uuid.UUID, dict]:

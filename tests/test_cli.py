@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,109 @@ def test_jobs_lists_recent_calls_from_mcp_jobs(cli) -> None:
     assert cli("jobs", "--server", "ghost") == (0, "no jobs recorded for this filter\n", "")
     code, _, err = cli("jobs", "--limit", "0")
     assert code == 1 and "--limit must be at least 1" in one_line_error(err)
+
+
+# -- servers added the way people type them -----------------------------------------------------------------------
+
+
+def test_a_command_line_after_double_dash_reaches_the_server_whole(cli) -> None:
+    """Desktop MCP clients' CLIs take a server's command after `--`; flags such as -y or --name belong to it."""
+    code, out, err = cli("servers", "add", "demo", "--", PY, DEMO, "--name", "demo", "--list-delay-ms", "0")
+    assert code == 0, err
+    assert f"added demo (stdio {PY} {DEMO} --name demo --list-delay-ms 0)" in out
+    row = json.loads(cli("servers", "list", "--json")[1])[0]
+    assert row["transport"] == "stdio" and row["target"] == f"{PY} {DEMO} --name demo --list-delay-ms 0"
+    code, out, _ = cli("call", "echo", "--args", '{"text": "dashes"}')
+    assert (code, out) == (0, "echo: dashes\n")
+
+
+def test_arg_takes_values_that_start_with_a_dash(cli) -> None:
+    code, _, err = cli("servers", "add", "d", "--command", "npx", "--arg", "-y", "--arg", "--db-path", "--arg", "/x")
+    assert code == 0, err
+    assert json.loads(cli("servers", "list", "--json")[1])[0]["target"] == "npx -y --db-path /x"
+
+
+@pytest.mark.parametrize(
+    ("argv", "transport"),
+    [
+        (("--url", "https://h.example/mcp"), "streamable-http"),
+        (("--url", "https://h.example/mcp/sse"), "sse"),
+        (("--url", "wss://h.example/ws"), "websocket"),
+        (("--command", "npx"), "stdio"),
+        (("--url", "https://h.example/sse", "--transport", "streamable-http"), "streamable-http"),
+    ],
+)
+def test_the_transport_is_inferred_when_not_given(cli, argv: tuple[str, ...], transport: str) -> None:
+    assert cli("servers", "add", "t", *argv)[0] == 0
+    assert json.loads(cli("servers", "list", "--json")[1])[0]["transport"] == transport
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("servers", "add", "a", "--command", "x", "--", "y"), "either after -- or with --command"),
+        (("servers", "add", "a", "--url", "http://h/mcp", "--", "y"), "either after -- or with --command"),
+        (("servers", "add", "a"), "--url URL, or its command line after --"),
+        (("servers", "add", "a", "--transport", "sse", "--", "npx"), "takes --url"),
+    ],
+)
+def test_bad_command_lines_are_one_line(cli, argv: tuple[str, ...], message: str) -> None:
+    code, _, err = cli(*argv)
+    assert code == 1 and message in one_line_error(err)
+    assert json.loads(cli("servers", "list", "--json")[1]) == []
+
+
+def test_double_dash_only_belongs_to_servers_add(cli) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli("tools", "--", "x")
+    assert info.value.code == 2
+
+
+def test_roots_are_stored_absolute(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli("servers", "add", "fs", "--root", "docs", "--root", "file:///srv/x", "--", "npx", "srv")[0] == 0
+    assert json.loads(cli("servers", "list", "--json")[1])[0]["roots"] == [str(tmp_path / "docs"), "file:///srv/x"]
+
+
+# -- errors a user can act on ---------------------------------------------------------------------------------------
+
+EXCEPTION_NAME = r"\b[A-Z][A-Za-z]+(Error|Exception|Group)\b"
+
+
+@pytest.mark.parametrize("transport", ["streamable-http", "sse", "websocket"])
+def test_a_server_refusing_our_credentials_says_so_and_fails_the_command(
+    cli, spawn, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    monkeypatch.setenv("GOOD_TOKEN", "t-good-1")
+    monkeypatch.setenv("BAD_TOKEN", "t-bad-2")
+    if transport == "websocket":
+        port = spawn("--port", "0", "--token-env", "GOOD_TOKEN", script=str(SERVERS / "ws_server.py"))
+        url = f"ws://127.0.0.1:{port}/"
+    else:
+        port = spawn("--port", "0", "--token-env", "GOOD_TOKEN", script=str(SERVERS / "auth_server.py"))
+        url = f"http://127.0.0.1:{port}/mcp" + ("/sse" if transport == "sse" else "")
+    argv = ("--transport", transport, "--url", url, "--header", "Authorization=env:BAD_TOKEN")
+    assert cli("servers", "add", "locked", *argv)[0] == 0
+
+    code, out, err = cli("tools")
+    assert code == 1 and "server 'locked' needs authorization (HTTP 401)" in one_line_error(err)
+    code, out, err = cli("call", "echo", "--args", '{"text": "x"}')
+    assert code == 1 and "server 'locked' needs authorization (HTTP 401)" in one_line_error(err)
+    code, out, err = cli("servers", "check", "locked")
+    assert code == 1 and "needs authorization (HTTP 401)" in out
+    for text in (out, err):
+        assert not re.search(EXCEPTION_NAME, text), text
+    assert "t-bad-2" not in out + err
+
+
+@pytest.mark.parametrize("transport", ["sse", "streamable-http"])
+def test_a_slow_n8n_workflow_answers_through_the_cli_with_nothing_stray_on_stderr(cli, spawn, transport: str) -> None:
+    """The report that opened issue 11: a 3 s workflow on n8n failed after ~3.4 s with "lost the server", and
+    Streamable HTTP printed a stray anyio.ClosedResourceError."""
+    port = spawn("--port", "0", script=str(SERVERS / "n8n_like_server.py"))
+    url = f"http://127.0.0.1:{port}/mcp/reports"
+    assert cli("servers", "add", "n8n", "--transport", transport, "--url", url)[0] == 0
+    code, out, err = cli("call", "run_workflow", "--args", '{"topic": "tides", "seconds": 3}')
+    assert code == 0, err
+    assert "Report on tides is ready" in out
+    assert not re.search(EXCEPTION_NAME, err) and "lost the server" not in err, err

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO, SERVERS, all_final
+from conftest import started as start
 
 from mcp_integration.connection import (
     BACKOFF_FIRST_S,
@@ -43,15 +44,6 @@ def http_cfg(transport: str, port: int, name: str = "net") -> ServerConfig:
 
 def stdio_cfg(name: str, *extra: str) -> ServerConfig:
     return ServerConfig(name=name, transport="stdio", command=sys.executable, args=[DEMO, "--name", name, *extra])
-
-
-async def start(registry: Registry, *cfgs: ServerConfig) -> Dispatcher:
-    for cfg in cfgs:
-        await registry.add_server(cfg)
-    d = Dispatcher(registry, connect_timeout=15)
-    await d.start()
-    assert all(s.error is None for s in d.servers.values()), {n: s.error for n, s in d.servers.items()}
-    return d
 
 
 async def eventually(check: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
@@ -116,46 +108,43 @@ async def test_stdio_server_killed_mid_call_fails_fast_is_reaped_and_the_next_ca
 
 
 @pytest.mark.parametrize("transport", ["stdio", "streamable-http"])
-async def test_server_that_stops_answering_fails_in_seconds_not_at_the_timeout(
+async def test_a_frozen_server_is_waited_for_until_the_idle_timeout_and_its_answer_still_delivered(
     registry: Registry, spawn: Callable[..., int], tmp_path: Path, transport: str
 ) -> None:
-    """SIGSTOP freezes the server: its pipes and sockets stay open, nothing ever answers. The stream never ends,
-    so only the liveness probe can tell; the caller learns within seconds, not after the 35 s idle timeout."""
+    """SIGSTOP freezes the server: its pipes and sockets stay open and nothing answers, not even a ping. That is
+    exactly what a busy serial server looks like (n8n, a read-handle-write stdio loop), so it is no evidence of
+    death: the call waits out its idle timeout (3 s here), the connection stays, and the job goes on. Thawed,
+    the server answers, and the answer is delivered late instead of lost."""
     pidfile = tmp_path / "pid"
     if transport == "stdio":
         cfg = stdio_cfg("net", "--pid-file", str(pidfile))
     else:
         cfg = http_cfg(transport, spawn("--transport", transport, "--port", "0", "--pid-file", str(pidfile)))
+    cfg.timeout_ms = 3000
     d = await start(registry, cfg)
-    jobs: list[Job] = []
+    conn = d.servers["net"].conn
     frozen = read_pid(pidfile)
     try:
-        # One progress report at the start, then 30 s of silence: only a probe can tell it from a dead server.
-        job = d.submit("slow", {"seconds": 30, "steps": 1})
-        jobs.append(job)
+        # One progress report at the start, then silence: nothing tells a frozen server from a busy one.
+        job = d.submit("slow", {"seconds": 4, "steps": 1})
         await progressed(job)
         os.kill(frozen, signal.SIGSTOP)
-        stopped_at = time.monotonic()
         with pytest.raises(ToolCallError) as info:
-            await job.wait(20)
-        assert time.monotonic() - stopped_at < 10  # generous; the idle timeout would be 35 s
-        assert info.value.kind == "unreachable" and "stopped answering" in info.value.reason
-        assert d.servers["net"].conn.probes >= 1
+            await job.wait()
+        silent_for = time.monotonic() - job.last_activity
+        assert info.value.kind == "timeout" and "no progress for 3 s" in info.value.reason
+        assert silent_for >= 2.9, silent_for  # never failed before its idle timeout
+        assert conn.is_open and not conn.lost.is_set()
+        assert conn.serial  # the unanswered probe taught it, and it sends no more during calls
 
-        if transport != "stdio":
-            os.kill(frozen, signal.SIGCONT)  # thawed: the same server, reached over a new connection
-        jobs.append(again := d.submit("echo", {"text": "next"}))
-        assert (await again.wait(20)).text == "echo: next"
-        if transport == "stdio":
-            # A new process serves; the frozen one is killed (SIGKILL works on a stopped process) and reaped.
-            assert read_pid(pidfile) != frozen
-            await eventually(lambda: process_state(frozen) is None, timeout=20, what="the frozen server reaped")
+        os.kill(frozen, signal.SIGCONT)
+        assert (await asyncio.wait_for(job.outcome(), 20)).text == "done after 4s"
+        assert job.late and job.state == "completed"
     finally:
-        if transport != "stdio":
-            os.kill(frozen, signal.SIGCONT)
+        os.kill(frozen, signal.SIGCONT)
         await d.aclose()
-    rows = await all_final(registry, jobs)
-    assert [rows[j.id]["state"] for j in jobs] == ["failed", "completed"]
+    rows = await all_final(registry, [job])
+    assert rows[job.id]["state"] == "completed" and rows[job.id]["delivered_late"]
 
 
 async def test_slow_pings_are_alive_and_sixty_waiting_calls_share_one_probe(

@@ -32,7 +32,7 @@ def n8n_cfg(port: int, **kw) -> ServerConfig:
     return ServerConfig(
         name="n8n",
         transport="sse",
-        url=f"http://127.0.0.1:{port}/mcp/sse",
+        url=f"http://127.0.0.1:{port}/mcp/reports",
         headers={"X-N8N-API-KEY": "env:N8N_TEST_KEY"},
         poll_profile=kw.pop("poll_profile", "n8n"),
         poll_interval=kw.pop("poll_interval", 200),

@@ -468,12 +468,12 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def call_sse(port: int, tool: str, arguments: dict[str, Any]) -> ToolResult:
-    async with Client(sse_client(f"http://127.0.0.1:{port}/mcp/sse")) as c:
+    async with Client(sse_client(f"http://127.0.0.1:{port}/mcp/reports")) as c:
         return ToolResult.from_mcp(await c.session.call_tool(tool, arguments))
 
 
-async def call_http(port: int, tool: str, arguments: dict[str, Any]) -> ToolResult:
-    async with Client(f"http://127.0.0.1:{port}/mcp") as c:
+async def call_http(port: int, tool: str, arguments: dict[str, Any], path: str = "/mcp") -> ToolResult:
+    async with Client(f"http://127.0.0.1:{port}{path}") as c:
         return ToolResult.from_mcp(await c.session.call_tool(tool, arguments))
 
 
@@ -501,7 +501,7 @@ def n8n_cfg(port: int, **kw: Any) -> ServerConfig:
     return ServerConfig(
         name="n8n",
         transport="sse",
-        url=f"http://127.0.0.1:{port}/mcp/sse",
+        url=f"http://127.0.0.1:{port}/mcp/reports",
         headers={"X-N8N-API-KEY": "env:N8N_TEST_KEY"},
         poll_profile="n8n",
         **kw,
@@ -533,7 +533,7 @@ async def test_n8n_like_server_receipt_is_polled_to_the_answer(
     assert (await stats(http, port))[rec.job_id] == polls
 
     # The same workflow reached over Streamable HTTP, recognised under `auto`, polled where the row points.
-    result = await call_http(port, "start_workflow", {"topic": "wind"})
+    result = await call_http(port, "start_workflow", {"topic": "wind"}, path="/mcp/reports")
     auto = recognise(result, poll_profile="auto")
     assert auto is not None and auto.profile == "generic"
     cfg_auto = n8n_cfg(port, result_endpoint="/api/v1/executions/{job_id}?includeData=true")

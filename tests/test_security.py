@@ -119,7 +119,7 @@ def test_a_planted_secret_never_reaches_logs_output_or_the_database(
         for name, transport, url, header in rows:
             assert cli("servers", "add", name, "--transport", transport, "--url", url, "--header", header) == 0
         for name, key in (("n8n", "VMCP_N8N_KEY"), ("n8n-wrong", "VMCP_N8N_WRONG")):
-            argv = ["--url", f"{n8n}/mcp/sse", "--header", f"X-N8N-API-KEY=env:{key}", "--poll-profile", "n8n"]
+            argv = ["--url", f"{n8n}/mcp/reports", "--header", f"X-N8N-API-KEY=env:{key}", "--poll-profile", "n8n"]
             assert cli("servers", "add", name, "--transport", "sse", *argv) == 0
         stdio = ["--command", sys.executable, "--arg", DEMO, "--env", "DEMO_API_KEY=env:VMCP_STDIO_KEY"]
         assert cli("servers", "add", "local", "--transport", "stdio", *stdio) == 0
@@ -127,7 +127,7 @@ def test_a_planted_secret_never_reaches_logs_output_or_the_database(
         assert cli("servers", "list") == 0
         assert cli("servers", "list", "--json") == 0
         assert cli("servers", "check") == 1  # the refused servers are down
-        assert cli("tools") == 0
+        assert cli("tools") == 1  # it lists what it can, and exits 1 naming the servers that refused us
         assert cli("call", "good-http__echo", "--args", '{"text": "via the CLI"}') == 0
         assert cli("call", "echo", "--server", "refused-http", "--args", '{"text": "x"}') == 1
         assert cli("call", "fail", "--server", "good-sse", "--args", '{"reason": "out of paper"}') == 1

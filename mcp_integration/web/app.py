@@ -164,7 +164,9 @@ def create_app(
             # Enabled a moment ago: the registry watcher has not added it to this process yet.
             return _message(409, f"{name} is not connected yet: try again in a second")
         feed.poke()
-        if report.ok:
+        if report.source == "busy":
+            text = f"{name}: {report.status}, busy with a call (it answers one request at a time)"
+        elif report.ok:
             latency = f", {report.latency_ms:.0f} ms" if report.latency_ms is not None else ""
             text = f"{name}: {report.status}{latency}"
         else:

@@ -8,7 +8,7 @@ unsafe for LLMs); --list-delay-ms delays every tools/list answer. Malformed sche
 Faults on demand: --ping-delay-ms delays every `ping` and `server/discover` (the liveness probes); --legacy
 refuses `server/discover`, so a client falls back to the 2025-11-25 handshake (with an `Mcp-Session-Id` on
 Streamable HTTP); --sse-close-after-ms ends each SSE event stream that long after it opened (as an
-idle-closing proxy does); --pid-file writes the process id.
+idle-closing proxy does), --sse-close-on-signal ends them on SIGUSR1; --pid-file writes the process id.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import uvicorn
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
@@ -94,16 +94,31 @@ class Quirks:
         return await call_next(ctx)
 
 
-def closing_event_streams(app: Any, after_ms: int) -> Any:
-    """Wrap an ASGI app so the server ends each GET (event stream) response `after_ms` after it opened."""
+def closing_event_streams(app: Any, after_ms: int | None) -> Any:
+    """Wrap an ASGI app so the server ends each GET (event stream) response `after_ms` after it opened, or when
+    the process gets SIGUSR1 (a fault whose moment a benchmark can know)."""
+    state = {"closing": asyncio.Event()}
+
+    def on_signal() -> None:
+        state["closing"].set()
+        state["closing"] = asyncio.Event()
 
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, on_signal)
         if scope["type"] != "http" or scope["method"] != "GET":
             await app(scope, receive, send)
             return
-        with anyio.move_on_after(after_ms / 1000) as timer:
-            await app(scope, receive, send)
-        if timer.cancelled_caught:
+        closing = state["closing"]
+        served = asyncio.ensure_future(app(scope, receive, send))
+        ended = asyncio.ensure_future(closing.wait())
+        await asyncio.wait(
+            {served, ended}, timeout=after_ms / 1000 if after_ms else None, return_when="FIRST_COMPLETED"
+        )
+        ended.cancel()
+        if not served.done():
+            served.cancel()
+            await asyncio.gather(served, return_exceptions=True)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return wrapped
@@ -153,6 +168,7 @@ def main() -> None:
     parser.add_argument("--ping-delay-ms", type=int, default=0)
     parser.add_argument("--legacy", action="store_true", help="refuse server/discover: 2025-11-25 handshake")
     parser.add_argument("--sse-close-after-ms", type=int, default=0)
+    parser.add_argument("--sse-close-on-signal", action="store_true", help="end every event stream on SIGUSR1")
     parser.add_argument("--pid-file", default="")
     args = parser.parse_args()
     if args.pid_file:
@@ -165,8 +181,8 @@ def main() -> None:
         mcp.run("stdio")
     elif args.transport == "sse":
         app = mcp.sse_app()
-        if args.sse_close_after_ms:
-            app = closing_event_streams(app, args.sse_close_after_ms)
+        if args.sse_close_after_ms or args.sse_close_on_signal:
+            app = closing_event_streams(app, args.sse_close_after_ms or None)
         asyncio.run(serve_http(app, args.port))
     else:
         asyncio.run(serve_http(mcp.streamable_http_app(), args.port))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 TOOLS = [
     {
@@ -34,36 +35,57 @@ def send(msg: dict) -> None:
     sys.stdout.flush()
 
 
-def main() -> None:
-    garbage = "--garbage" in sys.argv
+def serve(
+    tools: list[dict],
+    call: Callable[[str, dict], dict],
+    *,
+    name: str,
+    protocol: Callable[[str | None], str],
+    before_answer: Callable[[], None] = lambda: None,
+    on_initialize: Callable[[dict], None] = lambda params: None,
+) -> None:
+    """The read-handle-write loop: one line in, its answer out, and only then the next line (so nothing, not even
+    a ping, is answered while a call runs). Speaks the handshake; `server/discover` is an unknown method."""
     for line in sys.stdin:
         try:
             msg = json.loads(line)
         except ValueError:
             continue
-        if "id" not in msg:
-            continue  # notifications need no answer
-        rid, method = msg["id"], msg.get("method")
-        if garbage:
-            sys.stdout.write("this is not json\n")
+        if "id" not in msg or "method" not in msg:
+            continue  # notifications (and answers) need no answer
+        rid, method, params = msg["id"], msg["method"], msg.get("params") or {}
+        before_answer()
         if method == "initialize":
+            on_initialize(params)
             result = {
-                "protocolVersion": "2025-06-18",
+                "protocolVersion": protocol(params.get("protocolVersion")),
                 "capabilities": {"tools": {}},
-                "serverInfo": {"name": "raw", "version": "1"},
+                "serverInfo": {"name": name, "version": "1"},
             }
         elif method == "tools/list":
-            result = {"tools": TOOLS}
+            result = {"tools": tools}
         elif method == "ping":
             result = {}
         elif method == "tools/call":
-            params = msg.get("params") or {}
-            text = f"echo: {(params.get('arguments') or {}).get('text', '')}"
-            result = {"content": [{"type": "text", "text": text}], "isError": False}
+            result = call(params.get("name", ""), params.get("arguments") or {})
         else:
             send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": f"Method not found: {method}"}})
             continue
         send({"jsonrpc": "2.0", "id": rid, "result": result})
+
+
+def echo(_name: str, arguments: dict) -> dict:
+    return {"content": [{"type": "text", "text": f"echo: {arguments.get('text', '')}"}], "isError": False}
+
+
+def main() -> None:
+    garbage = "--garbage" in sys.argv
+
+    def write_garbage() -> None:
+        if garbage:
+            sys.stdout.write("this is not json\n")
+
+    serve(TOOLS, echo, name="raw", protocol=lambda asked: "2025-06-18", before_answer=write_garbage)
 
 
 if __name__ == "__main__":

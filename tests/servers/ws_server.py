@@ -2,13 +2,19 @@
 
 Prints exactly one line, `LISTENING <port>`, once it accepts connections
 (`--port 0` picks a free port). `--close-after-ms N` closes every connection
-N ms after it opens, to exercise server-side closes.
+N ms after it opens, to exercise server-side closes; `--token-env VAR` refuses a handshake without
+`Authorization: Bearer <$VAR>` with HTTP 401, as a gateway would; SIGUSR1 closes every open connection at once (a fault
+whose moment a benchmark can know).
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+import os
+import signal
 import sys
+from http import HTTPStatus
 from pathlib import Path
 
 import anyio
@@ -21,6 +27,7 @@ if _ROOT not in sys.path:
 from mcp.server.mcpserver import Context, MCPServer  # noqa: E402
 from mcp.server.mcpserver.exceptions import ToolError  # noqa: E402
 from websockets.asyncio.server import ServerConnection  # noqa: E402
+from websockets.http11 import Request, Response  # noqa: E402
 
 from mcp_integration.ws_transport import serve_websocket  # noqa: E402
 
@@ -56,14 +63,29 @@ def get_header(name: str, ctx: Context) -> str:
     return (ctx.headers or {}).get(name.lower(), "")
 
 
-async def main(host: str, port: int, close_after_ms: int | None) -> None:
-    async def close_later(ws: ServerConnection) -> None:
-        assert close_after_ms is not None
-        await anyio.sleep(close_after_ms / 1000)
-        await ws.close(1001, "close-after-ms")
+async def main(host: str, port: int, close_after_ms: int | None, token: str | None = None) -> None:
+    closing = anyio.Event()
 
-    on_connect = close_later if close_after_ms is not None else None
-    async with serve_websocket(mcp, host, port, on_connect=on_connect) as bound_port:
+    def guard(ws: ServerConnection, request: Request) -> Response | None:
+        if token is None or hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}"):
+            return None
+        return ws.respond(HTTPStatus.UNAUTHORIZED, "invalid token\n")
+
+    async def close_later(ws: ServerConnection) -> None:
+        with anyio.move_on_after(close_after_ms / 1000 if close_after_ms is not None else None):
+            await closing.wait()
+        await ws.close(1001, "closed by the server")
+
+    async def on_signal() -> None:
+        nonlocal closing
+        with anyio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _ in signals:
+                closing.set()
+                closing = anyio.Event()
+
+    serving = serve_websocket(mcp, host, port, on_connect=close_later, process_request=guard)
+    async with serving as bound_port, anyio.create_task_group() as tg:
+        tg.start_soon(on_signal)
         print(f"LISTENING {bound_port}", flush=True)
         await anyio.sleep_forever()
 
@@ -73,8 +95,10 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--close-after-ms", type=int, default=None)
+    parser.add_argument("--token-env", default=None, help="require Authorization: Bearer <the value of this variable>")
     args = parser.parse_args()
+    token = os.environ[args.token_env] if args.token_env else None
     try:
-        anyio.run(main, args.host, args.port, args.close_after_ms)
+        anyio.run(main, args.host, args.port, args.close_after_ms, token)
     except KeyboardInterrupt:
         pass
