@@ -28,6 +28,7 @@ from mcp_integration.logs import bind, install_context_filter, log_format, use_j
 from mcp_integration.metrics import process_metrics
 from mcp_integration.registry import Registry
 from mcp_integration.registry_watch import RegistryWatcher
+from mcp_integration.secrets import install_log_scrubber
 from mcp_integration.snapshot import save_soon, start_dispatcher
 
 load_dotenv(PROJECT_ROOT / ".env")
@@ -42,8 +43,10 @@ def prewarm(proc: JobProcess) -> None:
     """Once per worker process: the VAD model, and the settings the database pool is opened from."""
     proc.userdata["vad"] = silero.VAD.load()
     proc.userdata["settings"] = Settings.from_env()
-    # LiveKit owns the handlers (here, the one forwarding records to the worker); ours adds the job's fields.
+    # LiveKit owns the handlers (here, the one forwarding records to the worker); ours adds the job's fields, and
+    # every record is scrubbed of the secrets this process resolves as it is made.
     install_context_filter()
+    install_log_scrubber()
     process_metrics()  # registered now, so the worker's /metrics carries ours before the first session
 
 

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,8 +21,12 @@ from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.embedded_db import open_registry
 from mcp_integration.importer import literal_secrets, load_file
 from mcp_integration.jobs import FINAL_STATES, JobEvent, ToolCallError
+from mcp_integration.limits import MAX_ARGUMENT_BYTES, MAX_DEPTH, json_too_deep
 from mcp_integration.logs import setup_logging
-from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, RegistryError, ServerConfig, redact
+from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, RegistryError, ServerConfig
+from mcp_integration.secrets import install_log_scrubber, redact, scrub
+
+MAX_JOBS_LISTED = 10_000
 
 # The states a row of mcp_jobs can be in: the two of a running job, then the final ones.
 JOB_STATES = ("submitted", "working", *FINAL_STATES)
@@ -119,12 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Escape sequences (CSI, OSC, …) and every other control character but newline and tab: a server's text must not
+# retitle, clear or reprogram the terminal it is printed to.
+_TERMINAL_UNSAFE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI (7- and 8-bit): cursor, colours, clear screen
+    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC: window title, hyperlinks, clipboard
+    r"|\x1b[ -/]*[0-~]"  # every other escape (reset, charset switches)
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # the remaining control characters
+)
+
+
+def printable(text: str) -> str:
+    """What may be printed: known secrets scrubbed, control sequences removed."""
+    return _TERMINAL_UNSAFE.sub("", scrub(text))
+
+
 def _say(text: str) -> None:
-    print(text, flush=True)
+    print(printable(text), flush=True)
 
 
 def _note(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(printable(text), file=sys.stderr, flush=True)
 
 
 async def cmd_migrate(reg: Registry, _: argparse.Namespace) -> None:
@@ -200,9 +221,9 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             existing = {s.name for s in await reg.list_servers()}
             clash = [c.name for c in cfgs if c.name in existing]
             if clash:
-                raise CliError(f"already registered: {', '.join(clash)} (use --replace to update them)")
-        for cfg in cfgs:
-            saved = await reg.add_server(cfg, replace=args.replace)
+                raise CliError(f"already registered: {', '.join(clash[:20])} (use --replace to update them)")
+        # One transaction: every entry is stored, or none.
+        for saved in await reg.add_servers(cfgs, replace=args.replace):
             for item in literal_secrets(saved):
                 _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
             _say(f"imported {saved.name} ({saved.transport} {saved.label})")
@@ -222,12 +243,13 @@ _LITERAL_HELP = "store header/env values that look secret as given, not as env:N
 
 
 def _refuse_literal_secrets(cfgs: list[ServerConfig], *, allowed: bool) -> None:
-    """Secrets belong in the environment, referenced as env:NAME; a literal one is refused unless asked for."""
+    """Secrets belong in the environment, referenced as env:NAME (or {env:NAME} in a URL); a literal one is refused
+    unless asked for."""
     found = [f"{c.name}: {item}" for c in cfgs for item in literal_secrets(c)]
     if found and not allowed:
         raise CliError(
-            f"{'; '.join(found)} holds a literal value that looks secret: put it in the environment and write "
-            "env:NAME instead (or pass --allow-literal-secrets)"
+            f"{'; '.join(found[:10])} holds a literal value that looks secret: put it in the environment and write "
+            "env:NAME instead, or {env:NAME} inside a URL (or pass --allow-literal-secrets)"
         )
 
 
@@ -348,6 +370,12 @@ def _list_tools(d: Dispatcher, args: argparse.Namespace) -> None:
 
 
 async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise CliError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if len(args.args.encode("utf-8", "replace")) > MAX_ARGUMENT_BYTES:
+        raise CliError(f"--args is larger than {MAX_ARGUMENT_BYTES:,} bytes")
+    if json_too_deep(args.args):
+        raise CliError(f"--args nests deeper than {MAX_DEPTH} levels")
     try:
         arguments: Any = json.loads(args.args)
     except json.JSONDecodeError as exc:
@@ -395,13 +423,15 @@ def _print_event(event: JobEvent) -> None:
     elif event.kind == "poll":
         extra = f" ({d['status']})" if d.get("status") else f" (error: {d['error']})" if d.get("error") else ""
         _note(f"… poll {d['n']}{extra}")
+    elif event.kind == "queued":
+        _note(f"… queued behind {d['ahead']} calls to this server")
     elif event.kind == "wait_timeout":
         _note(f"… still running after {d['waited_s']:g} s")
 
 
 async def cmd_jobs(reg: Registry, args: argparse.Namespace) -> None:
-    if args.limit < 1:
-        raise CliError(f"--limit must be at least 1, got {args.limit}")
+    if not 1 <= args.limit <= MAX_JOBS_LISTED:
+        raise CliError(f"--limit must be from 1 to {MAX_JOBS_LISTED}, got {args.limit}")
     rows = await reg.recent_jobs(server=args.server, state=args.state, limit=args.limit)
     if args.json:
         _say(json.dumps([_job_record(r) for r in rows], indent=2, ensure_ascii=False))
@@ -525,6 +555,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings.from_env()
+    install_log_scrubber()
     try:
         # LOG_FORMAT=json: one JSON object per line, with the job's id, server and tool on lines about a call.
         setup_logging(level=logging.INFO if args.verbose else logging.ERROR)

@@ -35,10 +35,13 @@ from mcp_types import CONNECTION_CLOSED
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp_integration import __version__
+from mcp_integration.limits import storable
 from mcp_integration.logs import outside_job
 from mcp_integration.registry import ServerConfig, ToolSpec
+from mcp_integration.secrets import redact_url
 from mcp_integration.tasks import TaskClient
 from mcp_integration.transports import ToolListGuard, open_transport
+from mcp_integration.ws_transport import FrameTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,10 @@ _T = TypeVar("_T")
 # means the server is serial (it answers between requests only), which is no sign of death at all.
 PROBE_AFTER_S = 0.5
 PROBE_TIMEOUT_S = 1.5
+# A server's tool list: at most this many pages, and this many tools (a cursor that never ends, or repeats, stops
+# here with a warning instead of keeping discovery, and every command waiting on it, busy forever).
+MAX_TOOL_PAGES = 100
+MAX_TOOLS = 5_000
 # Reopening after failed attempts: the first retry waits 0.5 s, doubling to 30 s, each times a jitter of 0.5-1.0 so
 # many sessions do not reconnect to one server in lockstep. A successful open resets it.
 BACKOFF_FIRST_S = 0.5
@@ -228,7 +235,10 @@ class ServerConnection:
                 self._run(link, ready), name=f"mcp-conn-{self.cfg.name}", context=outside_job()
             )
             try:
-                await asyncio.wait_for(asyncio.shield(ready), self.connect_timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as
+                # the awaited thing completes (so a cancelled caller would carry on as if not cancelled).
+                async with asyncio.timeout(self.connect_timeout):
+                    await asyncio.shield(ready)
             except TimeoutError:
                 self._retire(link)
                 raise self._failed(f"no MCP handshake within {self.connect_timeout:g} s") from None
@@ -295,7 +305,8 @@ class ServerConnection:
         if link.closing.is_set():
             link.lost.set()
         else:
-            self._lose(link, _STREAM_ENDED.get(self.cfg.transport, "the connection was lost"))
+            said = link.guard.ending if link.guard is not None else None
+            self._lose(link, said or _STREAM_ENDED.get(self.cfg.transport, "the connection was lost"))
 
     def _lose(self, link: _Link, reason: str) -> None:
         if link.lost.is_set():
@@ -326,7 +337,8 @@ class ServerConnection:
     @staticmethod
     async def _bury(runner: asyncio.Task[None], grace: float) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(runner), grace)
+            async with asyncio.timeout(grace):
+                await asyncio.shield(runner)
         except TimeoutError:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
@@ -349,6 +361,9 @@ class ServerConnection:
         return types.ListRootsResult(roots=roots)
 
     async def _message(self, message: Any) -> None:
+        if isinstance(message, FrameTooLarge):
+            log.warning("server %s: %s; the connection is closed", self.cfg.name, message)
+            return
         if isinstance(message, Exception):
             log.warning("server %s: transport error: %s", self.cfg.name, describe(message))
             return
@@ -465,29 +480,58 @@ class ServerConnection:
 
     # -- requests -------------------------------------------------------------------------------------------
 
-    async def list_tools(self) -> list[ToolSpec]:
-        """Every tool the server offers (all pages), less malformed ones and those outside `allowed_tools`."""
+    async def list_tools(self, timeout: float | None = None) -> list[ToolSpec]:
+        """Every tool the server offers (all pages, within `timeout` and the page and tool caps), less malformed
+        ones, repeats of a name, and those outside `allowed_tools`. A server cannot keep us listing forever."""
         session = self.client.session
+        deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
         tools: list[types.Tool] = []
         cursor: str | None = None
-        while True:
+        seen_cursors: set[str] = set()
+        for _ in range(MAX_TOOL_PAGES):
             params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
-            page = await asyncio.wait_for(session.list_tools(params=params), self.connect_timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"listing its tools took longer than {timeout or self.connect_timeout:g} s")
+            async with asyncio.timeout(left):
+                page = await session.list_tools(params=params)
             tools.extend(page.tools)
             cursor = page.next_cursor
             if not cursor:
                 break
+            if cursor in seen_cursors or len(tools) >= MAX_TOOLS:
+                log.warning(
+                    "server %s: its tool list goes on past %d tools; kept the first ones", self.cfg.name, len(tools)
+                )
+                break
+            seen_cursors.add(cursor)
+        else:
+            log.warning(
+                "server %s: its tool list goes on past %d pages; kept what they held", self.cfg.name, MAX_TOOL_PAGES
+            )
         allowed = set(self.cfg.allowed_tools)
-        out = []
-        for t in tools:
+        out: list[ToolSpec] = []
+        names: set[str] = set()
+        for t in tools[:MAX_TOOLS]:
             if allowed and t.name not in allowed:
                 continue
+            if t.name in names or not t.name.isprintable():
+                log.warning(
+                    "server %s: skipping a tool listed twice or with an unusable name: %r", self.cfg.name, t.name[:80]
+                )
+                continue
+            names.add(t.name)
             meta: dict[str, Any] = {}
             if t.execution is not None:
                 meta["execution"] = t.execution.model_dump(by_alias=True, exclude_none=True)
             if t.annotations is not None:
                 meta["annotations"] = t.annotations.model_dump(by_alias=True, exclude_none=True)
-            out.append(ToolSpec(self.cfg.name, t.name, t.description or "", dict(t.input_schema), meta))
+            # Storable as it is cached (no NUL, no lone surrogates), however the server wrote it.
+            out.append(
+                ToolSpec(
+                    self.cfg.name, t.name, storable(t.description or ""), storable(dict(t.input_schema)), storable(meta)
+                )
+            )
         return out
 
     async def call_tool(
@@ -604,6 +648,10 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, MCPError):
         return f"MCP error {exc.error.code}: {exc.error.message}"
     status = _http_status(exc)
+    if status is not None and 300 <= status < 400:
+        # The SDK (HTTP, SSE) and our WebSocket client follow a redirect only within the server's origin.
+        location = getattr(getattr(exc, "response", None), "headers", {}).get("location", "")
+        return f"the server redirected to another origin ({redact_url(location) or '?'}); not followed"
     if status is not None:
         return f"the server answered HTTP {status}"
     if isinstance(exc, OSError) and exc.strerror:

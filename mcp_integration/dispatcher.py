@@ -38,9 +38,9 @@ from mcp_integration.logs import outside_job
 from mcp_integration.naming import assign_names
 from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+from mcp_integration.secrets import SecretMissing, scrub
 from mcp_integration.tasks import TaskHandle
 from mcp_integration.timing import DurationStats
-from mcp_integration.transports import SecretMissing
 from mcp_integration.waiters import wait_receipt, wait_task
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,10 @@ class Dispatcher:
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             job.emit("progress", progress=progress, total=total, message=message)
 
+        if limit.locked():
+            job.queue(True, ahead=self._max_calls)
         async with limit:
+            job.queue(False)
             outcome = await self._send_call(job, state, spec, on_progress)
         floor = cfg.poll_interval / 1000
         if not isinstance(outcome, types.CallToolResult):
@@ -508,7 +511,8 @@ class Dispatcher:
         latency: float | None = None
         error: str | None = None
         try:
-            latency = await asyncio.wait_for(probe(), timeout)
+            async with asyncio.timeout(timeout):
+                latency = await probe()
         except Busy:
             # A server that answers one request at a time, working on a call of ours: a ping would wait behind the
             # call and say nothing of its health. The breaker keeps what it knew.
@@ -536,7 +540,8 @@ class Dispatcher:
         self, state: ServerState, latency: float | None, error: str | None, source: str = "check"
     ) -> HealthReport:
         b = state.breaker
-        return HealthReport(state.cfg.name, error is None, latency, error, b.status, b.failures, source)
+        said = None if error is None else scrub(error)  # what a refusing server said may quote our credentials
+        return HealthReport(state.cfg.name, error is None, latency, said, b.status, b.failures, source)
 
     def _refuse_if_down(self, state: ServerState, tool: str) -> None:
         if not state.breaker.allow():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from collections import Counter
 from typing import Any
 from urllib.parse import urlparse
 
+from mcp_integration.limits import MAX_DEPTH, json_too_deep
 from mcp_integration.registry import RegistryError, ServerConfig
+from mcp_integration.secrets import literal_secrets as secret_literals
 
 _TRANSPORT_ALIASES = {
     "stdio": "stdio",
@@ -55,6 +57,8 @@ def _str_map(name: str, what: str, value: Any) -> dict[str, str]:
 
 def parse_mcp_servers(text: str) -> list[ServerConfig]:
     """Parse and check a whole file first, so a bad entry imports nothing rather than half."""
+    if json_too_deep(text):
+        raise RegistryError(f"not a server list: it nests deeper than {MAX_DEPTH} levels")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -71,6 +75,9 @@ def parse_mcp_servers(text: str) -> list[ServerConfig]:
         args = entry.get("args") or []
         if not isinstance(args, list):
             raise RegistryError(f"server {raw_name!r}: args must be a list")
+        for key in ("url", "serverUrl", "command"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise RegistryError(f"server {raw_name!r}: {key} must be text")
         cfg = ServerConfig(
             name=name,
             transport=transport,
@@ -83,33 +90,39 @@ def parse_mcp_servers(text: str) -> list[ServerConfig]:
         )
         if isinstance(entry.get("allowedTools"), list):
             cfg.allowed_tools = [str(t) for t in entry["allowedTools"]]
-        if isinstance(entry.get("timeout"), int):
+        if isinstance(entry.get("timeout"), int) and not isinstance(entry["timeout"], bool):
             cfg.timeout_ms = entry["timeout"]
-        cfg.validate()
+        try:
+            cfg.validate()
+        except RegistryError as exc:
+            raise RegistryError(f"entry {raw_name!r}: {exc}") from None
         out.append(cfg)
-    names = [c.name for c in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(c.name for c in out).items() if count > 1)
     if dupes:
         raise RegistryError(f"two entries become the same server name: {', '.join(dupes)}")
     return out
 
 
+# An mcpServers file of a thousand servers is ~300 kB; anything far larger is not one.
+MAX_IMPORT_BYTES = 4_000_000
+
+
 def load_file(path: str) -> list[ServerConfig]:
+    """Read at most MAX_IMPORT_BYTES (so /dev/zero is refused, not read forever), as strict UTF-8."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_IMPORT_BYTES + 1)
     except OSError as exc:
         raise RegistryError(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise RegistryError(f"{path} is larger than {MAX_IMPORT_BYTES // 1_000_000} MB: not a server list")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path} is not UTF-8 text (byte {exc.start})") from None
     return parse_mcp_servers(text)
 
 
-_SECRETISH = re.compile(r"(?i)token|key|secret|passw|auth|bearer|cookie|credential")
-
-
 def literal_secrets(cfg: ServerConfig) -> list[str]:
-    """Names of header/env entries that look secret yet hold a literal value instead of an `env:NAME` reference."""
-    return [
-        f"{what} {k}"
-        for what, m in (("header", cfg.headers), ("env", cfg.env))
-        for k, v in m.items()
-        if not v.startswith("env:") and _SECRETISH.search(k)
-    ]
+    """What holds a literal value that looks secret where an env: reference belongs (headers, env, URL parts)."""
+    return secret_literals(cfg.headers, cfg.env, cfg.url)

@@ -23,6 +23,7 @@ from psycopg_pool import PoolClosed
 
 from mcp_integration.limits import MAX_REASON_CHARS, bounded, cut_text
 from mcp_integration.logs import log_context
+from mcp_integration.secrets import scrub, scrub_known
 
 if TYPE_CHECKING:
     from mcp_integration.registry import Registry
@@ -48,8 +49,9 @@ class ToolCallError(Exception):
     def __init__(self, server: str | None, tool: str, reason: str, kind: str = "server_error") -> None:
         self.server = server
         self.tool = tool
-        # A server's error message is its own text: bounded, and storable in mcp_jobs (no NUL).
-        self.reason = reason = cut_text(str(reason), MAX_REASON_CHARS)
+        # A server's error message is its own text: bounded, storable in mcp_jobs (no NUL), and never carrying a
+        # credential of ours (a server may echo the header it refused).
+        self.reason = reason = cut_text(scrub(str(reason)), MAX_REASON_CHARS)
         self.kind = kind
         where = f"{server}/{tool}" if server else tool
         super().__init__(f"{where}: {reason}")
@@ -69,12 +71,14 @@ class ToolResult:
     content: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # Frozen, so the bounded values are set the one way a frozen dataclass allows.
-        object.__setattr__(self, "text", cut_text(self.text if isinstance(self.text, str) else str(self.text)))
+        # Frozen, so the bounded values are set the one way a frozen dataclass allows. A server echoing a
+        # credential of ours back in its answer does not get it to the LLM, the caller or mcp_jobs.
+        text = self.text if isinstance(self.text, str) else str(self.text)
+        object.__setattr__(self, "text", cut_text(scrub_known(text)))
         if self.structured is not None:
-            object.__setattr__(self, "structured", bounded(self.structured)[0])
+            object.__setattr__(self, "structured", scrub_known(bounded(self.structured)[0]))
         if self.content:
-            object.__setattr__(self, "content", bounded([_without_payload(c) for c in self.content])[0])
+            object.__setattr__(self, "content", scrub_known(bounded([_without_payload(c) for c in self.content])[0]))
 
     @classmethod
     def from_mcp(cls, result: types.CallToolResult) -> ToolResult:
@@ -177,6 +181,9 @@ class Job:
         self.submitted_at = time.monotonic()
         self.last_activity = self.submitted_at
         self.last_pending_at: float | None = None  # when a poll or push last said "not done yet"
+        # Waiting for a free slot behind the server's other calls (since when): not the server's silence, so the
+        # idle timeout does not run meanwhile; the total cap still does.
+        self.queued_since: float | None = None
         self.finished_at: float | None = None
         self._registry = registry
         self._listeners: list[Callable[[JobEvent], None]] = []
@@ -204,7 +211,10 @@ class Job:
         # The row is written beside the call, not before it: a slow database never delays the server's work.
         self._insert = asyncio.ensure_future(self._record_insert())
         try:
-            result = await asyncio.wait_for(submit(self), self.policy.background_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can return a result that lands together with
+            # a cancel, and the cancel is lost (issue 12 counted 6 in 65); a cancelled job must end cancelled.
+            async with asyncio.timeout(self.policy.background_s):
+                result = await submit(self)
         except asyncio.CancelledError:
             self._finish(
                 "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
@@ -254,6 +264,15 @@ class Job:
         self.last_activity = time.monotonic()
         self._activity.set()
 
+    def queue(self, waiting: bool, *, ahead: int = 0) -> None:
+        """The call waits for (or has just got) one of its server's call slots."""
+        if waiting and self.queued_since is None:
+            self.queued_since = time.monotonic()
+            self.emit("queued", ahead=ahead)
+        elif not waiting and self.queued_since is not None:
+            self.queued_since = None
+            self.touch()  # the server's silence is counted from now
+
     async def wait(self, timeout: float | None = None, *, release_after: float | None = None) -> ToolResult:
         """The result, or ToolCallError. Without `timeout`, the policy's idle timeout (reset by activity) under
         its cap, and `release_after` seconds at most if given (the voice layer's release point). Any timeout
@@ -276,7 +295,8 @@ class Job:
     async def _wait_idle(self, limit: float | None = None) -> bool:
         while not self.done:
             now = time.monotonic()
-            deadline = min(self.last_activity + self.policy.idle_s, self.submitted_at + self.policy.cap_s)
+            cap = self.submitted_at + self.policy.cap_s
+            deadline = cap if self.queued_since is not None else min(self.last_activity + self.policy.idle_s, cap)
             if limit is not None:
                 deadline = min(deadline, limit)
             if now >= deadline:
@@ -292,6 +312,9 @@ class Job:
         return True
 
     def _timeout_reason(self, timeout: float | None) -> str:
+        if self.queued_since is not None:
+            queued = time.monotonic() - self.queued_since
+            return f"still queued behind other calls to this server after {queued:.0f} s; the job is still waiting"
         if timeout is not None:
             waited = f"after {timeout:g} s"
         elif time.monotonic() >= self.submitted_at + self.policy.cap_s:
@@ -398,7 +421,7 @@ class Job:
             self.id,
             state=self.state,
             kind=self.kind,
-            receipt=self.receipt,
+            receipt=scrub_known(self.receipt),
             result=self.result.as_record() if self.result else None,
             error=self.error.reason if self.error else None,
             polls=self.polls,
@@ -452,7 +475,8 @@ def _reason(exc: BaseException) -> str:
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
     try:
-        await asyncio.wait_for(event.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await event.wait()
     except TimeoutError:
         return False
     return True

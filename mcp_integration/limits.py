@@ -42,6 +42,30 @@ def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
+def json_too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON text nests arrays and objects more than `limit` levels, told before parsing it: Python's
+    parser raises RecursionError (a traceback, not a message) on a document 60,000 levels deep."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def argument_problem(arguments: Any) -> str | None:
     """Why these arguments cannot be sent (too deep, too large, not JSON), or None when they can."""
     if deeper_than(arguments):
@@ -63,6 +87,12 @@ def cut_text(text: str, limit: int = MAX_RESULT_CHARS) -> str:
         return text
     keep = max(limit - _MARKER_ROOM, 0)
     return f"{text[:keep]}… (cut: {len(text) - keep:,} more characters)"
+
+
+def storable(value: Any) -> Any:
+    """A JSON value PostgreSQL will store as it is (no NUL, no lone surrogates, no NaN; at most MAX_DEPTH levels),
+    with nothing cut for size."""
+    return bounded(value, budget=2**62)[0]
 
 
 def bounded(value: Any, budget: int = MAX_RESULT_CHARS) -> tuple[Any, bool]:

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
+from mcp_integration.secrets import install_log_scrubber
+
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Shown first, in this order; other context fields follow.
@@ -99,10 +101,11 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record_fields(record).items():
             out.setdefault(key, value)
-        if record.exc_info:
-            out["exc_info"] = self.formatException(record.exc_info)
-        elif record.exc_text:
+        # The scrubbed rendering made with the record (secrets.py), when there is one.
+        if record.exc_text:
             out["exc_info"] = record.exc_text
+        elif record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack_info"] = self.formatStack(record.stack_info)
         # default=str: an extra field that JSON cannot hold is shown as text rather than losing the line.
@@ -148,6 +151,7 @@ def setup_logging(
     Like `logging.basicConfig`, it leaves a root logger that someone else already configured alone (a host
     framework, pytest's capture) unless `force`; it returns whether it installed its handler. Calling it again
     replaces the handler it installed before."""
+    install_log_scrubber()  # before anything is logged: no secret this process resolves reaches a line
     chosen = formatter(fmt)
     root = logging.getLogger()
     ours = [h for h in root.handlers if isinstance(h, _OurHandler)]

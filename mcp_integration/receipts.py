@@ -26,7 +26,7 @@ import httpx
 
 from mcp_integration.jobs import ToolResult
 from mcp_integration.registry import POLL_PROFILES, ServerConfig
-from mcp_integration.transports import SecretMissing, resolve_refs
+from mcp_integration.secrets import SecretMissing, redact_url, resolve_refs, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Receipt:
 
     def as_record(self) -> dict[str, Any]:
         # The status URL without its query string: a token there must not reach mcp_jobs.
-        status_url = safe_url(self.status_url) if self.status_url else None
+        status_url = redact_url(self.status_url) if self.status_url else None
         return {"job_id": self.job_id, "status": self.status, "status_url": status_url, "profile": self.profile}
 
 
@@ -365,21 +365,33 @@ def endpoint_for(cfg: ServerConfig, receipt: Receipt) -> str:
         return url
     if _scheme(url):
         raise PermanentPollError(f"server {cfg.name!r}: result_endpoint must be an http(s) URL or a path")
-    if not cfg.url:
+    server_url = _server_url(cfg)
+    if not server_url:
         raise PermanentPollError(
             f"server {cfg.name!r}: polling receipts of a server without a URL needs an absolute result_endpoint "
             "(http(s)://host/path/{job_id})"
         )
     try:
-        return urljoin(cfg.url, url)
+        return urljoin(server_url, url)
     except ValueError:
         raise PermanentPollError(f"server {cfg.name!r}: result_endpoint is not a valid URL path") from None
+
+
+def _server_url(cfg: ServerConfig) -> str | None:
+    """The server's URL with its {env:NAME} parts resolved (a relative result endpoint is resolved against it)."""
+    if not cfg.url:
+        return None
+    try:
+        return resolve_url(cfg.url, server=cfg.name)
+    except SecretMissing as exc:  # its message names the variable, never a value
+        raise PermanentPollError(str(exc)) from None
 
 
 def _trusted_status_url(cfg: ServerConfig, status_url: str) -> str | None:
     template = cfg.result_endpoint or ""
     configured = template if _is_absolute(template) else None
-    base = cfg.url or configured
+    server_url = _server_url(cfg)
+    base = server_url or configured
     if base is None:
         log.warning("server %s: ignoring a receipt's status URL: the server has no URL to resolve it on", cfg.name)
         return None
@@ -388,10 +400,10 @@ def _trusted_status_url(cfg: ServerConfig, status_url: str) -> str | None:
     except ValueError:
         log.warning("server %s: ignoring a receipt's status URL that is not a valid URL", cfg.name)
         return None
-    trusted = {_origin(u) for u in (cfg.url, configured) if u} - {None}
+    trusted = {_origin(u) for u in (server_url, configured) if u} - {None}
     if _is_absolute(url) and _origin(url) in trusted:
         return url
-    log.warning("server %s: ignoring a receipt's status URL on another origin: %s", cfg.name, safe_url(url))
+    log.warning("server %s: ignoring a receipt's status URL on another origin: %s", cfg.name, redact_url(url))
     return None
 
 
@@ -420,19 +432,6 @@ def _origin(url: str) -> tuple[str, str, int] | None:
     if not parts.hostname:
         return None
     return scheme, parts.hostname.lower(), port
-
-
-def safe_url(url: str) -> str:
-    """A URL fit for logs and messages: no user info, no query string (either may carry a token)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable URL>"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _origin_text(url: str) -> str:
@@ -468,7 +467,7 @@ class ReceiptPoller:
             response = await self._get(url)
             if response.is_redirect:
                 raise PermanentPollError(
-                    f"server {self.cfg.name!r}: the result endpoint {safe_url(url)} redirected more than once",
+                    f"server {self.cfg.name!r}: the result endpoint {redact_url(url)} redirected more than once",
                     status_code=response.status_code,
                 )
         self._check_status(url, response)
@@ -476,7 +475,7 @@ class ReceiptPoller:
             body = response.json()
         except ValueError:
             raise PermanentPollError(
-                f"server {self.cfg.name!r}: the result endpoint {safe_url(url)} answered HTTP "
+                f"server {self.cfg.name!r}: the result endpoint {redact_url(url)} answered HTTP "
                 f"{response.status_code} with a body that is not JSON",
                 status_code=response.status_code,
             ) from None
@@ -493,22 +492,22 @@ class ReceiptPoller:
         try:
             return await self.http.get(url, headers=headers, follow_redirects=False)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-            raise PermanentPollError(f"server {self.cfg.name!r}: cannot poll {safe_url(url)}") from None
+            raise PermanentPollError(f"server {self.cfg.name!r}: cannot poll {redact_url(url)}") from None
         except httpx.TimeoutException as exc:
             raise TransientPollError(
-                f"server {self.cfg.name!r}: polling {safe_url(url)} timed out ({type(exc).__name__})"
+                f"server {self.cfg.name!r}: polling {redact_url(url)} timed out ({type(exc).__name__})"
             ) from None
         except httpx.RequestError as exc:
             # The exception's own text may hold the full URL; its type says enough.
             raise TransientPollError(
-                f"server {self.cfg.name!r}: polling {safe_url(url)} failed ({type(exc).__name__})"
+                f"server {self.cfg.name!r}: polling {redact_url(url)} failed ({type(exc).__name__})"
             ) from None
 
     def _redirect_target(self, url: str, response: httpx.Response) -> str:
         location = response.headers.get("location")
         if not location:
             raise PermanentPollError(
-                f"server {self.cfg.name!r}: the result endpoint {safe_url(url)} redirected without a Location",
+                f"server {self.cfg.name!r}: the result endpoint {redact_url(url)} redirected without a Location",
                 status_code=response.status_code,
             )
         try:
@@ -518,7 +517,7 @@ class ReceiptPoller:
         if not _is_absolute(target) or _origin(target) is None or _origin(target) != _origin(url):
             # Only the origin is named: the target's path or query may carry a token meant for someone else.
             raise PermanentPollError(
-                f"server {self.cfg.name!r}: the result endpoint {safe_url(url)} redirected to another origin "
+                f"server {self.cfg.name!r}: the result endpoint {redact_url(url)} redirected to another origin "
                 f"({_origin_text(target)}); not followed",
                 status_code=response.status_code,
             )
@@ -526,7 +525,7 @@ class ReceiptPoller:
 
     def _check_status(self, url: str, response: httpx.Response) -> None:
         code = response.status_code
-        where = f"server {self.cfg.name!r}: the result endpoint {safe_url(url)} answered HTTP {code}"
+        where = f"server {self.cfg.name!r}: the result endpoint {redact_url(url)} answered HTTP {code}"
         if 200 <= code < 300:
             return
         if code == 404:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -20,6 +21,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+
+from mcp_integration.secrets import ENV_NAME, ENV_PREFIX, PLACEHOLDER, known, looks_opaque, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +84,23 @@ class ServerConfig:
     updated_at: datetime | None = None
 
     def validate(self) -> None:
-        """Raise RegistryError with a user-facing reason; the database checks the same rules again."""
-        if not NAME_RE.match(self.name or ""):
+        """Raise RegistryError with a user-facing reason for anything the registry must not hold; the CLI, the
+        importer and the Python API all come through here, so nothing malformed is stored to fail later. The
+        database checks the core rules again."""
+        where = f"server {self.name!r}"
+        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise RegistryError(f"invalid server name {self.name!r}: use 1-48 lowercase letters, digits, '-' or '_'")
         if self.transport not in TRANSPORTS:
             raise RegistryError(f"unknown transport {self.transport!r}: choose one of {', '.join(TRANSPORTS)}")
+        _check_text_fields(self, where)
         if self.transport == "stdio":
             if not (self.command or "").strip():
-                raise RegistryError(f"server {self.name!r}: the stdio transport needs a command")
+                raise RegistryError(f"{where}: the stdio transport needs a command")
         else:
-            url = self.url or ""
-            schemes = ("ws://", "wss://") if self.transport == "websocket" else ("http://", "https://")
-            if not url.lower().startswith(schemes) or len(url) <= len(schemes[0]):
-                raise RegistryError(
-                    f"server {self.name!r}: the {self.transport} transport needs a URL starting with "
-                    f"{' or '.join(schemes)}"
-                )
+            schemes = ("ws", "wss") if self.transport == "websocket" else ("http", "https")
+            problem = url_problem(self.url or "", schemes)
+            if problem:
+                raise RegistryError(f"{where}: {problem}")
         if self.poll_profile not in POLL_PROFILES:
             raise RegistryError(f"unknown poll profile {self.poll_profile!r}: choose one of {', '.join(POLL_PROFILES)}")
         for label, value, low in (
@@ -105,18 +109,99 @@ class ServerConfig:
             ("poll interval", self.poll_interval, 50),
             ("release after", self.release_after_ms, 0),
         ):
-            if not isinstance(value, int) or value < low:
-                raise RegistryError(f"server {self.name!r}: {label} must be an integer of at least {low} ms")
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= INT4_MAX:
+                raise RegistryError(f"{where}: {label} must be a whole number of ms from {low} to {INT4_MAX}")
         for root in self.roots:
-            if not isinstance(root, str) or not (root.startswith("file://") or root.startswith("/")):
-                raise RegistryError(f"server {self.name!r}: a root must be an absolute path or a file:// URI")
+            if not (root.startswith("file://") or root.startswith("/")):
+                raise RegistryError(f"{where}: a root must be an absolute path or a file:// URI")
+        for name, value in self.headers.items():
+            if not HEADER_NAME.match(name):
+                raise RegistryError(f"{where}: {name!r} is not a valid HTTP header name")
+            if not HEADER_VALUE.match(value):
+                raise RegistryError(f"{where}: the value of header {name!r} holds a line break or control character")
+        for name in self.env:
+            if not name or "=" in name:
+                raise RegistryError(f"{where}: {name!r} is not a valid environment variable name")
         for label, mapping in (("header", self.headers), ("env", self.env)):
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-                raise RegistryError(f"server {self.name!r}: every {label} name and value must be a string")
+            for key, value in mapping.items():
+                if value.startswith(ENV_PREFIX) and not ENV_NAME.match(value[len(ENV_PREFIX) :]):
+                    raise RegistryError(
+                        f"{where}: {label} {key!r} refers to {value!r}: env: must be followed by a variable name"
+                    )
 
     @property
     def label(self) -> str:
-        return self.url if self.transport != "stdio" else " ".join([self.command or "", *self.args]).strip()
+        """Where the server lives, fit to show: credentials in its URL hidden, key-like arguments too."""
+        if self.transport != "stdio":
+            return redact_url(self.url)
+        shown = ["***" if looks_opaque(a) else a for a in self.args]
+        return " ".join([self.command or "", *shown]).strip()
+
+
+# The database's integer columns (int4).
+INT4_MAX = 2_147_483_647
+# RFC 9110 token characters, for header names; a value may hold any visible character, space and tab.
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
+HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\uffff]{0,8192}$")
+MAX_URL_CHARS = 2048
+MAX_TEXT_CHARS = 8192
+
+
+def _check_text_fields(cfg: ServerConfig, where: str) -> None:
+    """Strings only, no NUL (PostgreSQL refuses it, mid-import), nothing absurdly long."""
+    texts: list[tuple[str, object]] = [
+        ("url", cfg.url),
+        ("command", cfg.command),
+        ("result endpoint", cfg.result_endpoint),
+    ]
+    texts += [("an argument", a) for a in cfg.args] + [("a root", r) for r in cfg.roots]
+    texts += [("an allowed tool", t) for t in cfg.allowed_tools]
+    for label, mapping in (("header", cfg.headers), ("env", cfg.env)):
+        if not isinstance(mapping, dict):
+            raise RegistryError(f"{where}: {label}s must be a mapping of names to values")
+        texts += [(f"{label} name", k) for k in mapping] + [(f"{label} {k!r}", v) for k, v in mapping.items()]
+    for label, value in texts:
+        if value is None and label in ("url", "command", "result endpoint"):
+            continue
+        if not isinstance(value, str):
+            raise RegistryError(f"{where}: {label} must be text")
+        if "\x00" in value:
+            raise RegistryError(f"{where}: {label} holds a NUL character")
+        if len(value) > MAX_TEXT_CHARS:
+            raise RegistryError(f"{where}: {label} is longer than {MAX_TEXT_CHARS} characters")
+    if len(cfg.args) > 1000 or len(cfg.headers) > 100 or len(cfg.env) > 1000:
+        raise RegistryError(f"{where}: too many arguments, headers or env entries")
+
+
+def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """Why `url` cannot be a server's URL (parsed as a client would, `{env:NAME}` parts standing for values), or
+    None. Checked before anything is stored: a URL that fails here would fail at every connect instead."""
+    want = " or ".join(f"{s}://" for s in schemes)
+    if not url:
+        return f"this transport needs a URL starting with {want}"
+    if len(url) > MAX_URL_CHARS:
+        return f"the URL is longer than {MAX_URL_CHARS} characters"
+    if re.search(r"[\x00-\x20\x7f]", url):
+        return "the URL holds a space, line break or control character"
+    for name in PLACEHOLDER.findall(url):
+        if not ENV_NAME.match(name):
+            return f"{{env:{name}}} in the URL: env: must be followed by a variable name"
+    bare = PLACEHOLDER.sub("x", url)
+    if "{" in bare or "}" in bare:
+        return "the URL holds a brace that is not part of an {env:NAME} reference"
+    try:
+        parts = urlsplit(bare)
+        port = parts.port
+        host = parts.hostname
+    except ValueError as exc:
+        return f"the URL cannot be parsed ({exc})"
+    if parts.scheme.lower() not in schemes:
+        return f"this transport needs a URL starting with {want}"
+    if not host:
+        return "the URL names no host"
+    if port == 0:
+        return "the URL's port must be from 1 to 65535"
+    return None
 
 
 @dataclass(frozen=True)
@@ -266,7 +351,12 @@ class Registry:
     # -- servers --------------------------------------------------------------------------------------------
 
     async def add_server(self, cfg: ServerConfig, *, replace: bool = False) -> ServerConfig:
-        cfg.validate()
+        return (await self.add_servers([cfg], replace=replace))[0]
+
+    async def add_servers(self, cfgs: list[ServerConfig], *, replace: bool = False) -> list[ServerConfig]:
+        """Add (or with `replace`, update) servers, all in one transaction: every one is stored, or none."""
+        for cfg in cfgs:
+            cfg.validate()
         cols = ", ".join(_SERVER_COLUMNS)
         marks = ", ".join(["%s"] * len(_SERVER_COLUMNS))
         sql = f"INSERT INTO mcp_servers ({cols}) VALUES ({marks})"
@@ -274,13 +364,18 @@ class Registry:
             updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _SERVER_COLUMNS if c != "name")
             sql += f" ON CONFLICT (name) DO UPDATE SET {updates}, updated_at = now()"
         sql += " RETURNING *"
+        saved: list[ServerConfig] = []
+        current = cfgs[0].name if cfgs else ""
         try:
-            async with self.pool.connection() as conn:
-                row = await (await conn.execute(sql, _params(cfg))).fetchone()
-        except psycopg.errors.IntegrityError as exc:
-            raise _friendly(exc, cfg.name) from None
-        assert row is not None
-        return _row_to_server(row)
+            async with self.pool.connection() as conn, conn.transaction():
+                for cfg in cfgs:
+                    current = cfg.name
+                    row = await (await conn.execute(sql, _params(cfg))).fetchone()
+                    assert row is not None
+                    saved.append(_row_to_server(row))
+        except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+            raise _friendly(exc, current) from None
+        return saved
 
     async def get_server(self, name: str) -> ServerConfig | None:
         async with self.pool.connection() as conn:
@@ -358,7 +453,14 @@ class Registry:
                 " ON CONFLICT (server_id) DO UPDATE SET status = EXCLUDED.status, checked_at = now(),"
                 " latency_ms = CASE WHEN %s THEN EXCLUDED.latency_ms ELSE mcp_server_health.latency_ms END,"
                 " consecutive_failures = EXCLUDED.consecutive_failures, last_error = EXCLUDED.last_error",
-                (server_id, status, latency_ms, failures, last_error, checked),
+                (
+                    server_id,
+                    status,
+                    latency_ms,
+                    failures,
+                    None if last_error is None else known.scrub(last_error),
+                    checked,
+                ),
             )
             if checked:
                 await conn.execute(
@@ -426,7 +528,7 @@ class Registry:
                     kind,
                     None if receipt is None else Jsonb(receipt),
                     None if result is None else Jsonb(result),
-                    error,
+                    None if error is None else known.scrub(error),
                     polls,
                     delivered_late,
                     finished,
@@ -474,8 +576,3 @@ class Registry:
                     (server, server, state, state, limit),
                 )
             ).fetchall()
-
-
-def redact(mapping: dict[str, str]) -> dict[str, str]:
-    """What may be shown of headers or env: `env:NAME` references as they are, literal values hidden."""
-    return {k: (v if v.startswith("env:") else "***") for k, v in mapping.items()}

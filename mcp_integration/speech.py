@@ -76,6 +76,7 @@ _SECRET = re.compile(
     r"|\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{20,}\b"
     r"|(?<![\w/+=-])(?=[\w/+=-]*\d)(?=[\w/+=-]*[a-z])(?=[\w/+=-]*[A-Z])[\w/+=-]{32,}"
 )
+_MASKED = re.compile(r"(?i)\b(?:bearer|basic)\s+\*{3}|\b([a-z_][\w-]*)\s*[=:]\s*\*{3}|\*{3}")
 # Only values with a digit count as leaked secrets, so "invalid token: expired" keeps its meaning. The digit is
 # looked for in the first 200 characters only: an unbounded look-ahead made a run of "token=" quadratic.
 _KEYVAL = re.compile(
@@ -289,6 +290,8 @@ def _clean(text: str) -> str:
     text = _TAG.sub("", html.unescape(text))
     text = _lines(_CONTROL.sub("", _EMOJI.sub("", text)))
     text = _UNDERSCORE_EM.sub(r"\2", _LINK.sub(lambda m: m[1].strip() or _site(m[2]), text))
+    # A value the scrubber masked ("Bearer ***", "token=***") is said as its name alone, like a secret found here.
+    text = _MASKED.sub(lambda m: m[1] or "", text)
     text = _URL.sub(lambda m: _site(m[0]), re.sub(r"[*`]|~~", "", _ESCAPE.sub(r"\1", text)))
     text = _SECRET.sub("", _KEYVAL.sub(r"\1", text))
     return _NUMBER.sub(_number, _DATE.sub(_date, text))

@@ -1,6 +1,8 @@
 """One transport per registry row: stdio, Streamable HTTP and legacy SSE through the `mcp` SDK, WebSocket ours.
 
-Secrets stay references (`env:NAME`) until this module resolves them at connect time; no value is ever logged.
+Secrets stay references (`env:NAME`, `{env:NAME}` in a URL) until this module resolves them at connect time
+(`secrets.py` then knows them, and scrubs them from everything). A stdio server's stderr passes through the same
+scrubber, and its whole process group is ended on close (`stdio_guard.py`).
 """
 
 from __future__ import annotations
@@ -9,13 +11,11 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import re
 import ssl
-import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TextIO
+from typing import Any
 
 import anyio
 import httpx2
@@ -24,7 +24,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from mcp.client._transport import Transport, TransportStreams
 from mcp.client.sse import sse_client
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.message import SessionMessage
 from mcp_types.methods import SERVER_RESULTS
@@ -32,32 +32,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from mcp_integration.limits import MAX_DEPTH, deeper_than
 from mcp_integration.registry import ServerConfig
-from mcp_integration.ws_transport import websocket_client
+from mcp_integration.secrets import resolve_refs, resolve_url
+from mcp_integration.stdio_guard import guarded_stdio
+from mcp_integration.ws_transport import FrameTooLarge, websocket_client
 
 log = logging.getLogger(__name__)
-
-ENV_PREFIX = "env:"
-
-
-class SecretMissing(Exception):
-    """An `env:NAME` reference names a variable that is not set. The message names the variable, not a value."""
-
-
-def resolve_refs(
-    mapping: Mapping[str, str], *, what: str, server: str, environ: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    environ = os.environ if environ is None else environ
-    out: dict[str, str] = {}
-    for key, value in mapping.items():
-        if value.startswith(ENV_PREFIX):
-            var = value[len(ENV_PREFIX) :]
-            if var not in environ:
-                raise SecretMissing(f"server {server!r}: {what} {key!r} refers to env:{var}, which is not set")
-            out[key] = environ[var]
-        else:
-            out[key] = value
-    return out
-
 
 # Called with the status of each HTTP response the transport receives: how a 401 or 403 is told apart from
 # other failures (the SDK's Streamable HTTP client reports every 4xx as "Server returned an error response").
@@ -76,9 +55,10 @@ def open_transport(
         params = StdioServerParameters(
             command=cfg.command, args=list(cfg.args), env=env or None, encoding_error_handler="replace"
         )
-        # The server's stderr goes to ours, where an operator can see why it failed to start.
-        return stdio_client(params, errlog=_errlog())
+        # The server's stderr reaches ours (where an operator sees why it failed to start), scrubbed.
+        return guarded_stdio(params, cfg.name)
     assert cfg.url
+    url = resolve_url(cfg.url, server=cfg.name)
     hooks = _status_hooks(on_status)
     if cfg.transport == "streamable-http":
         # A long read timeout: the server may hold a response stream open while a tool works.
@@ -88,7 +68,7 @@ def open_transport(
             verify=_ssl_context(),
             event_hooks=hooks,
         )
-        return _owning(streamable_http_client(cfg.url, http_client=client), client)
+        return _owning(streamable_http_client(url, http_client=client), client)
     if cfg.transport == "sse":
 
         def factory(
@@ -101,10 +81,10 @@ def open_transport(
             )
 
         return sse_client(
-            cfg.url, headers=headers, timeout=connect_timeout, sse_read_timeout=3600.0, httpx_client_factory=factory
+            url, headers=headers, timeout=connect_timeout, sse_read_timeout=3600.0, httpx_client_factory=factory
         )
     if cfg.transport == "websocket":
-        return websocket_client(cfg.url, headers=headers, open_timeout=connect_timeout)
+        return websocket_client(url, headers=headers, open_timeout=connect_timeout)
     raise ValueError(f"unknown transport {cfg.transport!r}")
 
 
@@ -123,18 +103,6 @@ def _ssl_context() -> ssl.SSLContext:
     # Building a context loads the CA bundle (~17 ms of CPU, blocking the loop); once per process is enough,
     # and 20 servers connecting at once would otherwise queue behind each other here.
     return ssl.create_default_context()
-
-
-def _errlog() -> TextIO:
-    """A stderr with a real file descriptor: a subprocess cannot write to a replaced in-memory sys.stderr."""
-    for stream in (sys.stderr, sys.__stderr__):
-        try:
-            if stream is not None:
-                stream.fileno()
-                return stream
-        except (AttributeError, OSError, ValueError):
-            continue
-    return open(os.devnull, "w")
 
 
 @asynccontextmanager
@@ -198,6 +166,7 @@ class ToolListGuard:
         self._server = server
         self._on_closed = on_closed
         self.skipped: list[str] = []
+        self.ending: str | None = None  # why the stream is about to end, when the transport said so first
         self._pending: dict[Any, str] = {}  # request id -> method, until its answer arrives
 
     @asynccontextmanager
@@ -221,6 +190,8 @@ class ToolListGuard:
                         async for item in inner_read:
                             if isinstance(item, SessionMessage):
                                 item = self._check(item)
+                            elif isinstance(item, FrameTooLarge):
+                                self.ending = str(item)
                             else:
                                 answer = self._unreadable(item)
                                 if answer is not None:

@@ -6,6 +6,7 @@ convention: subprotocol `mcp`, one JSON-RPC message per text frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,15 +18,19 @@ from mcp.client._transport import TransportStreams
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake
+from websockets.frames import CloseCode
 from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from mcp_integration.secrets import redact_url
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
     from websockets.asyncio.connection import Connection
     from websockets.http11 import Request, Response
 
-__all__ = ["MCP_SUBPROTOCOL", "serve_websocket", "websocket_client"]
+__all__ = ["MCP_SUBPROTOCOL", "FrameTooLarge", "serve_websocket", "websocket_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,28 @@ DEFAULT_MAX_SIZE = 16 * 2**20
 
 # Bounded window for the writer to flush already-accepted messages on exit.
 _WRITER_FLUSH_TIMEOUT = 0.5
+
+
+class FrameTooLarge(Exception):
+    """The server sent a message over our frame limit; we closed the connection (close code 1009)."""
+
+
+class _SameOriginConnect(connect):
+    """websockets follows redirects, and to another origin it re-sends every header but Authorization and Cookie:
+    an `X-Api-Key` would go to whatever host the server names. A redirect is followed only within the origin
+    (headers kept, as on the HTTP transports); to another origin the connection fails, saying so."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        before = self.ws_uri
+        target = super().process_redirect(exc)
+        if isinstance(target, str):
+            after = parse_uri(target)
+            if (before.secure, before.host, before.port) != (after.secure, after.host, after.port):
+                return InvalidHandshake(
+                    f"the server redirected to another origin ({redact_url(target)}); not followed, so our "
+                    "credentials stay with the server they belong to"
+                )
+        return target
 
 
 class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
@@ -66,7 +93,7 @@ async def websocket_client(
     server closes the socket, so pending requests fail instead of hanging.
     Connection failures (OSError, TimeoutError, websockets.InvalidHandshake) propagate.
     """
-    async with connect(
+    async with _SameOriginConnect(
         url,
         subprotocols=[MCP_SUBPROTOCOL],
         additional_headers=headers,
@@ -138,6 +165,12 @@ async def _bridge(ws: Connection, request: Request | None = None) -> AsyncIterat
                 async for frame in ws:
                     await read_stream_writer.send(_parse_frame(frame, request))
             except ConnectionClosedError as exc:
+                if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                    # Ours, not the server's doing: say so before the stream ends.
+                    limit = ws.protocol.max_message_size or 0
+                    reason = f"the server sent a message larger than our limit of {limit / 2**20:g} MiB"
+                    with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        await read_stream_writer.send(FrameTooLarge(reason))
                 logger.info("WebSocket closed abnormally (code %s)", exc.rcvd.code if exc.rcvd else "none")
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass  # the session stopped reading; nothing left to deliver to

@@ -19,6 +19,7 @@ from psycopg.conninfo import make_conninfo
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.jobs import FINAL_STATES, Job
 from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.secrets import known
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "tests" / "servers"
@@ -63,6 +64,13 @@ async def registry(pg_url: str) -> AsyncIterator[Registry]:
         yield reg
     finally:
         await reg.close()
+
+
+@pytest.fixture(autouse=True)
+def _forget_secrets() -> Iterator[None]:
+    """Each test starts with no known secrets: what one test resolved must not be scrubbed from another's text."""
+    yield
+    known.clear()
 
 
 # Lines for the end of the test session's output (a figure a test measured, such as the conformance count).

@@ -319,7 +319,7 @@ def test_jobs_lists_recent_calls_from_mcp_jobs(cli) -> None:
     assert [r["tool"] for r in json.loads(cli("jobs", "--limit", "1", "--json")[1])] == ["fail"]
     assert cli("jobs", "--server", "ghost") == (0, "no jobs recorded for this filter\n", "")
     code, _, err = cli("jobs", "--limit", "0")
-    assert code == 1 and "--limit must be at least 1" in one_line_error(err)
+    assert code == 1 and "--limit must be from 1 to 10000" in one_line_error(err)
 
 
 # -- servers added the way people type them -----------------------------------------------------------------------

@@ -155,7 +155,7 @@ async def test_page_follows_servers_and_jobs_live_and_acts_on_postgres(
             html = await page.content()
             for secret in SECRETS:
                 assert secret not in html
-            assert "http://127.0.0.1:9/mcp" in html  # the target, stripped of its credentials
+            assert "http://***@127.0.0.1:9/mcp?api_key=***" in html  # the target, stripped of its credentials
     finally:
         await agent.aclose()
 
@@ -396,7 +396,7 @@ async def _status(http: httpx.AsyncClient, path: str, expected: int) -> bool:
 
 def test_targets_and_errors_lose_their_secrets() -> None:
     assert safe_target("streamable-http", "https://u:pw@api.example.com:8443/mcp?key=abc#x", None) == (
-        "https://api.example.com:8443/mcp"
+        "https://***@api.example.com:8443/mcp?key=***"
     )
     assert safe_target("stdio", None, "/usr/bin/node") == "node"
     text = "401 from https://h/mcp?api_key=abcd1234: Bearer zzzz9999 refused, password=hunter22"

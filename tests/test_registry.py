@@ -7,7 +7,8 @@ import uuid
 import psycopg
 import pytest
 
-from mcp_integration.registry import Registry, RegistryError, ServerConfig, ToolSpec, redact
+from mcp_integration.registry import Registry, RegistryError, ServerConfig, ToolSpec
+from mcp_integration.secrets import redact
 
 
 async def test_migrations_apply_once_in_order(registry: Registry) -> None:

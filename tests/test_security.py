@@ -297,7 +297,7 @@ def test_any_status_url_is_polled_only_on_a_trusted_origin(scheme: str, host: st
 
 # -- SQL: every value is a parameter ----------------------------------------------------------------------------
 
-sql_text = st.text(st.characters(exclude_characters="\x00"), max_size=40) | st.sampled_from(
+sql_text = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=40) | st.sampled_from(
     [
         "'; DROP TABLE mcp_jobs; --",
         "x' OR '1'='1",

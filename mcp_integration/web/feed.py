@@ -83,7 +83,8 @@ class LiveFeed:
                             sent[name] = frame.changed_at[name]
                             yield name, text
                 try:
-                    await asyncio.wait_for(waiter.wait(), keepalive_s)
+                    async with asyncio.timeout(keepalive_s):
+                        await waiter.wait()
                 except TimeoutError:
                     yield "", ""
         finally:
@@ -117,7 +118,8 @@ class LiveFeed:
                 if self._on_error is not None:
                     self._publish(self._on_error(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), self.period)
+                async with asyncio.timeout(self.period):
+                    await self._poke.wait()
             # A burst of pokes (fifty servers checked at once) becomes one look; and a health check pokes just
             # before it is written to the database, so give the write a moment.
             await asyncio.sleep(0.1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import math
+import re
 from urllib.parse import urlencode, urlsplit
 
 from starlette.datastructures import URL
@@ -21,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 COOKIE = "voice_mcp_dashboard"
 TOKEN_ENV = "DASHBOARD_TOKEN"
 MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_BITS = 48
 
 
 class BindingError(ValueError):
@@ -38,14 +41,39 @@ def is_loopback(host: str) -> bool:
 
 
 def check_binding(host: str, token: str | None) -> None:
-    """Refuse to serve beyond this machine without a token, and refuse a token too short to be one."""
+    """Refuse to serve beyond this machine without a token, and refuse a token too short or too plain to be one."""
     if token is not None and len(token) < MIN_TOKEN_LENGTH:
         raise BindingError(f"{TOKEN_ENV} is too short: use at least {MIN_TOKEN_LENGTH} random characters")
+    if token is not None and not _random_enough(token):
+        raise BindingError(
+            f"{TOKEN_ENV} does not look random (spaces, or too few different characters): make one with "
+            "`openssl rand -hex 24`"
+        )
     if token is None and not is_loopback(host):
         raise BindingError(
             f"binding the dashboard to {host} needs a token: set {TOKEN_ENV} (at least {MIN_TOKEN_LENGTH} random "
             "characters), or bind to 127.0.0.1"
         )
+
+
+def _random_enough(token: str) -> bool:
+    """No whitespace or control characters, and at least MIN_TOKEN_BITS by a generous estimate (length times the
+    bits of its alphabet as used): "aaaa…" and "abab…" are refused, 16 random hex digits pass."""
+    if any(c.isspace() or not c.isprintable() for c in token):
+        return False
+    distinct = len(set(token))
+    return distinct >= 6 and len(token) * math.log2(distinct) >= MIN_TOKEN_BITS
+
+
+# host, or host:port; a host is a name, an IPv4 address or a bracketed IPv6 address.
+_HOST_HEADER = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)(?::\d{1,5})?$")
+
+
+def _host_of(header: str) -> str | None:
+    """The host a well-formed Host header names, or None."""
+    if not _HOST_HEADER.match(header):
+        return None
+    return header.rsplit(":", 1)[0] if not header.startswith("[") else header.split("]")[0] + "]"
 
 
 def cookie_value(token: str) -> str:
@@ -83,8 +111,11 @@ class Guard:
     def _admit(self, request: Request) -> Response | str:
         """How the request proved itself (open | bearer | cookie | query), or the response refusing it."""
         how = "open"
+        host = _host_of(request.headers.get("host", ""))
+        if host is None:
+            return _refuse(400, "a request needs a well-formed Host header")
         if self.token is None:
-            if not is_loopback(request.url.hostname or ""):
+            if not is_loopback(host):
                 return _refuse(403, "this dashboard answers only to a loopback Host (127.0.0.1 or localhost)")
         else:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")

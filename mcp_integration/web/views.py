@@ -9,17 +9,17 @@ literal header and env values.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from psycopg_pool import AsyncConnectionPool
 
 from mcp_integration.registry import ServerConfig
+from mcp_integration.secrets import PLACEHOLDER, known, redact_url
+from mcp_integration.secrets import scrub as scrub_known
 
 HISTORY_MINUTES = 60
 RECENT_JOBS = 50
@@ -196,47 +196,31 @@ def _server_view(r: dict[str, Any], minutes: tuple[Minute, ...]) -> ServerView:
 
 
 def safe_target(transport: str, url: str | None, command: str | None) -> str:
-    """Where a server lives, without what could be a secret: no user:password, query or fragment, and for a
-    stdio server only the program's name (its arguments may carry keys)."""
+    """Where a server lives, without what could be a secret: its URL redacted, and for a stdio server only the
+    program's name (its arguments may carry keys)."""
     if transport == "stdio":
         return PurePath(command or "?").name
-    parts = urlsplit(url or "")
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return redact_url(url)
 
 
 def secrets_of(cfg: ServerConfig) -> list[str]:
-    """The values to hide from anything said about this server (errors), longest first."""
+    """The values to hide from anything said about this server (errors)."""
     return _secrets(cfg.url, cfg.headers, cfg.env)
 
 
 def _secrets(url: str | None, headers: dict[str, str], env: dict[str, str]) -> list[str]:
-    values: list[str] = []
-    for value in (*headers.values(), *env.values()):
-        if value.startswith("env:"):
-            # A reference is safe to show, but what it resolves to at connect time may be echoed in an error.
-            value = os.environ.get(value[4:], "")
-        values.append(value)
-        # "Bearer abc" leaks as "abc" just as well.
-        values.extend(value.split())
+    """What this server's references resolve to here (an error written by another process may quote them), and
+    its literal header and env values."""
+    values = [os.environ.get(v[4:], "") if v.startswith("env:") else v for v in (*headers.values(), *env.values())]
     if url:
-        parts = urlsplit(url)
-        values.extend(v for v in (parts.username, parts.password) if v)
-        values.extend(v for _, v in parse_qsl(parts.query))
-        if parts.query:
-            values.append(parts.query)
-    return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
-
-
-# Credentials in the shapes errors quote them: "Bearer abc", "api_key=abc".
-_CREDENTIALS = re.compile(r"(?i)\b(bearer\s+|(?:api[-_]?key|access[-_]?token|token|password|secret)=)[^\s,;:&'\"]+")
+        values += [os.environ.get(name, "") for name in PLACEHOLDER.findall(url)]
+    return [v for v in values if v]
 
 
 def scrub(text: str, secrets: list[str]) -> str:
+    """`text` fit for the page: this server's secrets, every secret this process knows, and credential shapes
+    hidden; cut to MAX_ERROR_CHARS."""
     for value in secrets:
-        text = text.replace(value, "***")
-    text = _CREDENTIALS.sub(r"\1***", text)
+        known.add(value)
+    text = scrub_known(text)
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"

@@ -18,6 +18,8 @@ Tools (bytes travel base64-encoded in the arguments):
   big(chars, kind)    an answer of `chars` characters: kind text | structured | image
   set_tools(b64)      from now on tools/list answers with these bytes as its result
   stats()             {"calls": tools/call requests received, "tools": the tool names called, in order}
+--endless-tools: tools/list never ends (every page names one more tool and a next cursor), as a broken
+paginating server does.
 A frame that is not valid UTF-8 goes out as a binary WebSocket frame (a text frame must be UTF-8), unless
 `as_text` asks for the broken kind.
 """
@@ -43,9 +45,10 @@ PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 class Hostile:
     """The protocol, independent of the transport: one incoming message in, the frames to send out."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, endless_tools: bool = False) -> None:
         self.tools_result = json.dumps({"tools": TOOLS}).encode()
         self.calls: list[str] = []
+        self.endless_tools = endless_tools
 
     def answer(self, msg: Any) -> list[bytes]:
         if not isinstance(msg, dict) or "id" not in msg or "method" not in msg:
@@ -55,6 +58,11 @@ class Hostile:
             return [_ok(rid, {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}, "serverInfo": _INFO})]
         if method == "ping":
             return [_ok(rid, {})]
+        if method == "tools/list" and self.endless_tools:
+            # A cursor that never ends: each page names a tool of its own and points to the next page.
+            page = int(((msg.get("params") or {}).get("cursor")) or 0)
+            listed = [{"name": f"page_{page}", "inputSchema": OPEN}, *(TOOLS if page == 0 else [])]
+            return [_ok(rid, {"tools": listed, "nextCursor": str(page + 1)})]
         if method == "tools/list":
             return [b'{"jsonrpc":"2.0","id":' + json.dumps(rid).encode() + b',"result":' + self.tools_result + b"}"]
         if method != "tools/call":
@@ -113,7 +121,7 @@ def _wants_raw_text(msg: Any) -> bool:
 
 
 def run_stdio() -> None:
-    server = Hostile()
+    server = Hostile(endless_tools="--endless-tools" in sys.argv)
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
         try:
@@ -169,6 +177,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token-env", default=None, help="WebSocket only: the variable holding the bearer token")
+    parser.add_argument("--endless-tools", action="store_true", help="stdio only: a tools/list that never ends")
     args = parser.parse_args()
     if args.transport == "stdio":
         run_stdio()

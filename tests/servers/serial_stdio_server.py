@@ -2,7 +2,7 @@
 only then reads the next line. Nothing runs beside a request, so a `ping` sent during a call is answered when
 the call has ended, and a tool that blocks (a synchronous HTTP request, a long computation) blocks everything.
 
-    python tests/servers/serial_stdio_server.py [--pid-file PATH] [--record-initialize PATH]
+    python tests/servers/serial_stdio_server.py [--pid-file PATH] [--record-initialize PATH] [--fork-child PATH]
 
 Measured behaviour it reproduces (issue 11): on such a server, and on n8n's MCP Server Trigger, an idle `ping`
 answers at once, while a `ping` sent 0.5 s into a 3 s call answers only when the call ends (tests/test_serial.py
@@ -11,13 +11,15 @@ unknown method, as on every server written before 2026-07-28).
 
 Tools: `echo {text}`; `work {seconds}` blocks the loop (time.sleep) and answers "worked N s"; `big {mb}` answers
 with `mb` megabytes of text in one line, which takes a while to write and to read. --record-initialize writes
-the client's `initialize` params (clientInfo, capabilities) to a file as JSON.
+the client's `initialize` params (clientInfo, capabilities) to a file as JSON. --fork-child starts a worker
+process that outlives the server (writing its pid to PATH), as servers that fork helpers do.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -65,6 +67,12 @@ def main() -> None:
     if "--pid-file" in sys.argv:
         with open(sys.argv[sys.argv.index("--pid-file") + 1], "w") as f:
             f.write(str(os.getpid()))
+
+    if "--fork-child" in sys.argv:
+        # A helper that stays in our process group and would run forever if nobody ended the group.
+        child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(3600)"
+        path = sys.argv[sys.argv.index("--fork-child") + 1]
+        subprocess.Popen([sys.executable, "-c", child, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def record(params: dict) -> None:
         if "--record-initialize" in sys.argv:
