@@ -26,9 +26,10 @@ RUN adduser \
 
 WORKDIR /app
 
-# Dependencies first, in their own layer: it is rebuilt only when requirements.txt changes.
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+# Dependencies first, in their own layer: it is rebuilt only when requirements.txt or constraints.txt changes.
+# constraints.txt pins every package to the version the test suite ran with.
+COPY requirements.txt constraints.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -c constraints.txt
 
 # Then the code (see .dockerignore: no .env, .venv, .data or caches), owned by root and read-only to the worker.
 COPY . .

@@ -38,7 +38,8 @@ import httpx  # noqa: E402
 from _common import bench_database, bench_registry, bench_schema, spawn, stop  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.jobs import Job, ToolCallError  # noqa: E402
+from mcp_integration.errors import ToolCallError  # noqa: E402
+from mcp_integration.jobs import Job  # noqa: E402
 from mcp_integration.registry import ServerConfig  # noqa: E402
 
 SERVERS = ROOT / "tests" / "servers"

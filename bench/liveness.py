@@ -40,7 +40,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.jobs import ToolCallError  # noqa: E402
+from mcp_integration.errors import ToolCallError  # noqa: E402
 from mcp_integration.registry import ServerConfig  # noqa: E402
 from mcp_integration.transports import open_transport  # noqa: E402
 

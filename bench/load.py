@@ -63,7 +63,8 @@ from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.jobs import Job, ToolCallError  # noqa: E402
+from mcp_integration.errors import ToolCallError  # noqa: E402
+from mcp_integration.jobs import Job  # noqa: E402
 from mcp_integration.registry import ServerConfig  # noqa: E402
 
 MAX_CALLS_PER_SERVER = 64  # the Dispatcher's default, passed explicitly so the queueing note stays true

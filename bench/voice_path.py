@@ -16,7 +16,7 @@ registry, and the demo MCP server over stdio (tool `slow(seconds, steps)`). Four
 3. Slow tools of 0.2, 2, 10 and 40 s (release_after_ms = timeout_ms = 60000, so nothing is released; the
    release point is min(release_after_ms, timeout_ms)), a fresh TextCall per run: time from the tool call
    (LiveKit's `tool_call_started`) to the first filler line in TextCall.lines, the number of filler lines,
-   and the gap from the job's "done" event to its "handed_to_speech" event and to the assistant's answer
+   and the gap from the job's "done" event to the toolbox's "handed_to_speech" event and to the assistant's answer
    line. Event times are time.monotonic(); TextCall lines are event-loop time, the same clock here.
 4. One 40 s call with the default 8 s release: the release time, and the late answer.
 
@@ -48,7 +48,8 @@ from _common import bench_database, bench_registry, bench_schema  # noqa: E402
 from mcp_integration.dispatcher import Dispatcher, ToolEntry  # noqa: E402
 from mcp_integration.fillers import FillerPolicy  # noqa: E402
 from mcp_integration.jobs import Job  # noqa: E402
-from mcp_integration.livekit_tools import McpToolbox, ScriptedLLM, TextCall, VoiceOptions  # noqa: E402
+from mcp_integration.livekit_text import ScriptedLLM, TextCall  # noqa: E402
+from mcp_integration.livekit_tools import McpToolbox, VoiceOptions  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
 
 DEMO = ROOT / "tests" / "servers" / "demo_server.py"
@@ -267,9 +268,12 @@ class SlowRun:
 
 async def slow_run(d: Dispatcher, seconds: float, *, released: bool) -> SlowRun:
     call = await TextCall(d, ScriptedLLM(route)).start()
+    voice: dict[str, float] = {}  # the voice side's events of the timed call, by kind (first time each)
+    call.toolbox.voice_observers.append(lambda _job, kind, _data: voice.setdefault(kind, time.monotonic()))
     try:
         probe = Probe(call)
         await call.say("echo warm up")  # the first tool turn of a session, untimed
+        voice.clear()
         mark = len(call.lines)
         fires_before = len(probe.says)
         run = await call.say(f"wait {seconds:g} in {STEPS} steps")
@@ -287,7 +291,7 @@ async def slow_run(d: Dispatcher, seconds: float, *, released: bool) -> SlowRun:
         lines = call.lines[mark:]
         fillers = [probe.abs_time(x.at) - t_call for x in lines if x.who == "filler"]
         fires = [t - t_call for t in probe.says[fires_before:] if t >= t_call]
-        events = {e.kind: e.at for e in job.events}
+        events = {**{e.kind: e.at for e in job.events}, **voice}
         done = events["done"]
         answer = next(x for x in lines if x.who == "agent" and want in x.text)
         release_lines = [x for x in lines if x.who == "agent" and "taking a little longer" in x.text]

@@ -10,7 +10,8 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,12 +20,35 @@ import psycopg
 from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.embedded_db import open_registry
+from mcp_integration.errors import RegistryError, ToolCallError
 from mcp_integration.importer import literal_secrets, load_file
-from mcp_integration.jobs import FINAL_STATES, JobEvent, ToolCallError
+from mcp_integration.jobs import FINAL_STATES, JobEvent
 from mcp_integration.limits import MAX_ARGUMENT_BYTES, MAX_DEPTH, json_too_deep
 from mcp_integration.logs import setup_logging
-from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, RegistryError, ServerConfig
-from mcp_integration.secrets import install_log_scrubber, redact, scrub
+from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, ServerConfig
+from mcp_integration.runtime import Runtime, open_runtime
+from mcp_integration.scrubber import install_log_scrubber, scrub
+from mcp_integration.secrets import redact
+
+__all__ = [
+    "COMMANDS",
+    "JOB_STATES",
+    "MAX_JOBS_LISTED",
+    "CliError",
+    "build_parser",
+    "cmd_call",
+    "cmd_dashboard",
+    "cmd_demo",
+    "cmd_jobs",
+    "cmd_migrate",
+    "cmd_servers",
+    "cmd_tools",
+    "main",
+    "parse_args",
+    "printable",
+    "run",
+]
+
 
 MAX_JOBS_LISTED = 10_000
 
@@ -198,11 +222,8 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             raise CliError(f"no server named {args.name!r}")
         _say(f"{args.action}d {args.name}")
     elif args.action == "check":
-        d = await _dispatcher(reg, args.name, quiet=True)
-        try:
-            reports = await d.health_check(args.name)
-        finally:
-            await d.aclose()
+        async with _runtime(reg, args, args.name, quiet=True) as rt:
+            reports = await rt.health.check(args.name)
         failed = [r for r in reports.values() if not r.ok]
         for r in reports.values():
             # The status is the breaker's: one failed check makes a server degraded, three in a row down.
@@ -306,22 +327,25 @@ def _format_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-async def _dispatcher(reg: Registry, server: str | None, *, quiet: bool = False) -> Dispatcher:
+@asynccontextmanager
+async def _runtime(
+    reg: Registry, args: argparse.Namespace, server: str | None, *, quiet: bool = False
+) -> AsyncIterator[Runtime]:
+    """The enabled servers (or the one named), discovered before the command goes on."""
     servers = await reg.list_servers(enabled_only=True)
     if server is not None:
         servers = [s for s in servers if s.name == server]
         if not servers:
             raise CliError(f"no enabled server named {server!r}")
-    d = Dispatcher(reg)
-    await d.start(wait=True, servers=servers)
-    for name, state in d.servers.items():
-        if quiet:
-            break
-        if state.error:
-            _note(f"warning: {state.error}")
-        for why in state.skipped:
-            _note(f"warning: server {name!r}: skipped {why}")
-    return d
+    async with open_runtime(reg, args.settings, servers=servers, wait=True) as rt:
+        for name, state in rt.dispatcher.servers.items():
+            if quiet:
+                break
+            if state.error:
+                _note(f"warning: {state.error}")
+            for why in state.skipped:
+                _note(f"warning: server {name!r}: skipped {why}")
+        yield rt
 
 
 def _unavailable(d: Dispatcher) -> list[str]:
@@ -330,14 +354,12 @@ def _unavailable(d: Dispatcher) -> list[str]:
 
 
 async def cmd_tools(reg: Registry, args: argparse.Namespace) -> None:
-    d = await _dispatcher(reg, args.server)
-    try:
+    async with _runtime(reg, args, args.server) as rt:
+        d = rt.dispatcher
         _list_tools(d, args)
         failed = _unavailable(d)
         if failed:
             raise CliError(f"{len(failed)} of {len(d.servers)} servers could not be listed: {'; '.join(failed)}")
-    finally:
-        await d.aclose()
 
 
 def _list_tools(d: Dispatcher, args: argparse.Namespace) -> None:
@@ -382,8 +404,8 @@ async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
         raise CliError(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(arguments, dict):
         raise CliError('--args must be a JSON object, like \'{"text": "hi"}\'')
-    d = await _dispatcher(reg, args.server, quiet=True)
-    try:
+    async with _runtime(reg, args, args.server, quiet=True) as rt:
+        d = rt.dispatcher
         try:
             job = d.submit(args.tool, arguments, server=args.server)
         except ToolCallError as exc:
@@ -404,8 +426,6 @@ async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
             )
         else:
             _say(result.text)
-    finally:
-        await d.aclose()
 
 
 def _print_event(event: JobEvent) -> None:
@@ -483,20 +503,20 @@ def _one_line(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-async def cmd_demo(reg: Registry, _: argparse.Namespace) -> None:
+async def cmd_demo(reg: Registry, args: argparse.Namespace) -> None:
     from mcp_integration.demo import run_demo
 
-    await run_demo(reg, out=_say)
+    await run_demo(reg, args.settings, out=_say)
 
 
 async def cmd_dashboard(reg: Registry, args: argparse.Namespace) -> None:
-    from mcp_integration.web import TOKEN_ENV, BindingError, serve
+    from mcp_integration.web import BindingError, serve
 
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be between 0 and 65535, got {args.port}")
     if not args.check_interval > 0:
         raise CliError(f"--check-interval must be a positive number of seconds, got {args.check_interval:g}")
-    token = os.environ.get(TOKEN_ENV) or None
+    token = args.settings.dashboard_token
     try:
         await serve(
             reg, host=args.host, port=args.port, token=token, check_interval_s=args.check_interval, announce=_note
@@ -517,6 +537,7 @@ COMMANDS = {
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> None:
+    args.settings = settings
     async with open_registry(settings) as reg:
         await COMMANDS[args.verb](reg, args)
 
@@ -558,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_log_scrubber()
     try:
         # LOG_FORMAT=json: one JSON object per line, with the job's id, server and tool on lines about a call.
-        setup_logging(level=logging.INFO if args.verbose else logging.ERROR)
+        quiet = logging.ERROR if args.verb != "dashboard" else settings.log_level
+        setup_logging(settings.log_format, level=logging.INFO if args.verbose else quiet)
     except ValueError as exc:
         _note(f"error: {exc}")
         return 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -28,20 +27,35 @@ from typing import Any, TypeVar, cast
 
 import mcp_types as types
 from mcp import Client
-from mcp.client._transport import Transport, TransportStreams
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp_integration import __version__
+from mcp_integration.aio import Backoff, first_set
+from mcp_integration.errors import Busy, ConnectError, ConnectionLost, Reconnecting, Unauthorized
+from mcp_integration.explain import describe, refused_status
 from mcp_integration.limits import storable
 from mcp_integration.logs import outside_job
+from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.registry import ServerConfig, ToolSpec
-from mcp_integration.secrets import redact_url
 from mcp_integration.tasks import TaskClient
 from mcp_integration.transports import ToolListGuard, open_transport
 from mcp_integration.ws_transport import FrameTooLarge
+
+__all__ = [
+    "BACKOFF_CAP_S",
+    "BACKOFF_FIRST_S",
+    "CLIENT_INFO",
+    "MAX_TOOLS",
+    "MAX_TOOL_PAGES",
+    "PROBE_AFTER_S",
+    "PROBE_TIMEOUT_S",
+    "ProgressCallback",
+    "ServerConnection",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -80,38 +94,6 @@ _STREAM_ENDED = {
     "sse": "the server closed its event stream",
     "streamable-http": "the connection to the server was lost",
 }
-
-
-class ConnectError(Exception):
-    """The server could not be reached or refused the MCP handshake."""
-
-
-class Reconnecting(ConnectError):
-    """Opening failed recently: no new attempt before the backoff has passed (`retry_in` seconds from now)."""
-
-    def __init__(self, message: str, retry_in: float) -> None:
-        super().__init__(message)
-        self.retry_in = retry_in
-
-
-class Unauthorized(ConnectError):
-    """The server refused our credentials (HTTP 401 or 403): no retry will help until they change."""
-
-    def __init__(self, server: str, status: int) -> None:
-        super().__init__(f"server {server!r} needs authorization (HTTP {status})")
-        self.status = status
-
-
-class Busy(ConnectError):
-    """A serial server is working on a request of ours: a ping would wait behind it and prove nothing."""
-
-
-class ConnectionLost(ConnectError):
-    """The connection dropped, or the server stopped answering, while a request waited; `reason` says which."""
-
-    def __init__(self, server: str, reason: str) -> None:
-        super().__init__(f"server {server!r}: {reason}")
-        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -157,7 +139,7 @@ class ServerConnection:
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._unopened = asyncio.Event()
-        self._failures = 0
+        self._reopen = Backoff(BACKOFF_FIRST_S, BACKOFF_CAP_S)
         self._retry_at = 0.0
         self.last_error: str | None = None
         self.probes = 0  # liveness probes sent, over the connection's life (for metrics and tests)
@@ -253,13 +235,12 @@ class ServerConnection:
                     raise Unauthorized(self.cfg.name, status) from None
                 raise self._failed(describe(exc)) from None
             self.last_error = None
-            self._failures, self._retry_at = 0, 0.0
+            self._reopen.reset()
+            self._retry_at = 0.0
 
     def _failed(self, reason: str) -> ConnectError:
         self.last_error = reason
-        self._failures += 1
-        delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** (self._failures - 1))
-        self._retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        self._retry_at = time.monotonic() + self._reopen.next()
         return ConnectError(f"server {self.cfg.name!r}: {reason}")
 
     async def _run(self, link: _Link, ready: asyncio.Future[None]) -> None:
@@ -515,10 +496,8 @@ class ServerConnection:
         for t in tools[:MAX_TOOLS]:
             if allowed and t.name not in allowed:
                 continue
-            if t.name in names or not t.name.isprintable():
-                log.warning(
-                    "server %s: skipping a tool listed twice or with an unusable name: %r", self.cfg.name, t.name[:80]
-                )
+            if t.name in names:
+                log.warning("server %s: skipping a second tool named %r", self.cfg.name, t.name[:80])
                 continue
             names.add(t.name)
             meta: dict[str, Any] = {}
@@ -533,13 +512,6 @@ class ServerConnection:
                 )
             )
         return out
-
-    async def call_tool(
-        self, name: str, arguments: dict[str, Any], *, progress: ProgressCallback | None = None
-    ) -> types.CallToolResult:
-        # Client.call_tool, not the session's: with the tasks extension declared, a 2026 server may answer with a
-        # task, which only the client-level call resolves (through the claim in tasks.py) into a result.
-        return await self.client.call_tool(name, arguments, progress_callback=progress)
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip latency in ms: MCP `ping` where the protocol has it (removed in 2026-07-28), else tools/list.
@@ -576,16 +548,6 @@ async def _still_there(session: ClientSession) -> None:
         await session.send_ping()
     else:
         await session.send_discover(session.protocol_version)
-
-
-async def first_set(*events: asyncio.Event, timeout: float | None = None) -> None:
-    """Wait until any of the events is set, or the timeout passes (no error either way)."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 async def _within(request: Coroutine[Any, Any, _T], timeout: float) -> _T:
@@ -639,41 +601,3 @@ class _Heard:
 async def _heard(inner: Transport, link: _Link) -> AsyncIterator[TransportStreams]:
     async with inner as (read, write):
         yield cast(Any, _Heard(read, link)), write
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for an exception, fit for a person: the exception groups anyio raises unwrapped, and
-    HTTP failures said as their status, never as a class name."""
-    exc = _innermost(exc)
-    if isinstance(exc, MCPError):
-        return f"MCP error {exc.error.code}: {exc.error.message}"
-    status = _http_status(exc)
-    if status is not None and 300 <= status < 400:
-        # The SDK (HTTP, SSE) and our WebSocket client follow a redirect only within the server's origin.
-        location = getattr(getattr(exc, "response", None), "headers", {}).get("location", "")
-        return f"the server redirected to another origin ({redact_url(location) or '?'}); not followed"
-    if status is not None:
-        return f"the server answered HTTP {status}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def refused_status(exc: BaseException) -> int | None:
-    """401 or 403 when the exception is an HTTP answer refusing our credentials."""
-    status = _http_status(_innermost(exc))
-    return status if status in (401, 403) else None
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _http_status(exc: BaseException) -> int | None:
-    # httpx2.HTTPStatusError (SSE), websockets' InvalidStatus (a refused WebSocket handshake): both carry the answer.
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) and not isinstance(exc, MCPError) else None

@@ -15,9 +15,23 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.livekit_tools import Line, ScriptedLLM, TextCall, VoiceOptions, llm_from_env
+from mcp_integration.livekit_text import Line, ScriptedLLM, TextCall
+from mcp_integration.livekit_tools import VoiceOptions, llm_from_env
 from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.runtime import open_runtime
+
+__all__ = [
+    "CALLER",
+    "RULES",
+    "WHO",
+    "example_servers",
+    "route",
+    "run_demo",
+    "start_workflow_server",
+]
+
 
 CALLER = [
     "What time is it in Tokyo?",
@@ -80,44 +94,49 @@ def start_workflow_server() -> tuple[subprocess.Popen[str], int]:
     return proc, int(line.split()[1])
 
 
-async def run_demo(registry: Registry, out: Callable[[str], None] = print, *, late_wait_s: float = 30.0) -> list[Line]:
+async def run_demo(
+    registry: Registry, settings: Settings, out: Callable[[str], None] = print, *, late_wait_s: float = 30.0
+) -> list[Line]:
     proc, port = start_workflow_server()
     cfgs = example_servers(port)
-    dispatcher = Dispatcher(registry)
     try:
         for cfg in cfgs:
             await registry.add_server(cfg, replace=True)
-        await dispatcher.start(
-            wait=True, servers=[s for s in await registry.list_servers() if s.name in {c.name for c in cfgs}]
-        )
-        model = llm_from_env()
-        if model is None:
-            out("LLM: scripted (no OPENAI_API_KEY): a scripted caller-and-LLM conversation drives the real session")
-            model = ScriptedLLM(route)
-        else:
-            out(f"LLM: {model.model} (real)")
-        out(f"tools: {', '.join(t.name for t in dispatcher.tools)}")
-        out("")
-
-        def show(line: Line) -> None:
-            out(f"[{line.at:6.2f}s] {WHO[line.who]:<7} {line.text}")
-
-        call = await TextCall(dispatcher, model, options=VoiceOptions(), on_line=show).start()
-        try:
-            for text in CALLER:
-                await call.say(text)
-            for _ in range(int(late_wait_s * 10)):
-                if any(j.done for j in call.toolbox.jobs) and all(j.done for j in call.toolbox.jobs):
-                    break
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # the late answer is spoken just after its job completes
-        finally:
-            await call.aclose()
-        return call.lines
+        mine = [s for s in await registry.list_servers() if s.name in {c.name for c in cfgs}]
+        async with open_runtime(registry, settings, servers=mine, wait=True) as rt:
+            return await _converse(rt.dispatcher, settings, out, late_wait_s)
     finally:
-        await dispatcher.aclose()
         for cfg in cfgs:
             # The example servers live only for the demo: the real agent should not find them later.
             await registry.remove_server(cfg.name)
         proc.kill()
         proc.wait(5)
+
+
+async def _converse(
+    dispatcher: Dispatcher, settings: Settings, out: Callable[[str], None], late_wait_s: float
+) -> list[Line]:
+    model = llm_from_env(settings)
+    if model is None:
+        out("LLM: scripted (no OPENAI_API_KEY): a scripted caller-and-LLM conversation drives the real session")
+        model = ScriptedLLM(route)
+    else:
+        out(f"LLM: {model.model} (real)")
+    out(f"tools: {', '.join(t.name for t in dispatcher.tools)}")
+    out("")
+
+    def show(line: Line) -> None:
+        out(f"[{line.at:6.2f}s] {WHO[line.who]:<7} {line.text}")
+
+    call = await TextCall(dispatcher, model, options=VoiceOptions(), on_line=show).start()
+    try:
+        for text in CALLER:
+            await call.say(text)
+        for _ in range(int(late_wait_s * 10)):
+            if any(j.done for j in call.toolbox.jobs) and all(j.done for j in call.toolbox.jobs):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # the late answer is spoken just after its job completes
+    finally:
+        await call.aclose()
+    return call.lines

@@ -1,7 +1,8 @@
 """The dispatcher: connections to every enabled server, one tool index under safe names, and calls as jobs.
 
 Public verbs, as teams porting from the original design know them: `execute_tool` (submit, returns a job
-id at once), `get_result` (wait for or read that job's outcome), `health_check`, and `call` (both together).
+id at once), `get_result` (wait for or read that job's outcome), and `call` (both together); health checks are
+`health.Health`'s, which holds the circuit breakers and gates the calls through `call_gates`.
 """
 
 from __future__ import annotations
@@ -21,27 +22,38 @@ from jsonschema.validators import validator_for
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
-from mcp_integration.connection import (
-    Busy,
+from mcp_integration.aio import spawn
+from mcp_integration.connection import ProgressCallback, ServerConnection
+from mcp_integration.errors import (
     ConnectError,
     ConnectionLost,
-    ProgressCallback,
     Reconnecting,
-    ServerConnection,
+    SecretMissing,
+    ToolCallError,
     Unauthorized,
-    describe,
 )
-from mcp_integration.health import CircuitBreaker
-from mcp_integration.jobs import Job, ToolCallError, ToolResult, WaitPolicy
+from mcp_integration.explain import describe
+from mcp_integration.job_store import JobRecord
+from mcp_integration.jobs import Job, WaitPolicy
 from mcp_integration.limits import argument_problem
-from mcp_integration.logs import outside_job
 from mcp_integration.naming import assign_names
 from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
-from mcp_integration.secrets import SecretMissing, scrub
+from mcp_integration.results import ToolResult
 from mcp_integration.tasks import TaskHandle
 from mcp_integration.timing import DurationStats
 from mcp_integration.waiters import wait_receipt, wait_task
+
+__all__ = [
+    "MAX_POLLS_IN_FLIGHT",
+    "SEED_WAIT_S",
+    "SUBMIT_CONNECT_PATIENCE_S",
+    "SUBMIT_WAITS_OUT_S",
+    "Dispatcher",
+    "ServerState",
+    "ToolEntry",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +67,6 @@ SEED_WAIT_S = 0.5
 # meets a longer backoff fails at once with the reason ("reconnecting ...; next attempt in N s").
 SUBMIT_CONNECT_PATIENCE_S = 2.0
 SUBMIT_WAITS_OUT_S = 1.0
-
-
-class CircuitOpen(ToolCallError):
-    """A call refused without trying, because its server's breaker says it is down."""
 
 
 @dataclass(frozen=True)
@@ -82,23 +90,6 @@ class ServerState:
     discovered_at: float | None = None
     error: str | None = None
     skipped: list[str] = field(default_factory=list)
-    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
-    last_status: str = "unknown"
-    # Health writes in order: a check's and a call's verdicts may be written concurrently.
-    health_writes: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass(frozen=True)
-class HealthReport:
-    server: str
-    ok: bool
-    latency_ms: float | None
-    error: str | None
-    status: str = "unknown"  # up | degraded | down | unknown, after this check
-    consecutive_failures: int = 0
-    # check: a health check ran; call: a call's outcome moved the breaker; busy: a serial server was working on a
-    # call of ours, so no check could tell anything (the status is the breaker's, unchanged)
-    source: str = "check"
 
 
 class Dispatcher:
@@ -130,11 +121,11 @@ class Dispatcher:
         self._closing: set[asyncio.Task[Any]] = set()
         # Called with each new job before it starts (metrics, logs): they attach listeners to its events.
         self.job_observers: list[Callable[[Job], None]] = []
-        # Every check written to mcp_server_health and its history (a CLI, the status page), or only changes of
-        # status: each voice session runs its own monitor, and a hundred sessions must not write 300 rows a second.
-        self.record_every_check = True
-        # Called with each health check's report (metrics, the status page).
-        self.health_observers: list[Callable[[HealthReport], None]] = []
+        # Asked before each call is sent, with (server, tool): raising ToolCallError refuses it (health.py's circuit
+        # breakers; the refusal is still a job, recorded and counted).
+        self.call_gates: list[Callable[[str, str], None]] = []
+        # Told of each finished call, with the server's state as it was when the call was made.
+        self.call_observers: list[Callable[[ServerState, Job], None]] = []
 
     # -- servers and discovery ------------------------------------------------------------------------------
 
@@ -144,25 +135,18 @@ class Dispatcher:
         wait: bool = True,
         servers: list[ServerConfig] | None = None,
         cached: dict[str, list[ToolSpec]] | None = None,
-        recall_health: bool = True,
     ) -> None:
         """Load the enabled servers. With `wait=False` the index comes from the tool cache at once and fresh
         discovery runs in the background (`await dispatcher.refreshed()` to wait for it). `servers` and `cached`
-        replace the registry's lists (a last-known copy kept on disk, when the database is unreachable; then pass
-        `recall_health=False` too, or the breakers' recorded state is read from the unreachable database)."""
+        replace the registry's lists (a last-known copy kept on disk, when the database is unreachable)."""
         if servers is None:
             if self.registry is None:
                 raise ValueError("a dispatcher without a registry needs its servers passed in")
             servers = await self.registry.list_servers(enabled_only=True)
         for cfg in servers:
             self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
-        # Beside discovery, not before it: one more query must not delay a session's start. A verdict this
-        # process reaches first (a check, a call) wins over the recorded one.
-        recalling = self._spawn(self._recall_health()) if self.registry is not None and recall_health else None
         if wait or (self.registry is None and cached is None):
             await self.refresh()
-            if recalling is not None:
-                await recalling
             return
         if cached is None:
             assert self.registry is not None
@@ -171,21 +155,7 @@ class Dispatcher:
             if name in cached:
                 state.tools, state.from_cache = cached[name], True
         self._rebuild_index()
-        self._spawn(self.refresh())
-
-    async def _recall_health(self) -> None:
-        """Start each breaker from the last recorded verdict, so a server that failed a minute ago in another
-        session (or a CLI check) is not taken for healthy; a down one is probed at once, not refused blind."""
-        assert self.registry is not None
-        try:
-            rows = await self.registry.health()
-        except Exception as exc:
-            log.info("no recorded health: %s", describe(exc))
-            return
-        for name, row in rows.items():
-            if name in self._servers:
-                self._servers[name].breaker.recall(row.status, row.consecutive_failures)
-                self._servers[name].last_status = row.status
+        spawn(self.refresh(), self._background)
 
     async def refreshed(self) -> None:
         """Wait for background discovery started by `start(wait=False)`."""
@@ -214,7 +184,7 @@ class Dispatcher:
             state.discovered_at = time.time()
             if self.registry is not None and state.cfg.id is not None:
                 # Off the critical path: the index is ready before the cache is written.
-                self._spawn(self._save_tools(state.cfg, tools), self._writes)
+                spawn(self._save_tools(state.cfg, tools), self._writes)
             return None
         log.warning("%s", state.error)
         return state.error
@@ -236,7 +206,7 @@ class Dispatcher:
         state = self._servers.pop(name, None)
         if state is not None:
             self._rebuild_index()  # its tools go at once; closing the connection may take a moment
-            closing = self._spawn(state.conn.close(), self._closing)
+            closing = spawn(state.conn.close(), self._closing)
             # Shielded: a caller cancelled meanwhile (a watcher stopping) must not leave a stdio process behind;
             # aclose() waits for whatever is still closing.
             await asyncio.shield(closing)
@@ -319,11 +289,12 @@ class Dispatcher:
             server_id=cfg.id,
             tool=entry.spec.name,
             arguments=arguments,
-            registry=self.registry,
             policy=WaitPolicy(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000, self.background_s),
         )
+        if self.registry is not None:
+            job.recorder = JobRecord(job, self.registry)
         self._remember(job)
-        job.add_listener(lambda e: self._on_call_done(state, job) if e.kind == "done" else None)
+        job.add_listener(lambda e: self._call_done(state, job) if e.kind == "done" else None)
         for observe in self.job_observers:
             try:
                 observe(job)
@@ -363,14 +334,15 @@ class Dispatcher:
 
     async def _perform(self, job: Job, state: ServerState, spec: ToolSpec) -> ToolResult:
         # Refused inside the job, not before it: a call to a down server is still a job, recorded and counted.
-        self._refuse_if_down(state, job.tool)
+        for gate in self.call_gates:
+            gate(state.cfg.name, job.tool)
         cfg = state.cfg
         limit = self._limits.setdefault(cfg.name, asyncio.Semaphore(self._max_calls))
         key = (cfg.name, spec.name)
         expected = await self._expected_duration(key)
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-            job.emit("progress", progress=progress, total=total, message=message)
+            job.progress(progress, total, message)
 
         if limit.locked():
             job.queue(True, ahead=self._max_calls)
@@ -394,7 +366,7 @@ class Dispatcher:
                 reason = "the server only acknowledged the request and gave no way to fetch the answer"
                 raise ToolCallError(cfg.name, job.tool, reason, "tool_error")
             else:
-                job.emit("accepted", job_kind="plain")
+                job.accept_plain()
                 result = plain
         if job.kind != "plain":
             self._stats.add(key, job.estimated_duration)
@@ -409,7 +381,7 @@ class Dispatcher:
         cfg, conn = state.cfg, state.conn
         for attempt in range(2):
             await self._open_for_submit(state, job)
-            job.set_state("working")
+            job.working()
             generation = conn.generation
             try:
                 return await conn.watch(
@@ -428,7 +400,7 @@ class Dispatcher:
                 if attempt == 0 and _session_expired(exc):
                     why = "the server no longer knows our session"
                     conn.drop(why, generation=generation)
-                    job.emit("status", state="reconnecting", message=why)
+                    job.status("reconnecting", why)
                     continue
                 if _connection_lost(exc) and not await conn.check_alive():
                     # This request's stream broke and the server does not answer a probe either: it is gone.
@@ -485,135 +457,16 @@ class Dispatcher:
             self._http = default_http_client()
         return ReceiptPoller(cfg, self._http)
 
-    # -- health ---------------------------------------------------------------------------------------------
-
-    async def health_check(self, server: str | None = None, *, timeout: float | None = None) -> dict[str, HealthReport]:
-        """Check reachability now (connect if needed, then ping), for one server or all, concurrently. Each check
-        feeds the server's circuit breaker and is recorded in the registry."""
-        names = [server] if server else list(self._servers)
-        unknown = [n for n in names if n not in self._servers]
-        if unknown:
-            raise ToolCallError(unknown[0], "-", f"no enabled server named {unknown[0]!r}", "unknown_server")
-        reports = await asyncio.gather(*(self._check(self._servers[n], timeout) for n in names))
-        return {r.server: r for r in reports}
-
-    async def _check(self, state: ServerState, timeout: float | None) -> HealthReport:
-        deadline = None if timeout is None else time.monotonic() + timeout
-
-        async def probe() -> float:
-            # force: the breaker already paces checks; the connection's own backoff is for calls.
-            await state.conn.open(force=True)
-            # The ping gives up a moment before the check does, so an unanswered ping beside a call of ours can
-            # still be told apart (Busy) from a server that answers nothing.
-            left = None if deadline is None else max(0.01, (deadline - time.monotonic()) * 0.9)
-            return await state.conn.ping(left)
-
-        latency: float | None = None
-        error: str | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                latency = await probe()
-        except Busy:
-            # A server that answers one request at a time, working on a call of ours: a ping would wait behind the
-            # call and say nothing of its health. The breaker keeps what it knew.
-            report = self._report(state, None, None, source="busy")
-            self._notify_health(report)
-            return report
-        except TimeoutError:
-            error = f"no answer to a health check within {timeout:g} s"
-        except (ConnectError, SecretMissing) as exc:
-            error = str(exc)
-        except Exception as exc:
-            error = describe(exc)
-        if error is None:
-            state.breaker.success(latency)
-            if state.error is not None and self._servers.get(state.cfg.name) is state:
-                # Down when discovered (no tools, or stale cached ones): back now, so discover it again.
-                self._spawn(self.refresh([state.cfg.name]))
-        else:
-            state.breaker.failure()
-        report = self._report(state, latency, error)
-        await self._publish_health(state, report)
-        return report
-
-    def _report(
-        self, state: ServerState, latency: float | None, error: str | None, source: str = "check"
-    ) -> HealthReport:
-        b = state.breaker
-        said = None if error is None else scrub(error)  # what a refusing server said may quote our credentials
-        return HealthReport(state.cfg.name, error is None, latency, said, b.status, b.failures, source)
-
-    def _refuse_if_down(self, state: ServerState, tool: str) -> None:
-        if not state.breaker.allow():
-            wait = state.breaker.seconds_to_retry()
-            reason = f"the server is not answering right now (down; next try in {wait:.0f} s)"
-            raise CircuitOpen(state.cfg.name, tool, reason, "unreachable")
-
-    def _on_call_done(self, state: ServerState, job: Job) -> None:
-        """Calls feed the breaker too: a call that could not reach the server is a failure, one the server
-        answered (even with an error) a success; a timeout tells nothing about reachability."""
+    def _call_done(self, state: ServerState, job: Job) -> None:
         if self._servers.get(state.cfg.name) is not state:
-            return  # removed or replaced meanwhile
-        breaker, before = state.breaker, state.breaker.status
-        error = job.error
-        if isinstance(error, CircuitOpen):
-            return  # refused without trying: says nothing new about the server
-        if error is not None and error.kind == "unreachable":
-            breaker.failure()
-        elif job.state == "completed" or (
-            error is not None and error.kind in ("tool_error", "server_error", "unauthorized")
-        ):
-            if before in ("up", "unknown") or breaker.failures == 0:
-                return  # nothing new (a slow server stays degraded until a check finds it quick again)
-            breaker.success()
-        else:
-            breaker.probe_inconclusive()
-            return
-        if breaker.status != before:
-            report = self._report(state, None, error.reason if error else None, source="call")
-            self._spawn(self._publish_health(state, report))
-
-    async def _publish_health(self, state: ServerState, report: HealthReport) -> None:
-        changed = report.status != state.last_status
-        if changed:
-            if report.status == "down":
-                log.warning("server %s is down: %s", state.cfg.name, report.error)
-            elif state.last_status in ("down", "degraded") and report.status == "up":
-                log.info("server %s is back up", state.cfg.name)
-            state.last_status = report.status
-        self._notify_health(report)
-        if self.registry is None or state.cfg.id is None:
-            return
-        if not self.record_every_check and not changed:
-            return
-        try:
-            async with state.health_writes:
-                await self.registry.record_health(
-                    state.cfg.id,
-                    report.status,
-                    report.latency_ms,
-                    report.consecutive_failures,
-                    report.error,
-                    checked=report.source == "check" and self.record_every_check,
-                )
-        except Exception as exc:
-            log.warning("server %s: health not recorded: %s", state.cfg.name, describe(exc))
-
-    def _notify_health(self, report: HealthReport) -> None:
-        for observe in self.health_observers:
+            return  # removed or replaced meanwhile: what the call says is about a server no longer here
+        for observe in self.call_observers:
             try:
-                observe(report)
+                observe(state, job)
             except Exception:
-                log.exception("health observer failed")
+                log.exception("call observer failed")
 
     # -- shutdown -------------------------------------------------------------------------------------------
-
-    def _spawn(self, coro: Any, into: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
-        group = self._background if into is None else into
-        task = asyncio.create_task(coro, context=outside_job())
-        group.add(task)
-        task.add_done_callback(group.discard)
-        return task
 
     async def aclose(self) -> None:
         if self._writes:

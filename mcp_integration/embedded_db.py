@@ -12,6 +12,12 @@ from typing import Any
 from mcp_integration.config import Settings
 from mcp_integration.registry import Registry
 
+__all__ = [
+    "EmbeddedPostgres",
+    "open_registry",
+]
+
+
 log = logging.getLogger(__name__)
 
 

@@ -15,6 +15,15 @@ import yaml
 
 from mcp_integration.config import PROJECT_ROOT
 
+__all__ = [
+    "DEFAULT_FILE",
+    "PHASES",
+    "FillerLines",
+    "FillerPolicy",
+    "FillerRun",
+]
+
+
 DEFAULT_FILE = PROJECT_ROOT / "prompts" / "fillers.yaml"
 PHASES = ("start", "still_working", "progress", "halfway", "almost_done", "taking_long", "release")
 

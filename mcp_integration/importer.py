@@ -8,9 +8,19 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlparse
 
+from mcp_integration.errors import RegistryError
 from mcp_integration.limits import MAX_DEPTH, json_too_deep
-from mcp_integration.registry import RegistryError, ServerConfig
+from mcp_integration.registry import ServerConfig
 from mcp_integration.secrets import literal_secrets as secret_literals
+
+__all__ = [
+    "MAX_IMPORT_BYTES",
+    "literal_secrets",
+    "load_file",
+    "normalise_name",
+    "parse_mcp_servers",
+]
+
 
 _TRANSPORT_ALIASES = {
     "stdio": "stdio",

@@ -1,138 +1,67 @@
 """A tool call as a job: submitted, waited on, and ended in exactly one final state, with events on the way.
 
-A job is recorded in `mcp_jobs` as it changes state; the recording is best effort, so a database hiccup never
-costs the caller its answer (the log says what was not recorded).
+The Job owns its state and its transitions: the dispatcher and the waiters say what happened (`accept_task`,
+`accept_receipt`, `polled`, `not_yet`, `working`, …), the job changes itself and tells its listeners. Its row in
+`mcp_jobs` is kept by a `Recorder` (`job_store.py`) that follows those changes; recording is best effort, so a
+database hiccup never costs the caller its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import random
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
-import mcp_types as types
-import psycopg
-from psycopg_pool import PoolClosed
-
-from mcp_integration.limits import MAX_REASON_CHARS, bounded, cut_text
+from mcp_integration.aio import wait_event
+from mcp_integration.errors import ToolCallError
 from mcp_integration.logs import log_context
-from mcp_integration.secrets import scrub, scrub_known
+from mcp_integration.results import ToolResult
 
-if TYPE_CHECKING:
-    from mcp_integration.registry import Registry
+__all__ = [
+    "FINAL_STATES",
+    "Job",
+    "JobEvent",
+    "JobKind",
+    "JobState",
+    "Recorder",
+    "WaitPolicy",
+]
 
 log = logging.getLogger(__name__)
 
-FINAL_STATES = ("completed", "failed", "timed_out", "cancelled")
-# A record write that failed because the database was unreachable is tried again, with backoff (first delay,
-# cap), for this long: a PostgreSQL restart takes seconds, and a job's final state must land once it is back.
-RECORD_RETRY_S = 300.0
-RECORD_BACKOFF_S = (0.5, 5.0)
-# How long the row's insert waits for the call to start working, so it can say so at once.
-INSERT_GRACE_S = 0.1
-
-
-class ToolCallError(Exception):
-    """Every failure of a tool call, with the server, the tool and a reason fit to tell a person.
-
-    `kind` says what went wrong: unknown_tool, invalid_arguments, unreachable, unauthorized (the server refused
-    our credentials: HTTP 401/403), server_error, tool_error, timeout, cancelled.
-    """
-
-    def __init__(self, server: str | None, tool: str, reason: str, kind: str = "server_error") -> None:
-        self.server = server
-        self.tool = tool
-        # A server's error message is its own text: bounded, storable in mcp_jobs (no NUL), and never carrying a
-        # credential of ours (a server may echo the header it refused).
-        self.reason = reason = cut_text(scrub(str(reason)), MAX_REASON_CHARS)
-        self.kind = kind
-        where = f"{server}/{tool}" if server else tool
-        super().__init__(f"{where}: {reason}")
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    """What a tool answered: its text for a language model, and its structured content when it sent some.
-
-    However it is made (a tool's answer, a task's, a polled receipt's, a row read back), a result is bounded:
-    `limits.MAX_RESULT_CHARS` of text and as much structured content, "(cut)" where something was left out,
-    storable in mcp_jobs as is. Images, audio and blobs are placeholders in the text, never base64.
-    """
-
-    text: str
-    structured: Any = None
-    content: list[dict[str, Any]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        # Frozen, so the bounded values are set the one way a frozen dataclass allows. A server echoing a
-        # credential of ours back in its answer does not get it to the LLM, the caller or mcp_jobs.
-        text = self.text if isinstance(self.text, str) else str(self.text)
-        object.__setattr__(self, "text", cut_text(scrub_known(text)))
-        if self.structured is not None:
-            object.__setattr__(self, "structured", scrub_known(bounded(self.structured)[0]))
-        if self.content:
-            object.__setattr__(self, "content", scrub_known(bounded([_without_payload(c) for c in self.content])[0]))
-
-    @classmethod
-    def from_mcp(cls, result: types.CallToolResult) -> ToolResult:
-        parts: list[str] = []
-        raw: list[dict[str, Any]] = []
-        for item in result.content:
-            raw.append(item.model_dump(by_alias=True, mode="json", exclude_none=True))
-            if isinstance(item, types.TextContent):
-                parts.append(item.text)
-            elif isinstance(item, types.EmbeddedResource):
-                res = item.resource
-                text = res.text if isinstance(res, types.TextResourceContents) else None
-                parts.append(text if text is not None else f"[binary resource {_short_uri(str(res.uri))}]")
-            elif isinstance(item, types.ResourceLink):
-                parts.append(f"[resource {item.name[:200]}: {_short_uri(str(item.uri))}]")
-            else:
-                mime = getattr(item, "mime_type", None)
-                parts.append(f"[{item.type} content{f', {mime[:100]}' if isinstance(mime, str) else ''}]")
-        text = "\n".join(parts)
-        structured, _ = bounded(result.structured_content) if result.structured_content is not None else (None, False)
-        if not text and structured is not None:
-            text = json.dumps(structured, ensure_ascii=False)
-        return cls(text=text, structured=structured, content=raw)
-
-    def as_record(self) -> dict[str, Any]:
-        return {"text": self.text, "structured": self.structured}
-
-
-def _without_payload(item: Any) -> Any:
-    """A content item for keeping: base64 data (images, audio, blobs) replaced by its size."""
-    if not isinstance(item, dict):
-        return item
-    out = dict(item)
-    for key in ("data", "blob"):
-        if isinstance(out.get(key), str):
-            out[key] = f"({len(out[key]):,} base64 characters not kept)"
-    if isinstance(out.get("resource"), dict):
-        out["resource"] = _without_payload(out["resource"])
-    return out
-
-
-def _short_uri(uri: str) -> str:
-    # A data: URI is its payload; anything else is cut to what a reader could use.
-    return uri.split(",", 1)[0] + ",…" if uri.startswith("data:") else uri[:300]
+JobState = Literal["submitted", "working", "completed", "failed", "timed_out", "cancelled"]
+JobKind = Literal["plain", "task", "receipt"]
+FINAL_STATES: tuple[JobState, ...] = ("completed", "failed", "timed_out", "cancelled")
+# What a job tells its listeners: accepted (the server took it: plain, task or receipt), progress, status (a state
+# of ours or the server's, with its message), queued (waiting for a slot behind the server's other calls), poll,
+# poll_error, wait_timeout (a caller stopped waiting; the job goes on), done.
+EventKind = Literal["accepted", "progress", "status", "queued", "poll", "poll_error", "wait_timeout", "done"]
+# Events that show the server is at work: the caller's idle timeout starts again.
+_ACTIVITY = frozenset({"progress", "status", "accepted"})
 
 
 @dataclass(frozen=True)
 class JobEvent:
-    kind: str  # accepted | progress | status | done
+    kind: EventKind
     data: dict[str, Any]
     at: float
 
 
 Submit = Callable[["Job"], Awaitable[ToolResult]]
+
+
+class Recorder(Protocol):
+    """What keeps a job's record (`job_store.JobRecord`): told when the job starts, changes and ends."""
+
+    def begin(self) -> None: ...
+    def changed(self) -> None: ...
+    async def finish(self) -> None: ...
+    def stop_retrying(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -159,7 +88,6 @@ class Job:
         server_id: int | None,
         tool: str,
         arguments: dict[str, Any],
-        registry: Registry | None,
         policy: WaitPolicy | None = None,
     ) -> None:
         self.id = uuid.uuid4()
@@ -168,8 +96,8 @@ class Job:
         self.tool = tool
         self.arguments = arguments
         self.policy = policy or WaitPolicy()
-        self.kind = "plain"
-        self.state = "submitted"
+        self.kind: JobKind = "plain"
+        self.state: JobState = "submitted"
         self.receipt: dict[str, Any] | None = None
         self.task_id: str | None = None
         self.polls = 0
@@ -185,17 +113,13 @@ class Job:
         # idle timeout does not run meanwhile; the total cap still does.
         self.queued_since: float | None = None
         self.finished_at: float | None = None
-        self._registry = registry
+        # Kept in mcp_jobs by this, when set (before start).
+        self.recorder: Recorder | None = None
         self._listeners: list[Callable[[JobEvent], None]] = []
         self._done = asyncio.Event()
         self._activity = asyncio.Event()
         self._waiter_gave_up = False
         self._task: asyncio.Task[None] | None = None
-        self._record_lock = asyncio.Lock()
-        self._pending_records: set[asyncio.Task[None]] = set()
-        self._insert: asyncio.Future[bool] | None = None
-        self._retry_records = True
-        self._written: tuple[str, str] | None = None  # the (state, kind) last written to the row
         self._moved = asyncio.Event()  # the job left `submitted` (working, or done)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -209,7 +133,8 @@ class Job:
 
     async def _run(self, submit: Submit) -> None:
         # The row is written beside the call, not before it: a slow database never delays the server's work.
-        self._insert = asyncio.ensure_future(self._record_insert())
+        if self.recorder is not None:
+            self.recorder.begin()
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can return a result that lands together with
             # a cancel, and the cancel is lost (issue 12 counted 6 in 65); a cancelled job must end cancelled.
@@ -229,10 +154,11 @@ class Job:
             self._finish("failed", error=ToolCallError(self.server, self.tool, f"internal error: {type(exc).__name__}"))
         else:
             self._finish("completed", result=result)
-        await asyncio.gather(*self._pending_records, return_exceptions=True)
-        await self._record_update(finished=True)
+        # After the answer is out (done is set): the final row never delays the caller.
+        if self.recorder is not None:
+            await self.recorder.finish()
 
-    def _finish(self, state: str, *, result: ToolResult | None = None, error: ToolCallError | None = None) -> None:
+    def _finish(self, state: JobState, *, result: ToolResult | None = None, error: ToolCallError | None = None) -> None:
         self.state = state
         self.result = result
         self.error = error
@@ -279,7 +205,7 @@ class Job:
         ends this wait only: the job goes on and may still deliver late."""
         if not self.done:
             if timeout is not None:
-                expired = not await _wait_event(self._done, timeout)
+                expired = not await wait_event(self._done, timeout)
             else:
                 limit = None if release_after is None else time.monotonic() + release_after
                 expired = not await self._wait_idle(limit)
@@ -335,7 +261,12 @@ class Job:
 
     def stop_retrying(self) -> None:
         """From now on a record write that fails is logged, not retried (the process is closing)."""
-        self._retry_records = False
+        if self.recorder is not None:
+            self.recorder.stop_retrying()
+
+    async def moved(self, timeout: float) -> bool:
+        """Whether the job left `submitted` (started working, or ended) within `timeout`."""
+        return self._moved.is_set() or await wait_event(self._moved, timeout)
 
     async def cancel(self) -> None:
         """Stop the job: its strategy cancels on the server where it can (tasks); our waiting always stops."""
@@ -348,10 +279,10 @@ class Job:
     def add_listener(self, listener: Callable[[JobEvent], None]) -> None:
         self._listeners.append(listener)
 
-    def emit(self, kind: str, **data: Any) -> None:
+    def emit(self, kind: EventKind, **data: Any) -> None:
         event = JobEvent(kind, data, time.monotonic())
         self.events.append(event)
-        if kind in ("progress", "status", "accepted"):
+        if kind in _ACTIVITY:
             self.touch()
         for listener in list(self._listeners):
             try:
@@ -359,124 +290,51 @@ class Job:
             except Exception:
                 log.exception("job %s: event listener failed", self.id)
 
-    def set_state(self, state: str) -> None:
-        if state != self.state:
-            self.state = state
+    # -- transitions: what the dispatcher and the waiters report ---------------------------------------------
+
+    def working(self) -> None:
+        """The call went out to the server."""
+        if self.state != "working" and not self.done:
+            self.state = "working"
             self._moved.set()
-            self.emit("status", state=state)
-            self.record_soon()
+            self.emit("status", state="working")
+            self._changed()
 
-    def record_soon(self) -> None:
-        if self._registry is not None:
-            task = asyncio.get_running_loop().create_task(self._record_update(finished=False))
-            self._pending_records.add(task)
-            task.add_done_callback(self._pending_records.discard)
+    def accept_plain(self) -> None:
+        self.emit("accepted", job_kind="plain")
 
-    # -- the record in mcp_jobs -----------------------------------------------------------------------------
+    def accept_task(self, task_id: str) -> None:
+        """The server made a task of the call: we wait for it (its row says so while it runs)."""
+        self.kind, self.task_id = "task", task_id
+        self.emit("accepted", job_kind="task", task_id=task_id)
+        self.working()
+        self._changed()
 
-    async def _record_insert(self) -> bool:
-        """Write the job's row; True once it is there. A database restart delays the row, never drops it."""
-        if self._registry is None:
-            return False
-        # A moment for the call to start (usually at once, once connected): the row then says `working`, which
-        # spares the update that would follow at once. A slow connect does not hold the row back for long.
-        if not self._moved.is_set():
-            await _wait_event(self._moved, INSERT_GRACE_S)
-        return await self._record_with_retry("row", self._insert_row, give_up_when_done=False)
+    def accept_receipt(self, receipt: dict[str, Any], receipt_id: str, status: Any) -> None:
+        """The server answered with a receipt, to be polled to the real answer."""
+        self.kind, self.receipt = "receipt", receipt
+        self.emit("accepted", job_kind="receipt", receipt_id=receipt_id, status=status)
+        self.working()
+        self._changed()
 
-    async def _insert_row(self) -> None:
-        assert self._registry is not None
-        # The state as it is when the row is written: a call usually is `working` by then, which saves the
-        # separate update (a third of the statements of a plain call).
-        state = self.state if self.state in ("submitted", "working") else "working"
-        try:
-            await self._registry.insert_job(self.id, self.server_id, self.server, self.tool, self.kind, state)
-        except psycopg.errors.UniqueViolation:
-            return  # an earlier attempt committed, but its connection broke before the answer came back
-        self._written = (state, self.kind)
+    def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        self.emit("progress", progress=progress, total=total, message=message)
 
-    async def _record_update(self, *, finished: bool) -> None:
-        if self._registry is None:
-            return
-        async with self._record_lock:
-            inserted = False
-            if self._insert is not None:
-                (inserted,) = await asyncio.gather(self._insert, return_exceptions=True)
-            if not finished and (self.done or (self.state, self.kind) == self._written):
-                return  # already written with the row, or the final write will carry it
-            if finished and inserted is not True:
-                # The row never landed (a long outage): the final state is worth one more try at it.
-                await self._record_with_retry("row", self._insert_row, give_up_when_done=False)
-            # A state on the way is only worth retrying while the job runs: once it is done, the final write
-            # carries everything, and must not queue behind stale retries.
-            await self._record_with_retry(
-                f"state {self.state}", lambda: self._update_row(finished), give_up_when_done=not finished
-            )
+    def status(self, state: str, message: str | None = None) -> None:
+        """What the server (or a reconnect) says of the job; `state` is theirs, not one of JobState."""
+        self.emit("status", state=state, message=message)
 
-    async def _update_row(self, finished: bool) -> None:
-        assert self._registry is not None
-        # Read at each attempt, so a retry writes the job as it is now, not as it was when the write failed.
-        written = (self.state, self.kind)
-        await self._registry.update_job(
-            self.id,
-            state=self.state,
-            kind=self.kind,
-            receipt=scrub_known(self.receipt),
-            result=self.result.as_record() if self.result else None,
-            error=self.error.reason if self.error else None,
-            polls=self.polls,
-            finished=finished,
-            delivered_late=self.late if finished else None,
-        )
-        self._written = written
+    def polled(self, **data: Any) -> None:
+        self.polls += 1
+        self.emit("poll", n=self.polls, **data)
 
-    async def _record_with_retry(
-        self, what: str, write: Callable[[], Awaitable[None]], *, give_up_when_done: bool
-    ) -> bool:
-        """Run one write; while the database is unreachable (a restart, an outage), try again with jittered
-        backoff for up to RECORD_RETRY_S. Other errors (a bad row, a missing table) are not retried."""
-        deadline = time.monotonic() + RECORD_RETRY_S
-        delay = RECORD_BACKOFF_S[0]
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                await write()
-            except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout
-                if give_up_when_done and self.done:
-                    return False  # the final write carries this state
-                if isinstance(exc, PoolClosed) or not self._retry_records or time.monotonic() + delay > deadline:
-                    log.warning(
-                        "job %s: %s not recorded in mcp_jobs (%d tries): %s", self.id, what, attempts, _reason(exc)
-                    )
-                    return False
-                if attempts == 1:
-                    log.warning(
-                        "job %s: %s not recorded yet (%s); retrying until the database is back",
-                        self.id,
-                        what,
-                        _reason(exc),
-                    )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, RECORD_BACKOFF_S[1])
-            except Exception as exc:
-                log.warning("job %s: %s not recorded in mcp_jobs: %s", self.id, what, _reason(exc))
-                return False
-            else:
-                if attempts > 1:
-                    log.info("job %s: %s recorded in mcp_jobs after %d attempts", self.id, what, attempts)
-                return True
+    def poll_failed(self, error: str, failures: int) -> None:
+        self.emit("poll_error", error=error, failures=failures)
 
+    def not_yet(self) -> None:
+        """A poll or push said "not done yet": the server's finish lies after this (for learned timing)."""
+        self.last_pending_at = time.monotonic()
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
+    def _changed(self) -> None:
+        if self.recorder is not None:
+            self.recorder.changed()

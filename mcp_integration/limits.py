@@ -12,6 +12,20 @@ import math
 import re
 from typing import Any
 
+__all__ = [
+    "MAX_ARGUMENT_BYTES",
+    "MAX_DEPTH",
+    "MAX_REASON_CHARS",
+    "MAX_RESULT_CHARS",
+    "argument_problem",
+    "bounded",
+    "cut_text",
+    "deeper_than",
+    "json_too_deep",
+    "storable",
+]
+
+
 # One call's arguments, as JSON. Far above what a language model writes; a larger payload is a mistake or abuse.
 MAX_ARGUMENT_BYTES = 1_000_000
 # Nesting of arguments, tool schemas and structured results. Real schemas and results stay below 15 levels;

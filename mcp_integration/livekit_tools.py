@@ -6,30 +6,39 @@ submit a job → filler through `RunContext.with_filler` (after a threshold, by 
 if still waiting at the release point, `ctx.update(...)` frees the caller's turn and LiveKit delivers the
 final answer later as a deferred reply → the answer is formatted for the ear (`speech.py`).
 
-Also here, because only this module and agent.py may import LiveKit: `ScriptedLLM`, a stand-in for a cloud
-LLM written against LiveKit's own LLM interface, for tests and the offline demo.
+The scripted LLM and the text-only session the offline demo (and the tests) drive it with are in
+`livekit_text.py`, the other voice module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from livekit.agents import AgentSession, RunContext, function_tool, llm
 from livekit.agents.llm import ToolError, ToolFlag
 from livekit.agents.llm.async_toolset import AsyncToolset
-from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
+from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher, ToolEntry
+from mcp_integration.errors import ToolCallError
 from mcp_integration.fillers import FillerPolicy, FillerRun
-from mcp_integration.jobs import Job, JobEvent, ToolCallError
+from mcp_integration.jobs import Job, JobEvent
 from mcp_integration.speech import error_sentence, for_speech, humanise_name
+
+__all__ = [
+    "LATE_REPLY_TEMPLATE",
+    "UPDATE_TEMPLATE",
+    "McpToolbox",
+    "McpToolset",
+    "VoiceEventKind",
+    "VoiceOptions",
+    "llm_from_env",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,9 @@ UPDATE_TEMPLATE = (
     "The tool `{function_name}` is still running: {message}\n"
     "Tell the caller that in one short sentence. Do not make up a result; it will arrive later."
 )
+
+
+VoiceEventKind = Literal["filler", "released", "handed_to_speech"]
 
 
 @dataclass
@@ -95,6 +107,9 @@ class McpToolbox(llm.Toolset):
         self.jobs: list[Job] = []
         self.filler_runs: list[FillerRun] = []
         self.on_job: list[Callable[[Job], None]] = []
+        # What happens to a job on the voice side, which the core Job knows nothing of: `filler` (a line was
+        # spoken), `released` (the caller's turn was freed), `handed_to_speech` (the answer went to the LLM).
+        self.voice_observers: list[Callable[[Job, VoiceEventKind, dict[str, Any]], None]] = []
         self._more = function_tool(
             self._more_details,
             raw_schema={
@@ -187,7 +202,7 @@ class McpToolbox(llm.Toolset):
                 return None
             line = run.line(step, elapsed_s=job.duration, progress=progress["fraction"], message=progress["message"])
             if line is not None:
-                job.emit("filler", step=step)
+                self._voice(job, "filler", step=step)
             return line
 
         release_s = self.dispatcher.servers[entry.server].cfg.release_after_ms / 1000
@@ -204,7 +219,7 @@ class McpToolbox(llm.Toolset):
                     raise
                 # Still waiting at the release point: free the caller's turn; LiveKit delivers the final
                 # return value later as a deferred reply.
-                job.emit("released", after_s=round(job.duration, 3))
+                self._voice(job, "released", after_s=round(job.duration, 3))
                 await ctx.update(run.release_line())
                 result = await job.outcome()
         except ToolCallError as exc:
@@ -217,8 +232,15 @@ class McpToolbox(llm.Toolset):
         if spoken.rest:
             self._rest[entry.name] = spoken.rest
             text += " (More is available: call more_details.)"
-        job.emit("handed_to_speech")
+        self._voice(job, "handed_to_speech")
         return text
+
+    def _voice(self, job: Job, kind: VoiceEventKind, **data: Any) -> None:
+        for observe in list(self.voice_observers):
+            try:
+                observe(job, kind, data)
+            except Exception:
+                log.exception("job %s: voice observer failed", job.id)
 
     async def _more_details(self, raw_arguments: dict[str, Any]) -> str:
         tool = raw_arguments.get("tool") if isinstance(raw_arguments, dict) else None
@@ -231,201 +253,11 @@ class McpToolbox(llm.Toolset):
         return spoken.text
 
 
-# -- a scripted LLM ----------------------------------------------------------------------------------------------
-
-Route = Callable[[str], "tuple[str, dict[str, Any] | str] | None"]
-
-
-class ScriptedLLM(llm.LLM):
-    """A stand-in for a cloud LLM, on LiveKit's own LLM interface: it calls a tool when a rule matches what
-    the caller said, then answers from the tool output it receives, as a real model would."""
-
-    def __init__(self, route: Route, *, small_talk: Callable[[str], str] | None = None) -> None:
-        super().__init__()
-        self._route = route
-        self._small_talk = small_talk or (lambda text: f"Sure. You said: {text}")
-        self._ids = itertools.count(1)
-
-    @property
-    def model(self) -> str:
-        return "scripted"
-
-    def chat(
-        self,
-        *,
-        chat_ctx: llm.ChatContext,
-        tools: list[llm.Tool] | None = None,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-        parallel_tool_calls: NotGivenOr[bool] = NOT_GIVEN,
-        tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
-        extra_kwargs: NotGivenOr[dict[str, Any]] = NOT_GIVEN,
-    ) -> llm.LLMStream:
-        return _ScriptedStream(
-            self,
-            chat_ctx=chat_ctx,
-            tools=tools or [],
-            conn_options=conn_options,
-            reply=self._decide(chat_ctx, tool_choice),
-        )
-
-    def _decide(self, chat_ctx: llm.ChatContext, tool_choice: Any) -> tuple[str, Any]:
-        items = [i for i in chat_ctx.items if i.type in ("message", "function_call_output")]
-        last = items[-1] if items else None
-        if last is None:
-            return ("text", "Hello, how can I help?")
-        if last.type == "function_call_output":
-            return ("text", _answer_from(last.output, is_error=last.is_error))
-        if last.role == "system" and "New results arrived" in (last.text_content or ""):
-            outputs = [i for i in items if i.type == "function_call_output"]
-            answer = outputs[-1].output if outputs else "Nothing new."
-            return ("text", f"About your earlier question: {answer}")
-        text = last.text_content or ""
-        if last.role == "user" and tool_choice != "none":
-            routed = self._route(text)
-            if routed is not None:
-                name, args = routed
-                return ("tool", (name, args, f"call_{next(self._ids)}"))
-        return ("text", self._small_talk(text))
-
-
-def _answer_from(output: str, *, is_error: bool) -> str:
-    updated = re.match(r"The tool `[^`]+` is still running: (.*?)\n", output)
-    if updated:
-        return updated.group(1)
-    return output if is_error else f"Here is what I found: {output}"
-
-
-class _ScriptedStream(llm.LLMStream):
-    def __init__(
-        self,
-        owner: ScriptedLLM,
-        *,
-        chat_ctx: llm.ChatContext,
-        tools: list[llm.Tool],
-        conn_options: APIConnectOptions,
-        reply: tuple[str, Any],
-    ) -> None:
-        super().__init__(owner, chat_ctx=chat_ctx, tools=tools, conn_options=conn_options)
-        self._reply = reply
-
-    async def _run(self) -> None:
-        kind, payload = self._reply
-        chunk_id = f"scripted_{id(self)}"
-        if kind == "tool":
-            name, args, call_id = payload
-            # A string is sent as is: tests use it to play a model that emits invalid JSON.
-            arguments = args if isinstance(args, str) else json.dumps(args)
-            call = llm.FunctionToolCall(name=name, arguments=arguments, call_id=call_id)
-            delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
-        else:
-            delta = llm.ChoiceDelta(role="assistant", content=payload)
-        self._event_ch.send_nowait(llm.ChatChunk(id=chunk_id, delta=delta))
-
-
-def llm_from_env() -> llm.LLM | None:
-    """The real OpenAI (or OpenAI-compatible) LLM when a key or base URL is configured, else None."""
-    import os
-
-    if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")):
+def llm_from_env(settings: Settings) -> llm.LLM | None:
+    """The real OpenAI (or OpenAI-compatible) LLM when a key or base URL is configured, else None. The one
+    place the LLM is built: the worker and the demo both ask here."""
+    if not settings.openai_configured:
         return None
     from livekit.plugins import openai
 
-    return openai.LLM(model=os.environ.get("LLM_MODEL", "gpt-4.1-mini"), base_url=os.environ.get("OPENAI_BASE_URL"))
-
-
-# -- a text-only session, for tests, the offline demo and benchmarks -----------------------------------------
-
-
-@dataclass
-class Line:
-    at: float  # seconds since the call started
-    who: str  # caller | agent | filler | tool
-    text: str
-
-
-class TextCall:
-    """A real `AgentSession` in text mode (no STT, TTS, VAD or room) over the real toolbox and dispatcher."""
-
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        model: llm.LLM,
-        *,
-        options: VoiceOptions | None = None,
-        instructions: str = "You are a helpful voice assistant.",
-        on_line: Callable[[Line], None] | None = None,
-    ) -> None:
-        self.toolbox = McpToolbox(dispatcher, options)
-        self.on_line = on_line
-        self.model = model
-        self.instructions = instructions
-        self.session: AgentSession | None = None
-        self.lines: list[Line] = []
-        self._t0 = 0.0
-
-    async def start(self, greeting: str | None = "Hello, how can I help?") -> TextCall:
-        from livekit.agents import Agent
-
-        loop = asyncio.get_running_loop()
-        self._t0 = loop.time()
-        self.session = AgentSession(llm=self.model, tools=[self.toolbox])
-        self.toolbox.bind(self.session)
-        self.toolbox.on_job.append(self._watch_job)
-        self.session.on("conversation_item_added", self._on_item)
-        await self.session.start(Agent(instructions=self.instructions))
-        if greeting:
-            await self.session.say(greeting)
-        return self
-
-    def _watch_job(self, job: Job) -> None:
-        def on_event(event: JobEvent) -> None:
-            if event.kind == "accepted":
-                ref = event.data.get("task_id") or event.data.get("receipt_id")
-                self._add(
-                    "tool", f"{job.tool}: {event.data.get('job_kind')} job started" + (f" ({ref})" if ref else "")
-                )
-            elif event.kind == "released":
-                self._add(
-                    "tool", f"{job.tool}: still waiting after {event.data['after_s']:g} s; the caller's turn is freed"
-                )
-            elif event.kind == "done":
-                late = " (late)" if event.data.get("late") else ""
-                self._add("tool", f"{job.tool}: {event.data['state']}{late} after {job.duration:.1f} s")
-
-        job.add_listener(on_event)
-
-    def _add(self, who: str, text: str) -> None:
-        line = Line(self.now(), who, text)
-        self.lines.append(line)
-        if self.on_line is not None:
-            self.on_line(line)
-
-    def now(self) -> float:
-        return asyncio.get_running_loop().time() - self._t0
-
-    def _on_item(self, event: Any) -> None:
-        item = event.item
-        if item.type != "message" or item.role not in ("user", "assistant"):
-            return
-        text = item.text_content or ""
-        who = "caller" if item.role == "user" else "agent"
-        if who == "agent" and any(text == f for f in self._filler_texts()):
-            who = "filler"
-        self._add(who, text)
-
-    def _filler_texts(self) -> set[str]:
-        return {line for run in self.toolbox.filler_runs for line in run.spoken}
-
-    async def say(self, text: str) -> Any:
-        assert self.session is not None
-        return await self.session.run(user_input=text)
-
-    def spoken(self, who: str | None = None) -> list[Line]:
-        return [line for line in self.lines if who is None or line.who == who]
-
-    async def aclose(self) -> None:
-        # Jobs first, so no deferred reply is still on its way while the session shuts down; the session
-        # then closes its toolsets (ours included) itself.
-        await self.toolbox.cancel_jobs()
-        if self.session is not None:
-            await self.session.aclose()
+    return openai.LLM(model=settings.llm_model, base_url=settings.openai_base_url)

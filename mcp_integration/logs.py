@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +20,27 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from mcp_integration.secrets import install_log_scrubber
+from mcp_integration.scrubber import install_log_scrubber
+
+__all__ = [
+    "CONTEXT_KEYS",
+    "FORMATS",
+    "TEXT_FORMAT",
+    "ContextFilter",
+    "JsonFormatter",
+    "TextFormatter",
+    "bind",
+    "formatter",
+    "install_context_filter",
+    "log_context",
+    "log_format",
+    "outside_job",
+    "record_fields",
+    "setup_logging",
+    "unbind",
+    "use_json_on",
+]
+
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -131,20 +150,20 @@ class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler `setup_logging` installed, so a second call replaces it instead of adding another."""
 
 
-def log_format(fmt: str | None = None) -> str:
-    """The format asked for (argument, else LOG_FORMAT, else text); a clear ValueError for anything else."""
-    chosen = (fmt if fmt is not None else os.environ.get("LOG_FORMAT") or "text").strip().lower()
+def log_format(fmt: str) -> str:
+    """The format asked for (Settings.log_format: LOG_FORMAT, else text); a clear ValueError for anything else."""
+    chosen = fmt.strip().lower()
     if chosen not in FORMATS:
         raise ValueError(f"LOG_FORMAT must be one of {', '.join(FORMATS)}, not {chosen!r}")
     return chosen
 
 
-def formatter(fmt: str | None = None) -> logging.Formatter:
+def formatter(fmt: str = "text") -> logging.Formatter:
     return JsonFormatter() if log_format(fmt) == "json" else TextFormatter()
 
 
 def setup_logging(
-    fmt: str | None = None, level: int | str = logging.INFO, *, stream: TextIO | None = None, force: bool = False
+    fmt: str = "text", level: int | str = logging.INFO, *, stream: TextIO | None = None, force: bool = False
 ) -> bool:
     """Log to `stream` (stderr) in the chosen format, with context fields on every line.
 

@@ -11,6 +11,7 @@ its own process and a parent serves them all (LiveKit's worker with `PROMETHEUS_
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -23,7 +24,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from mcp_integration.dispatcher import Dispatcher, HealthReport
+    from mcp_integration.dispatcher import Dispatcher
+    from mcp_integration.health import Health, HealthReport
     from mcp_integration.jobs import Job, JobEvent
     from mcp_integration.registry import HealthRow, Registry
 
@@ -40,88 +42,67 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = REGISTRY if registry is None else registry
-        reg = self.registry
-        self.jobs = Counter(
-            "voice_mcp_jobs", "Tool-call jobs by final state.", ["server", "tool", "kind", "state"], registry=reg
-        )
-        self.running = Gauge(
-            "voice_mcp_jobs_running",
-            "Jobs not yet in a final state.",
-            ["server"],
-            registry=reg,
-            multiprocess_mode="livesum",
+        # Every metric on this registry; gauges say how job processes' values combine in multiprocess mode.
+        counter = functools.partial(Counter, registry=self.registry)
+        gauge = functools.partial(Gauge, registry=self.registry)
+        histogram = functools.partial(Histogram, registry=self.registry)
+        self.jobs = counter("voice_mcp_jobs", "Tool-call jobs by final state.", ["server", "tool", "kind", "state"])
+        self.running = gauge(
+            "voice_mcp_jobs_running", "Jobs not yet in a final state.", ["server"], multiprocess_mode="livesum"
         )
         # Unlabelled, so it exists (at 0) from the first moment: a worker's /metrics shows its job processes
         # are reporting before any call has been made.
-        self.sessions = Gauge(
-            "voice_mcp_sessions_running", "Voice sessions in progress.", registry=reg, multiprocess_mode="livesum"
-        )
-        self.duration = Histogram(
-            "voice_mcp_job_duration_seconds",
-            "From submit to final state.",
-            ["server", "tool", "state"],
+        self.sessions = gauge("voice_mcp_sessions_running", "Voice sessions in progress.", multiprocess_mode="livesum")
+        self.duration = histogram(
+            "voice_mcp_job_duration_seconds", "From submit to final state.", ["server", "tool", "state"],
             buckets=DURATION_BUCKETS,
-            registry=reg,
-        )
-        self.lag = Histogram(
+        )  # fmt: skip
+        self.lag = histogram(
             "voice_mcp_job_detection_lag_seconds",
             "How long after the server finished a polled job we noticed: half the gap between the last "
             "'not yet' and the poll that found it done (jobs found done by a push are not counted).",
-            ["server", "kind"],
-            buckets=LAG_BUCKETS,
-            registry=reg,
+            ["server", "kind"], buckets=LAG_BUCKETS,
+        )  # fmt: skip
+        self.polls = histogram(
+            "voice_mcp_job_polls", "Polls per task or receipt job.", ["server", "kind"], buckets=POLL_BUCKETS
         )
-        self.polls = Histogram(
-            "voice_mcp_job_polls",
-            "Polls per task or receipt job.",
-            ["server", "kind"],
-            buckets=POLL_BUCKETS,
-            registry=reg,
+        self.fillers = counter("voice_mcp_filler_lines", "Filler lines spoken while a job ran.", ["server"])
+        self.released = counter(
+            "voice_mcp_jobs_released", "Calls released to run on while the caller talks.", ["server"]
         )
-        self.fillers = Counter(
-            "voice_mcp_filler_lines", "Filler lines spoken while a job ran.", ["server"], registry=reg
+        self.late = counter(
+            "voice_mcp_late_results", "Results delivered after the caller stopped waiting.", ["server", "tool"]
         )
-        self.released = Counter(
-            "voice_mcp_jobs_released", "Calls released to run on while the caller talks.", ["server"], registry=reg
-        )
-        self.late = Counter(
-            "voice_mcp_late_results",
-            "Results delivered after the caller stopped waiting.",
-            ["server", "tool"],
-            registry=reg,
-        )
-        self.server_status = Gauge(
+        self.server_status = gauge(
             "voice_mcp_server_status",
             "1 for a server's status after its last health check, 0 for the other statuses.",
-            ["server", "status"],
-            registry=reg,
+            ["server", "status"], multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.server_latency = gauge(
+            "voice_mcp_server_latency_seconds", "Latency of a server's last successful health check.", ["server"],
             multiprocess_mode="mostrecent",
-        )
-        self.server_latency = Gauge(
-            "voice_mcp_server_latency_seconds",
-            "Latency of a server's last successful health check.",
-            ["server"],
-            registry=reg,
-            multiprocess_mode="mostrecent",
-        )
-        self.server_failures = Gauge(
-            "voice_mcp_server_consecutive_failures",
-            "Failed health checks or unreachable calls in a row.",
-            ["server"],
-            registry=reg,
-            multiprocess_mode="mostrecent",
-        )
-        self.health_checks = Counter(
-            "voice_mcp_health_checks", "Health checks by result.", ["server", "result"], registry=reg
-        )
+        )  # fmt: skip
+        self.server_failures = gauge(
+            "voice_mcp_server_consecutive_failures", "Failed health checks or unreachable calls in a row.",
+            ["server"], multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.health_checks = counter("voice_mcp_health_checks", "Health checks by result.", ["server", "result"])
         self._table: _TableCollector | None = None
         self._table_lock = threading.Lock()
 
     # -- live: from a dispatcher's jobs and health checks ---------------------------------------------------
 
-    def attach(self, dispatcher: Dispatcher) -> None:
+    def attach(self, dispatcher: Dispatcher, health: Health | None = None) -> None:
         dispatcher.job_observers.append(self.observe_job)
-        dispatcher.health_observers.append(self.observe_health)
+        if health is not None:
+            health.observers.append(self.observe_health)
+
+    def observe_voice(self, job: Job, kind: str, data: dict[str, Any]) -> None:
+        """A voice-side event of a job (the toolbox's `voice_observers`): a filler line spoken, a call released."""
+        if kind == "filler":
+            self.fillers.labels(job.server).inc()
+        elif kind == "released":
+            self.released.labels(job.server).inc()
 
     def observe_job(self, job: Job) -> None:
         """Count a new job; called before it starts, so no event is missed."""
@@ -134,10 +115,6 @@ class Metrics:
         def on_event(event: JobEvent) -> None:
             if event.kind == "poll":
                 last_poll_at[:] = [event.at]
-            elif event.kind == "filler":
-                self.fillers.labels(job.server).inc()
-            elif event.kind == "released":
-                self.released.labels(job.server).inc()
             elif event.kind == "done":
                 self._finished(job, event.data, last_poll_at[0] if last_poll_at else None)
 
@@ -195,14 +172,16 @@ _process_metrics: Metrics | None = None
 _process_lock = threading.Lock()
 
 
-def process_metrics() -> Metrics:
-    """The process's one `Metrics` on prometheus_client's default registry (what LiveKit's worker serves)."""
+def process_metrics(multiproc_dir: str | None = None) -> Metrics:
+    """The process's one `Metrics` on prometheus_client's default registry (what LiveKit's worker serves).
+    `multiproc_dir`: Settings.prometheus_multiproc_dir (prometheus_client itself reads PROMETHEUS_MULTIPROC_DIR
+    from the environment at import; this only makes sure the directory exists)."""
     global _process_metrics
     with _process_lock:
         if _process_metrics is None:
             # Multiprocess mode writes files there on first use; a process other than LiveKit's worker (the
             # status page, the CLI) in an image that sets it would otherwise fail on a missing directory.
-            if multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            if multiproc_dir:
                 os.makedirs(multiproc_dir, exist_ok=True)
             _process_metrics = Metrics()
         return _process_metrics

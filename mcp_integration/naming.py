@@ -7,6 +7,14 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
+__all__ = [
+    "MAX_LEN",
+    "SAFE_RE",
+    "assign_names",
+    "sanitize",
+]
+
+
 MAX_LEN = 64
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_-]+")
 SAFE_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")

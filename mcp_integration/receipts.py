@@ -24,9 +24,35 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
-from mcp_integration.jobs import ToolResult
+from mcp_integration.errors import SecretMissing
 from mcp_integration.registry import POLL_PROFILES, ServerConfig
-from mcp_integration.secrets import SecretMissing, redact_url, resolve_refs, resolve_url
+from mcp_integration.results import ToolResult
+from mcp_integration.secrets import redact_url, resolve_refs, resolve_url
+
+__all__ = [
+    "ACK_STATUSES",
+    "ANSWER_FIELDS",
+    "DEFAULT_RESULT_ENDPOINT",
+    "DONE_STATUSES",
+    "FAILURE_STATUSES",
+    "ID_FIELDS",
+    "N8N_DONE_STATUSES",
+    "N8N_EXECUTION_TEMPLATE",
+    "STATUS_URL_FIELDS",
+    "SUCCESS_STATUSES",
+    "PermanentPollError",
+    "PollOutcome",
+    "Receipt",
+    "ReceiptPoller",
+    "TransientPollError",
+    "default_http_client",
+    "endpoint_for",
+    "looks_like_unpollable_ack",
+    "parse_generic_status",
+    "parse_n8n_execution",
+    "recognise",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +213,7 @@ def recognise(result: ToolResult, *, poll_profile: str) -> Receipt | None:
     """
     if poll_profile not in POLL_PROFILES:
         raise ValueError(f"unknown poll profile {poll_profile!r}")
-    if poll_profile in ("none", "mcp-task") or _is_error(result):
+    if poll_profile in ("none", "mcp-task"):
         return None
     for payload in _payloads(result):
         record = _single_record(payload)
@@ -205,7 +231,7 @@ def looks_like_unpollable_ack(result: ToolResult, *, poll_profile: str = "auto")
     workflow answers before it has a result: make its webhook respond when the last node finishes) rather than
     hand the acknowledgment to a language model as if it were the answer.
     """
-    if poll_profile == "none" or _is_error(result):
+    if poll_profile == "none":
         return False
     if _clean_phrase(result.text) in _UNPOLLABLE_TEXTS:
         return True
@@ -219,11 +245,6 @@ def looks_like_unpollable_ack(result: ToolResult, *, poll_profile: str = "auto")
         if _status_of(record) in _HARD_ACK_STATUSES and _job_id(record, allow_plain_id=True) is None:
             return True
     return False
-
-
-def _is_error(result: ToolResult) -> bool:
-    # ToolResult does not carry isError today; accept it when a result type does.
-    return bool(getattr(result, "is_error", False) or getattr(result, "isError", False))
 
 
 def _payloads(result: ToolResult) -> list[Any]:

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import psycopg
@@ -22,13 +22,40 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from mcp_integration.secrets import ENV_NAME, ENV_PREFIX, PLACEHOLDER, known, looks_opaque, redact_url
+from mcp_integration.errors import RegistryError
+from mcp_integration.scrubber import known
+from mcp_integration.secrets import ENV_NAME, ENV_PREFIX, PLACEHOLDER, looks_opaque, redact_url
+
+__all__ = [
+    "CONNECT_DEFAULTS",
+    "HEADER_NAME",
+    "HEADER_VALUE",
+    "INT4_MAX",
+    "MAX_TEXT_CHARS",
+    "MAX_URL_CHARS",
+    "NAME_RE",
+    "POLL_PROFILES",
+    "POOL_TIMEOUT_S",
+    "RECONNECT_GIVE_UP_S",
+    "TRANSPORTS",
+    "HealthRow",
+    "Registry",
+    "ServerConfig",
+    "StatusRows",
+    "ToolSpec",
+    "Transport",
+    "connect_defaults",
+    "url_problem",
+]
+
 
 log = logging.getLogger(__name__)
 
 Transport = Literal["stdio", "streamable-http", "sse", "websocket"]
-TRANSPORTS: tuple[str, ...] = ("stdio", "streamable-http", "sse", "websocket")
-POLL_PROFILES: tuple[str, ...] = ("auto", "mcp-task", "http", "n8n", "none")
+TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
+# How a receipt in an ordinary result is polled: auto (recognised by shape), mcp-task, http (generic), n8n, none.
+PollProfile = Literal["auto", "mcp-task", "http", "n8n", "none"]
+POLL_PROFILES: tuple[PollProfile, ...] = get_args(PollProfile)
 NAME_RE = re.compile(r"^[a-z0-9_-]{1,48}$")
 # Serialises concurrent migrators (two workers starting at once) without a table lock.
 _MIGRATION_LOCK_KEY = 0x6D6370  # "mcp"
@@ -57,14 +84,10 @@ async def _reconnect_failed(pool: AsyncConnectionPool) -> None:
     log.info("database unreachable for %g s; reconnecting on the next request", RECONNECT_GIVE_UP_S)
 
 
-class RegistryError(Exception):
-    """A registry operation was refused; the message is fit to show a user as is."""
-
-
 @dataclass
 class ServerConfig:
     name: str
-    transport: str
+    transport: Transport
     url: str | None = None
     command: str | None = None
     args: list[str] = field(default_factory=list)
@@ -78,7 +101,7 @@ class ServerConfig:
     release_after_ms: int = 8_000
     poll_interval: int = 1_000
     result_endpoint: str = "/mcp/results"
-    poll_profile: str = "auto"
+    poll_profile: PollProfile = "auto"
     id: int | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -245,6 +268,63 @@ def _friendly(exc: psycopg.Error, name: str) -> RegistryError:
         constraint = exc.diag.constraint_name or ""
         return RegistryError(f"server {name!r}: {_CONSTRAINT_MESSAGES.get(constraint, constraint or 'invalid row')}")
     return RegistryError(f"server {name!r}: {exc.diag.message_primary or exc}")
+
+
+_SERVERS_SQL = """
+SELECT s.id, s.name, s.transport, s.url, s.command, s.enabled, s.headers, s.env,
+       h.status, h.checked_at, h.latency_ms, h.consecutive_failures, h.last_error,
+       t.tools, t.discovered_at
+FROM mcp_servers s
+LEFT JOIN mcp_server_health h ON h.server_id = s.id
+LEFT JOIN LATERAL (
+    SELECT count(*) AS tools, max(discovered_at) AS discovered_at FROM mcp_tools WHERE server_id = s.id
+) t ON true
+ORDER BY s.name
+"""
+
+# The status page (web/views.py). One row per server and minute: the mean latency of the checks that
+# answered, and how many failed. Per server
+# through the (server_id, checked_at) index: the table keeps a day of checks, the chart needs one hour.
+_HISTORY_SQL = """
+SELECT s.id AS server_id, m.minutes_ago, m.latency_ms, m.failed, m.checks
+FROM mcp_servers s CROSS JOIN LATERAL (
+    SELECT floor(date_part('epoch', now() - c.checked_at) / 60)::int AS minutes_ago,
+           avg(c.latency_ms) FILTER (WHERE c.ok) AS latency_ms,
+           count(*) FILTER (WHERE NOT c.ok) AS failed, count(*) AS checks
+    FROM mcp_health_checks c
+    WHERE c.server_id = s.id AND c.checked_at >= now() - make_interval(mins => %s)
+    GROUP BY 1
+) m
+"""
+
+_JOBS_SQL = """
+SELECT id, server_name, tool, state, kind, submitted_at, finished_at, polls, delivered_late,
+       extract(epoch FROM coalesce(finished_at, now()) - submitted_at)::float8 AS seconds
+FROM mcp_jobs ORDER BY submitted_at DESC LIMIT %s
+"""
+
+# One fingerprint per part of the page, each moving whenever what that part shows changes; cheap enough to run
+# every second (small tables, and the newest jobs off their index). A health check rewrites `checked_at`, a
+# job's change rewrites `updated_at`.
+_FINGERPRINT_SQL = """
+SELECT concat_ws('|',
+    (SELECT count(*) || ':' || coalesce(max(updated_at)::text, '') FROM mcp_servers),
+    (SELECT count(*) || ':' || coalesce(max(checked_at)::text, '') FROM mcp_server_health),
+    (SELECT count(*) || ':' || coalesce(max(discovered_at)::text, '') FROM mcp_tools)
+) AS servers,
+(SELECT md5(coalesce(string_agg(id::text || state || updated_at::text, ','), ''))
+   FROM (SELECT id, state, updated_at FROM mcp_jobs ORDER BY submitted_at DESC LIMIT %s) j) AS jobs
+"""
+
+
+@dataclass
+class StatusRows:
+    """What the status page reads in one go, on one connection."""
+
+    taken_at: datetime
+    servers: list[dict[str, Any]]
+    jobs: list[dict[str, Any]]
+    history: list[dict[str, Any]] | None  # None: not read this time
 
 
 def _row_to_server(row: dict[str, Any]) -> ServerConfig:
@@ -576,3 +656,29 @@ class Registry:
                     (server, server, state, state, limit),
                 )
             ).fetchall()
+
+    # -- the status page ------------------------------------------------------------------------------------
+
+    async def status_rows(
+        self, *, servers: bool, jobs: int, history_minutes: int, timeout: float | None = None
+    ) -> StatusRows:
+        """The servers with their health and tool counts (`servers`), the newest `jobs` jobs, and the health
+        history bucketed per minute for the last `history_minutes` (0: not read), on one connection."""
+        server_rows: list[dict[str, Any]] = []
+        job_rows: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] | None = None
+        async with self.pool.connection(timeout=timeout) as conn:
+            taken_at = (await (await conn.execute("SELECT now() AS now")).fetchone())["now"]
+            if servers:
+                server_rows = await (await conn.execute(_SERVERS_SQL)).fetchall()
+            if jobs:
+                job_rows = await (await conn.execute(_JOBS_SQL, (jobs,))).fetchall()
+            if history_minutes:
+                history = await (await conn.execute(_HISTORY_SQL, (history_minutes,))).fetchall()
+        return StatusRows(taken_at, server_rows, job_rows, history)
+
+    async def status_fingerprint(self, jobs: int) -> dict[str, str]:
+        """{"servers": …, "jobs": …}: each changes when what that part of the status page shows changes."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(_FINGERPRINT_SQL, (jobs,))).fetchone()
+        return {"servers": row["servers"], "jobs": row["jobs"]}

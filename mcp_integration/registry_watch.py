@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import psycopg
 
-from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.aio import Backoff
 from mcp_integration.registry import Registry, ServerConfig, connect_defaults
+
+__all__ = [
+    "CHANNEL",
+    "MAX_BACKOFF_S",
+    "Follower",
+    "RegistryWatcher",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +35,22 @@ def _fingerprint(cfg: ServerConfig) -> tuple[object, ...]:
     return (cfg.id, cfg.updated_at)
 
 
+class _Server(Protocol):
+    cfg: ServerConfig
+
+
+class Follower(Protocol):
+    """What follows the registry (a `Dispatcher`): storage does not import the layers above it."""
+
+    @property
+    def servers(self) -> Mapping[str, _Server]: ...
+    async def add_server(self, cfg: ServerConfig) -> str | None: ...
+    async def remove_server(self, name: str) -> None: ...
+
+
 class RegistryWatcher:
     def __init__(
-        self, registry: Registry, dispatcher: Dispatcher, *, on_change: Callable[[], None] | None = None
+        self, registry: Registry, dispatcher: Follower, *, on_change: Callable[[], None] | None = None
     ) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
@@ -46,7 +68,8 @@ class RegistryWatcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        backoff = 0.5
+        # Capped low: after a database restart or outage the watch should be back within seconds.
+        backoff = Backoff(0.5, MAX_BACKOFF_S, jitter=(0.8, 1.0))
         while True:
             try:
                 # A connection of its own: LISTEN holds it for the life of the session.
@@ -55,7 +78,7 @@ class RegistryWatcher:
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **options) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
-                    backoff = 0.5
+                    backoff.reset()
                     await self.sync()  # whatever changed while we were not listening
                     async for _ in conn.notifies():
                         await self.sync()
@@ -63,10 +86,9 @@ class RegistryWatcher:
                 raise
             except Exception as exc:
                 self.listening.clear()
-                log.warning("registry watch interrupted (%s); retrying in %.1f s", type(exc).__name__, backoff)
-                await asyncio.sleep(backoff)
-                # Capped low: after a database restart or outage the watch should be back within seconds.
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                delay = backoff.next()
+                log.warning("registry watch interrupted (%s); retrying in %.1f s", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
 
     async def sync(self) -> None:
         wanted = {cfg.name: cfg for cfg in await self.registry.list_servers(enabled_only=True)}

@@ -1,4 +1,4 @@
-"""The last-known registry on disk, and a session start that falls back to it when the database is unreachable.
+"""The last-known registry on disk: what a session starts from when the database is unreachable (runtime.py).
 
 The file holds the enabled servers and their tool cache exactly as the registry holds them: header and env values
 stay `env:NAME` references (or the literals the registry already had), never resolved secrets. It is written after
@@ -17,25 +17,30 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import psycopg
+from mcp_integration.explain import describe
+from mcp_integration.registry import ServerConfig, ToolSpec
 
-from mcp_integration.connection import describe
-from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+__all__ = [
+    "FORMAT",
+    "Snapshot",
+    "SnapshotError",
+    "ago",
+    "read_snapshot",
+    "save",
+    "write_snapshot",
+]
+
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 _SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
 _TOOL_FIELDS = {f.name for f in dataclasses.fields(ToolSpec)}
-# Strong references to the snapshot writes in flight (asyncio keeps only weak ones).
-_writes: set[asyncio.Task[Any]] = set()
 _order = itertools.count()
 _write_lock = threading.Lock()
 _written: dict[Path, int] = {}
@@ -104,12 +109,6 @@ def read_snapshot(path: Path) -> Snapshot | None:
     return Snapshot(saved_at, servers, tools)
 
 
-def dispatcher_state(dispatcher: Dispatcher) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]]]:
-    """What the registry holds once the dispatcher's discoveries are saved: its servers and their tool lists."""
-    states = dispatcher.servers
-    return [s.cfg for s in states.values()], {name: s.tools for name, s in states.items() if s.tools}
-
-
 async def save(path: Path, servers: list[ServerConfig], tools: dict[str, list[ToolSpec]]) -> bool:
     """Write the snapshot off the event loop. A failure is logged, never raised: the snapshot is a fallback."""
     try:
@@ -129,93 +128,6 @@ def _write_newest(path: Path, order: int, servers: list[ServerConfig], tools: di
         _written[path] = order
 
 
-def save_soon(dispatcher: Dispatcher, path: Path) -> None:
-    """Save the dispatcher's servers and tools in the background (a registry watcher's `on_change`)."""
-    _spawn(save(path, *dispatcher_state(dispatcher)))
-
-
-@dataclass
-class SessionStart:
-    """Where a session's servers and tools came from: the database, the on-disk copy, or nowhere yet."""
-
-    source: Literal["database", "snapshot", "empty"]
-    age_s: float | None = None
-    reason: str | None = None
-    saved: asyncio.Task[bool] | None = field(default=None, repr=False)
-
-
-async def start_dispatcher(
-    dispatcher: Dispatcher, path: Path, *, timeout: float = 3.0, migrate: bool = True
-) -> SessionStart:
-    """Start `dispatcher` from the registry, or, when the database does not answer within `timeout`, from the
-    snapshot at `path`. Either way discovery goes on in the background.
-
-    From the database, the snapshot is written at once and again when discovery is done. From the snapshot, one
-    warning says so and how old it is; the registry's pool keeps reconnecting, so job records (retried by the
-    jobs themselves) land once the database is back, and a registry watcher brings any change made meanwhile.
-    """
-    registry = dispatcher.registry
-    if registry is None:
-        raise ValueError("start_dispatcher needs a dispatcher with a registry")
-    try:
-        servers, cached = await _load(registry, timeout=timeout, migrate=migrate)
-    except psycopg.OperationalError as exc:  # unreachable, restarting, or gone mid-query (incl. PoolTimeout)
-        return await _start_offline(dispatcher, path, describe(exc))
-    _spawn(save(path, servers, cached))  # off the greeting's path, like discovery
-    await dispatcher.start(wait=False, servers=servers, cached=cached)
-    return SessionStart("database", saved=_spawn(_save_after_discovery(dispatcher, path)))
-
-
-async def _load(
-    registry: Registry, *, timeout: float, migrate: bool
-) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]]]:
-    await registry.ping(timeout)  # first, within `timeout`: the calls below would each wait the pool's longer one
-    if migrate:
-        await registry.migrate()  # idempotent; a database that was down when the process started gets it now
-    return await registry.list_servers(enabled_only=True), await registry.cached_tools()
-
-
-async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> SessionStart:
-    try:
-        snap = await asyncio.to_thread(read_snapshot, path)
-    except SnapshotError as exc:
-        log.warning("%s", exc)
-        snap = None
-    if snap is None:
-        log.error(
-            "database unreachable (%s) and no usable registry snapshot at %s: starting with no MCP tools; "
-            "they appear once the database is back",
-            reason,
-            path,
-        )
-        await dispatcher.start(wait=False, servers=[], cached={}, recall_health=False)
-        return SessionStart("empty", reason=reason)
-    age = snap.age_s
-    log.warning(
-        "database unreachable (%s): starting from the on-disk copy of the registry saved %s ago (%s; %d servers, "
-        "%d cached tools); jobs are recorded once the database is back",
-        reason,
-        _ago(age),
-        snap.saved_at.isoformat(timespec="seconds"),
-        len(snap.servers),
-        sum(len(v) for v in snap.tools.values()),
-    )
-    await dispatcher.start(wait=False, servers=snap.servers, cached=snap.tools, recall_health=False)
-    return SessionStart("snapshot", age_s=age, reason=reason)
-
-
-async def _save_after_discovery(dispatcher: Dispatcher, path: Path) -> bool:
-    await dispatcher.refreshed()
-    return await save(path, *dispatcher_state(dispatcher))
-
-
-def _spawn(coro: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
-    task = asyncio.ensure_future(coro)
-    _writes.add(task)
-    task.add_done_callback(_writes.discard)
-    return task
-
-
 def _encode(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -230,7 +142,8 @@ def _decode_server(raw: dict[str, Any]) -> ServerConfig:
     return ServerConfig(**values)
 
 
-def _ago(seconds: float) -> str:
+def ago(seconds: float) -> str:
+    """A duration as a person says it: "40 s", "3 min", "2 h", "5 days"."""
     for unit, size in (("day", 86_400), ("h", 3_600), ("min", 60)):
         if seconds >= 1.5 * size:
             n = round(seconds / size)

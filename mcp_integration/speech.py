@@ -16,7 +16,19 @@ from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
-from mcp_integration.jobs import ToolCallError, ToolResult
+from mcp_integration.errors import ToolCallError
+from mcp_integration.results import ToolResult
+
+__all__ = [
+    "LIST_SHOWN",
+    "MAX_DEPTH",
+    "MAX_KEYS",
+    "REASON_CHARS",
+    "Spoken",
+    "error_sentence",
+    "for_speech",
+    "humanise_name",
+]
 
 
 @dataclass(frozen=True)

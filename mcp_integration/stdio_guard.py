@@ -20,10 +20,10 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from mcp.client._transport import TransportStreams
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from mcp_integration.secrets import scrub
+from mcp_integration.mcp_compat import TransportStreams
+from mcp_integration.scrubber import scrub
 
 __all__ = ["guarded_stdio"]
 

@@ -12,7 +12,8 @@
   call carries `params.task {ttl}` and the answer is `CreateTaskResult {task: {...}}`; then `tasks/get`,
   `tasks/result` (the payload) and `tasks/cancel`; the server may push `notifications/tasks/status`.
 
-Each method here is one round trip with a bounded timeout; the job engine owns the waiting schedule.
+Each task request (get, result, cancel) is one round trip with a bounded timeout; how long a call and its task
+may take is the job engine's to bound (its wait policy).
 """
 
 from __future__ import annotations
@@ -29,13 +30,38 @@ import mcp_types as types
 from mcp.client.extension import ClaimContext, ClientExtension, NotificationBinding, ResultClaim
 from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import SUBSCRIPTION_ID_META_KEY
-from mcp_types import INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TIMEOUT
+from mcp_types import INTERNAL_ERROR, INVALID_REQUEST
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from mcp_integration.aio import spawn
+from mcp_integration.mcp_compat import send_raw_request
+
 if TYPE_CHECKING:
     from mcp.client.session import ClientSession
-    from mcp.shared.dispatcher import CallOptions
+
+__all__ = [
+    "DEFAULT_REQUEST_TIMEOUT_S",
+    "DEFAULT_TASK_TTL_MS",
+    "DIALECT_2025",
+    "DIALECT_2026",
+    "STATUSES",
+    "STATUS_METHODS",
+    "TASKS_EXTENSION",
+    "TERMINAL",
+    "CreatedTask2026",
+    "ProgressCallback",
+    "StatusCallback",
+    "TaskClient",
+    "TaskError",
+    "TaskHandle",
+    "TaskStatus",
+    "TasksExtension",
+    "result_text",
+    "status_from_wire",
+    "task_support",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +222,7 @@ class TasksExtension(ClientExtension):
         self._runtime = runtime
 
     def claims(self) -> Sequence[ResultClaim[Any]]:
-        return (ResultClaim(result_type="task", model=CreatedTask2026, resolve=self._runtime.resolve_claim),)
+        return (ResultClaim(result_type="task", model=CreatedTask2026, resolve=_not_here),)
 
     def notifications(self) -> Sequence[NotificationBinding[Any]]:
         return tuple(
@@ -227,17 +253,10 @@ class TaskClient:
         session: Callable[[], ClientSession],
         *,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
-        call_idle_timeout: float | None = None,
-        call_max_wait: float | None = None,
         task_ttl_ms: int | None = DEFAULT_TASK_TTL_MS,
     ) -> None:
         self._get_session = session
         self.request_timeout = request_timeout
-        # A plain tools/call is the tool's whole run, so the fixed request timeout does not fit it. Both bounds are
-        # off by default (the job engine bounds a call with its own policy); when set, progress resets the idle
-        # clock, which the SDK's read timeout does not.
-        self.call_idle_timeout = call_idle_timeout
-        self.call_max_wait = call_max_wait
         self.task_ttl_ms = task_ttl_ms
         self._extension = TasksExtension(self)
         self._subs: dict[str, list[StatusCallback]] = {}
@@ -285,7 +304,7 @@ class TaskClient:
         async def plain(on_progress: ProgressCallback | None) -> types.CallToolResult:
             return await session.call_tool(name, arguments, progress_callback=on_progress)
 
-        return await self._bounded_call(f"tools/call {name}", plain, progress)
+        return await plain(progress)
 
     async def _call_2026(
         self, session: ClientSession, name: str, arguments: dict[str, Any], progress: ProgressCallback | None
@@ -295,7 +314,7 @@ class TaskClient:
                 name, arguments, progress_callback=on_progress, allow_input_required=True, allow_claimed=True
             )
 
-        answer = await self._bounded_call(f"tools/call {name}", send, progress)
+        answer = await send(progress)
         if isinstance(answer, types.CallToolResult):
             return answer
         if isinstance(answer, CreatedTask2026):
@@ -422,7 +441,7 @@ class TaskClient:
         listen = _Listen(request_id=f"task-listen-{next(self._listen_ids)}", task_id=task_id)
         self._listens[task_id] = listen
         self._listens_by_id[listen.request_id] = listen
-        listen.runner = self._spawn(self._run_listen(session, listen))
+        listen.runner = spawn(self._run_listen(session, listen), self._background, detached=False)
 
     async def _run_listen(self, session: ClientSession, listen: _Listen) -> None:
         params = {"notifications": {"taskIds": [listen.task_id]}}
@@ -455,45 +474,6 @@ class TaskClient:
             self._listens_by_id.pop(listen.request_id, None)
             if listen.runner is not None:
                 listen.runner.cancel()
-
-    # -- the claim resolver (only for callers that go through Client.call_tool) ------------------------------
-
-    async def resolve_claim(self, created: CreatedTask2026, ctx: ClaimContext) -> types.CallToolResult:
-        """Finish a task the server made of an ordinary `Client.call_tool`: poll it to its end, within bounds.
-
-        `call_tool` here returns the handle instead and never comes through this path; this keeps callers of
-        the plain SDK call working on servers that answer with a task.
-        """
-        first = status_from_wire(created.model_dump(by_alias=True, mode="json"), DIALECT_2026)
-        self._remember(first.task_id, DIALECT_2026)
-        handle = TaskHandle(DIALECT_2026, first.task_id, first, ctx.tool_name)
-        loop = asyncio.get_running_loop()
-        budget = ctx.read_timeout_seconds or self.call_max_wait or 300.0
-        deadline = loop.time() + budget
-        status = first
-        try:
-            while not status.terminal:
-                if status.status == "input_required":
-                    await self._cancel_quietly(handle)
-                    return _error_result(f"the tool {ctx.tool_name!r} asked for input, which this client cannot give")
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    await self._cancel_quietly(handle)
-                    raise MCPError(REQUEST_TIMEOUT, f"task {handle.task_id} did not finish within {budget:g} s")
-                await asyncio.sleep(min(max(status.poll_interval_s or 1.0, 0.05), remaining))
-                status = await self.get(handle)
-        except asyncio.CancelledError:
-            await self._cancel_quietly(handle)
-            raise
-        if status.status == "completed" and status.result is not None:
-            return status.result
-        return _error_result(status.error or status.message or f"the task was {status.status}")
-
-    async def _cancel_quietly(self, handle: TaskHandle) -> None:
-        try:
-            await asyncio.shield(asyncio.wait_for(self.cancel(handle), 5.0))
-        except BaseException as exc:  # best effort: the caller is leaving either way
-            log.info("task %s not cancelled on the server: %s", handle.task_id, type(exc).__name__)
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
@@ -538,72 +518,11 @@ class TaskClient:
         on_progress: ProgressCallback | None = None,
         request_id: str | None = None,
     ) -> dict[str, Any]:
-        """Send a request and return its raw answer, unchecked.
-
-        Needed where the SDK has no public path: a 2025-11-25 `tools/call` with `params.task` is answered with
-        `CreateTaskResult`, which `send_request` rejects (it checks every tools/call answer as CallToolResult),
-        and a `subscriptions/listen` with a `taskIds` filter must carry an id we choose. Mirrors what the SDK's
-        own `mcp.client.subscriptions.listen` does: the session's stamp, then its dispatcher.
-        """
-        data: dict[str, Any] = {"method": method, "params": params}
-        opts: CallOptions = {}
-        if timeout is not None:
-            opts["timeout"] = timeout
-        if on_progress is not None:
-            opts["on_progress"] = on_progress
-        if request_id is not None:
-            opts["request_id"] = request_id
-        session._stamp(data, opts)  # pyright: ignore[reportPrivateUsage]
-        return await session._dispatcher.send_raw_request(method, data.get("params"), opts)  # pyright: ignore[reportPrivateUsage]
-
-    async def _bounded_call(
-        self, what: str, send: Callable[[ProgressCallback | None], Awaitable[_T]], progress: ProgressCallback | None
-    ) -> _T:
-        """Run one tools/call within the idle timeout (reset by each progress) and the overall cap, when set."""
-        if not self.call_idle_timeout and not self.call_max_wait:
-            return await send(progress)
-        loop = asyncio.get_running_loop()
-        started = last = loop.time()
-
-        async def on_progress(value: float, total: float | None, message: str | None) -> None:
-            nonlocal last
-            last = loop.time()
-            if progress is not None:
-                await progress(value, total, message)
-
-        job = asyncio.ensure_future(send(on_progress))
-        try:
-            while True:
-                limits = [
-                    t
-                    for t in (
-                        last + self.call_idle_timeout if self.call_idle_timeout else None,
-                        started + self.call_max_wait if self.call_max_wait else None,
-                    )
-                    if t is not None
-                ]
-                remaining = min(limits) - loop.time()
-                if remaining <= 0:
-                    break
-                done, _ = await asyncio.wait({job}, timeout=remaining)
-                if done:
-                    return job.result()
-        except asyncio.CancelledError:
-            job.cancel()
-            await asyncio.gather(job, return_exceptions=True)
-            raise
-        job.cancel()  # the SDK tells the server (notifications/cancelled, or the POST is closed)
-        await asyncio.gather(job, return_exceptions=True)
-        idle = self.call_idle_timeout
-        if self.call_max_wait and loop.time() - started >= self.call_max_wait:
-            raise MCPError(REQUEST_TIMEOUT, f"{what}: no answer within {self.call_max_wait:g} s")
-        raise MCPError(REQUEST_TIMEOUT, f"{what}: no answer or progress for {idle:g} s")
-
-    def _spawn(self, coro: Awaitable[_T]) -> asyncio.Task[_T]:
-        task: asyncio.Task[_T] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        """Send a request and return its raw answer, unchecked: where the SDK has no public path (see
+        mcp_compat.py)."""
+        return await send_raw_request(
+            session, method, params, timeout=timeout, on_progress=on_progress, request_id=request_id
+        )
 
 
 def _deliver(callback: StatusCallback, status: TaskStatus) -> None:
@@ -613,8 +532,10 @@ def _deliver(callback: StatusCallback, status: TaskStatus) -> None:
         log.exception("task status callback failed for %s", status.task_id)
 
 
-def _error_result(text: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
+async def _not_here(created: CreatedTask2026, ctx: ClaimContext) -> types.CallToolResult:
+    """The claim's resolver, for `Client.call_tool`: never used here, where `call_tool` hands the task to the job
+    engine (waiters.py) instead of resolving it inline; the SDK requires one."""
+    raise TaskError(f"task {created.task_id} of {ctx.tool_name!r} is waited for by the job engine, not inline")
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -12,6 +12,11 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
+__all__ = [
+    "DurationStats",
+    "PollSchedule",
+]
+
 
 @dataclass
 class PollSchedule:

@@ -22,7 +22,6 @@ import httpx2
 import mcp_types as types
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
-from mcp.client._transport import Transport, TransportStreams
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
@@ -31,10 +30,19 @@ from mcp_types.methods import SERVER_RESULTS
 from pydantic import TypeAdapter, ValidationError
 
 from mcp_integration.limits import MAX_DEPTH, deeper_than
+from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.registry import ServerConfig
 from mcp_integration.secrets import resolve_refs, resolve_url
 from mcp_integration.stdio_guard import guarded_stdio
 from mcp_integration.ws_transport import FrameTooLarge, websocket_client
+
+__all__ = [
+    "StatusHook",
+    "ToolListGuard",
+    "check_tool",
+    "open_transport",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +129,8 @@ def check_tool(raw: Any) -> tuple[types.Tool | None, str | None]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         return None, f"tool {name!r}: {where or 'definition'}: {first.get('msg')}"
+    if not tool.name or "\x00" in tool.name:
+        return None, f"tool {tool.name!r}: a name must be non-empty text without NUL"
     schema = tool.input_schema
     if schema.get("type") != "object":
         return None, f"tool {tool.name!r}: inputSchema must have type 'object'"

@@ -14,14 +14,25 @@ from typing import TYPE_CHECKING, Any
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
-from mcp_integration.connection import first_set
-from mcp_integration.jobs import Job, ToolCallError, ToolResult
+from mcp_integration.aio import first_set
+from mcp_integration.errors import ToolCallError
+from mcp_integration.jobs import Job
 from mcp_integration.receipts import PermanentPollError, Receipt, ReceiptPoller, TransientPollError
+from mcp_integration.results import ToolResult
 from mcp_integration.timing import PollSchedule
 
 if TYPE_CHECKING:
     from mcp_integration.connection import ServerConnection
     from mcp_integration.tasks import TaskClient, TaskHandle, TaskStatus
+
+__all__ = [
+    "MAX_POLL_FAILURES",
+    "MAX_RETRY_AFTER_S",
+    "PUSH_SAFETY_POLL_S",
+    "wait_receipt",
+    "wait_task",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +41,15 @@ log = logging.getLogger(__name__)
 PUSH_SAFETY_POLL_S = 30.0
 # Consecutive failed polls (network, 5xx) before a job is given up as failed.
 MAX_POLL_FAILURES = 5
+# The longest a result endpoint's Retry-After may hold back the next poll.
+MAX_RETRY_AFTER_S = 60.0
 
 
 async def wait_task(
     job: Job, conn: ServerConnection, handle: TaskHandle, *, floor_s: float, expected_s: float | None
 ) -> ToolResult:
     tasks = conn.tasks
-    job.kind = "task"
-    job.record_soon()  # the row says task/receipt while it runs, not only once it is done
-    job.task_id = handle.task_id
-    job.emit("accepted", job_kind="task", task_id=handle.task_id)
-    job.set_state("working")
+    job.accept_task(handle.task_id)
     pushed: list[TaskStatus] = []
     wake = asyncio.Event()
 
@@ -57,7 +66,7 @@ async def wait_task(
         while True:
             if (status.status, status.message) != last_seen:
                 last_seen = (status.status, status.message)
-                job.emit("status", state=status.status, message=status.message)
+                job.status(status.status, status.message)
             if status.status == "completed":
                 return _task_answer(job, status.result if status.result is not None else await tasks.result(handle))
             if status.status in ("failed", "cancelled"):
@@ -66,7 +75,7 @@ async def wait_task(
             if status.status == "input_required":
                 reason = "the tool asked for input a voice call cannot give"
                 raise ToolCallError(job.server, job.tool, reason, "tool_error")
-            job.last_pending_at = time.monotonic()  # the server said "not yet" no earlier than this
+            job.not_yet()
             if status.poll_interval_s:
                 schedule.floor_s = max(schedule.floor_s, status.poll_interval_s)
             delay = schedule.next_delay(time.monotonic() - job.submitted_at)
@@ -92,12 +101,11 @@ async def wait_task(
                 raise ToolCallError(job.server, job.tool, f"lost track of the task: {exc.error.message}") from None
             except Exception as exc:
                 failures += 1
-                job.emit("poll_error", error=type(exc).__name__, failures=failures)
+                job.poll_failed(type(exc).__name__, failures)
                 if failures >= MAX_POLL_FAILURES:
                     raise ToolCallError(job.server, job.tool, f"lost track of the task: {exc}") from None
             finally:
-                job.polls += 1
-                job.emit("poll", n=job.polls)
+                job.polled()
     except asyncio.CancelledError:
         await _cancel_quietly(tasks, handle, job)
         raise
@@ -108,7 +116,7 @@ async def wait_task(
 async def _reconnect(job: Job, conn: ServerConnection) -> None:
     """The server's stream ended while a task waited. An HTTP server may still hold the task: reconnect and ask.
     A server that cannot be reached again fails the job now, not at the timeout."""
-    job.emit("status", state="reconnecting", message="the connection to the server dropped")
+    job.status("reconnecting", "the connection to the server dropped")
     try:
         await conn.open(force=True)  # one real attempt now: the stream only just ended
     except Exception as exc:
@@ -128,7 +136,7 @@ async def _cancel_quietly(tasks: TaskClient, handle: TaskHandle, job: Job) -> No
     try:
         # Shielded: the job is being cancelled, but the server should still hear about it.
         await asyncio.shield(asyncio.wait_for(tasks.cancel(handle), 5.0))
-        job.emit("status", state="cancelled", message="cancelled on the server")
+        job.status("cancelled", "cancelled on the server")
     except BaseException as exc:  # best effort: our waiting stops either way
         log.info("job %s: task %s not cancelled on the server: %s", job.id, handle.task_id, type(exc).__name__)
 
@@ -142,35 +150,37 @@ async def wait_receipt(
     expected_s: float | None,
     poll_slots: asyncio.Semaphore,
 ) -> ToolResult:
-    job.kind = "receipt"
-    job.record_soon()  # the row says task/receipt while it runs, not only once it is done
-    job.receipt = receipt.as_record()
-    job.emit("accepted", job_kind="receipt", receipt_id=receipt.job_id, status=receipt.status)
-    job.set_state("working")
+    job.accept_receipt(receipt.as_record(), receipt.job_id, receipt.status)
     schedule = PollSchedule(floor_s=floor_s, expected_s=expected_s)
     last_status: Any = receipt.status
     failures = 0
+    server_asks = 0.0  # a Retry-After the result endpoint sent with its last answer
     while True:
-        await asyncio.sleep(schedule.next_delay(time.monotonic() - job.submitted_at))
-        job.polls += 1
+        delay = schedule.next_delay(time.monotonic() - job.submitted_at)
+        # A busy endpoint (429, 503) that says when to come back is not asked sooner; capped, so one absurd
+        # header cannot park a job past its own limits.
+        await asyncio.sleep(min(max(delay, server_asks), MAX_RETRY_AFTER_S))
+        server_asks = 0.0
         try:
             async with poll_slots:
                 outcome = await poller.poll_once(receipt)
         except TransientPollError as exc:
             failures += 1
-            job.emit("poll", n=job.polls, error=str(exc))
+            server_asks = exc.retry_after or 0.0
+            job.polled(error=str(exc))
             if failures >= MAX_POLL_FAILURES:
                 raise ToolCallError(job.server, job.tool, f"the result endpoint kept failing: {exc}") from None
             continue
         except PermanentPollError as exc:
+            job.polled(error=str(exc))
             raise ToolCallError(job.server, job.tool, f"cannot fetch the result: {exc}") from None
         failures = 0
-        job.emit("poll", n=job.polls, status=outcome.status)
+        job.polled(status=outcome.status)
         if outcome.status != last_status:
             last_status = outcome.status
-            job.emit("status", state=outcome.status)
+            job.status(outcome.status)
         if not outcome.done:
-            job.last_pending_at = time.monotonic()
+            job.not_yet()
             continue
         if not outcome.ok:
             raise ToolCallError(job.server, job.tool, outcome.error or "the workflow failed", "tool_error")

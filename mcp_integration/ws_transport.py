@@ -1,4 +1,4 @@
-"""MCP over WebSocket, client and server side, on the `websockets` asyncio API.
+"""MCP over WebSocket, client side, on the `websockets` asyncio API (`bridge` serves the test servers too).
 
 SDK 2.x dropped the WebSocket transport that 1.x had; this keeps its wire
 convention: subprotocol `mcp`, one JSON-RPC message per text frame.
@@ -8,29 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
 import mcp_types as types
-from mcp.client._transport import TransportStreams
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake
 from websockets.frames import CloseCode
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from mcp_integration.mcp_compat import TransportStreams
 from mcp_integration.secrets import redact_url
 
 if TYPE_CHECKING:
-    from mcp.server.mcpserver import MCPServer
     from websockets.asyncio.connection import Connection
-    from websockets.http11 import Request, Response
+    from websockets.http11 import Request
 
-__all__ = ["MCP_SUBPROTOCOL", "FrameTooLarge", "serve_websocket", "websocket_client"]
+__all__ = ["DEFAULT_MAX_SIZE", "MCP_SUBPROTOCOL", "FrameTooLarge", "bridge", "quiet_logger", "websocket_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +74,12 @@ class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
         return level > logging.DEBUG and self.logger.isEnabledFor(level)
 
 
-_client_wire_logger = _NoDebugLogger(logging.getLogger("websockets.client"))
-_server_wire_logger = _NoDebugLogger(logging.getLogger("websockets.server"))
+def quiet_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:
+    """A websockets logger (`websockets.client`, `websockets.server`) that never logs at DEBUG."""
+    return _NoDebugLogger(logging.getLogger(name))
+
+
+_client_wire_logger = quiet_logger("websockets.client")
 
 
 @asynccontextmanager
@@ -104,51 +106,12 @@ async def websocket_client(
         if ws.subprotocol != MCP_SUBPROTOCOL:
             # Lenient, as SDK 1.x was: some servers never echo the subprotocol but still speak MCP.
             logger.warning("WebSocket server did not select the %r subprotocol; continuing", MCP_SUBPROTOCOL)
-        async with _bridge(ws) as streams:
+        async with bridge(ws) as streams:
             yield streams
 
 
 @asynccontextmanager
-async def serve_websocket(
-    server: MCPServer,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    on_connect: Callable[[ServerConnection], Awaitable[None]] | None = None,
-    process_request: Callable[[ServerConnection, Request], Response | None] | None = None,
-) -> AsyncIterator[int]:
-    """Serves `server` over WebSocket, one MCP session per connection; yields the bound port.
-
-    `on_connect`, if given, runs alongside each session (cancelled when the session
-    ends), e.g. to cap a connection's lifetime; `process_request` may refuse a handshake
-    (websockets' hook: return a response to send instead). Tools see the handshake
-    headers as `ctx.headers`, as they would on the HTTP transports.
-    """
-    # The SDK's own run methods reach for this attribute; there is no public equivalent yet.
-    lowlevel = server._lowlevel_server  # pyright: ignore[reportPrivateUsage]
-
-    async def handle(ws: ServerConnection) -> None:
-        async with _bridge(ws, request=ws.request) as (read_stream, write_stream), anyio.create_task_group() as tg:
-            if on_connect is not None:
-                tg.start_soon(on_connect, ws)
-            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
-            tg.cancel_scope.cancel()
-
-    async with serve(
-        handle,
-        host,
-        port,
-        # Clients that do not offer `mcp` get HTTP 400 rather than a session they cannot speak.
-        subprotocols=[MCP_SUBPROTOCOL],
-        max_size=DEFAULT_MAX_SIZE,
-        logger=_server_wire_logger,
-        process_request=process_request,
-    ) as ws_server:
-        yield ws_server.sockets[0].getsockname()[1]
-
-
-@asynccontextmanager
-async def _bridge(ws: Connection, request: Request | None = None) -> AsyncIterator[TransportStreams]:
+async def bridge(ws: Connection, request: Request | None = None) -> AsyncIterator[TransportStreams]:
     """Pumps frames between an open WebSocket and a pair of session streams.
 
     `request` is the server side's handshake request, attached to each inbound

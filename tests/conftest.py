@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.jobs import FINAL_STATES, Job
 from mcp_integration.registry import Registry, ServerConfig
-from mcp_integration.secrets import known
+from mcp_integration.scrubber import known
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "tests" / "servers"

@@ -22,16 +22,16 @@ import httpx
 import pytest
 from conftest import DEMO, SERVERS, started, stdio_demo
 from mcp.server.mcpserver import Context, MCPServer
+from servers.ws_serve import serve_websocket
 from test_faults import process_state
 from test_security import all_rows, every_log_record
 
 from mcp_integration.cli import main as cli_main
 from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.errors import RegistryError, ToolCallError
 from mcp_integration.importer import parse_mcp_servers
-from mcp_integration.jobs import ToolCallError
-from mcp_integration.registry import Registry, RegistryError, ServerConfig
+from mcp_integration.registry import Registry, ServerConfig
 from mcp_integration.web import BindingError, build_app, check_binding, listening, services
-from mcp_integration.ws_transport import serve_websocket
 
 ECHO = str(SERVERS / "echo_creds_server.py")
 HOSTILE = str(SERVERS / "hostile_server.py")

@@ -27,11 +27,14 @@ import psycopg
 import pytest
 from conftest import stdio_demo
 
+from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.health import Health
 from mcp_integration.jobs import Job
 from mcp_integration.registry import Registry
 from mcp_integration.registry_watch import RegistryWatcher
-from mcp_integration.snapshot import read_snapshot, start_dispatcher, write_snapshot
+from mcp_integration.runtime import SessionStart, start_from_registry_or_snapshot
+from mcp_integration.snapshot import read_snapshot, write_snapshot
 
 READY_TIMEOUT_S = 60.0
 SECRET = "s3cret-value-never-on-disk"
@@ -318,7 +321,7 @@ async def test_session_starts_from_the_snapshot_while_the_database_is_down(
             assert began.age_s is not None and began.age_s < 300
             # The tools are there at once, from the snapshot's tool cache.
             assert {"echo", "slow"} <= {t.name for t in offline.tools}
-            warnings = [r.getMessage() for r in caplog.records if r.name == "mcp_integration.snapshot"]
+            warnings = [r.getMessage() for r in caplog.records if r.name == "mcp_integration.runtime"]
             assert len(warnings) == 1
             assert "on-disk copy of the registry" in warnings[0] and " ago " in warnings[0]
             job = offline.submit("echo", {"text": "offline"})
@@ -332,6 +335,11 @@ async def test_session_starts_from_the_snapshot_while_the_database_is_down(
             await offline.aclose()
         if offline_registry is not None:
             await offline_registry.close()
+
+
+async def start_dispatcher(d: Dispatcher, path: Path, *, timeout: float) -> SessionStart:
+    """A session start as the worker makes it (runtime.py), with this database timeout."""
+    return await start_from_registry_or_snapshot(d, Health(d), path, Settings(db_start_timeout_s=timeout))
 
 
 def _closed_port() -> int:
@@ -353,7 +361,7 @@ async def test_unreachable_without_a_usable_snapshot_starts_empty(
         began = await start_dispatcher(d, path, timeout=0.5)
         assert began.source == "empty" and began.reason
         assert d.tools == [] and d.servers == {}
-        messages = [r.getMessage() for r in caplog.records if r.name == "mcp_integration.snapshot"]
+        messages = [r.getMessage() for r in caplog.records if r.name == "mcp_integration.runtime"]
         assert any("no usable registry snapshot" in m for m in messages)
         if content is not None:
             assert any(str(path) in m and ("unreadable" in m or "not usable" in m) for m in messages)

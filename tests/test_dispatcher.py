@@ -11,7 +11,8 @@ import pytest
 from conftest import SERVERS, stdio_demo
 
 from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.jobs import ToolCallError
+from mcp_integration.errors import ToolCallError
+from mcp_integration.health import Health
 from mcp_integration.naming import SAFE_RE
 from mcp_integration.registry import Registry, ServerConfig
 
@@ -192,7 +193,7 @@ async def test_malformed_schema_is_skipped_and_other_tools_kept(registry: Regist
         for bad in ("broken", "broken_props", "no_schema", "bad_jsonschema", "None"):
             assert bad in skipped
         assert (await d.call("echo", {"text": "still works"})).text == "echo: still works"
-        assert (await d.health_check("raw"))["raw"].ok  # a legacy server: MCP ping
+        assert (await Health(d).check("raw"))["raw"].ok  # a legacy server: MCP ping
     finally:
         await d.aclose()
 
@@ -210,7 +211,7 @@ async def test_unreachable_server_is_reported_not_fatal(registry: Registry) -> N
         assert d.servers["nocmd"].error
         assert "env:NOT_SET_X" in (d.servers["secret"].error or "")
         assert (await d.call("echo", {"text": "ok"})).text == "echo: ok"
-        report = await d.health_check()
+        report = await Health(d).check()
         assert report["demo"].ok and report["demo"].latency_ms is not None
         assert not report["dead"].ok and report["dead"].error
     finally:

@@ -142,7 +142,8 @@ def shell_words(args: str) -> list[str]:
 
 
 def pip_requirement_files(words: list[str]) -> list[str]:
-    """The `-r FILE` of every `pip install` in a command line (`pip`, `pip3`, `.venv/bin/pip`, `python -m pip`)."""
+    """The `-r FILE` (and `-c FILE`: the pins) of every `pip install` in a command line (`pip`, `pip3`,
+    `.venv/bin/pip`, `python -m pip`)."""
     files: list[str] = []
     for command in _split_commands(words):
         names = [Path(word).name for word in command]
@@ -160,9 +161,9 @@ def pip_requirement_files(words: list[str]) -> list[str]:
         if not rest or rest[0] != "install":
             continue
         for i, word in enumerate(rest):
-            if word in {"-r", "--requirement"} and i + 1 < len(rest):
+            if word in {"-r", "--requirement", "-c", "--constraint"} and i + 1 < len(rest):
                 files.append(rest[i + 1])
-            elif word.startswith("--requirement="):
+            elif word.startswith(("--requirement=", "--constraint=")):
                 files.append(word.split("=", 1)[1])
             elif word.startswith("-r") and len(word) > 2:
                 files.append(word[2:])

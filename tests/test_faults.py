@@ -21,15 +21,10 @@ import pytest
 from conftest import DEMO, SERVERS, all_final
 from conftest import started as start
 
-from mcp_integration.connection import (
-    BACKOFF_FIRST_S,
-    PROBE_TIMEOUT_S,
-    ConnectError,
-    Reconnecting,
-    ServerConnection,
-)
+from mcp_integration.connection import BACKOFF_FIRST_S, PROBE_TIMEOUT_S, ServerConnection
 from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.jobs import Job, ToolCallError
+from mcp_integration.errors import ConnectError, Reconnecting, ToolCallError
+from mcp_integration.jobs import Job
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 
 WS_SERVER = str(SERVERS / "ws_server.py")

@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mcp_integration.dispatcher import Dispatcher, ToolEntry
-from mcp_integration.jobs import ToolCallError, ToolResult
+from mcp_integration.errors import ToolCallError
 from mcp_integration.limits import MAX_ARGUMENT_BYTES, MAX_DEPTH, MAX_RESULT_CHARS, bounded, deeper_than
-from mcp_integration.livekit_tools import ScriptedLLM, TextCall
+from mcp_integration.livekit_text import ScriptedLLM, TextCall
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+from mcp_integration.results import ToolResult
 from mcp_integration.speech import for_speech
 from mcp_integration.transports import check_tool
 

@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.health import CircuitBreaker, HealthMonitor
-from mcp_integration.jobs import Job, ToolCallError
+from mcp_integration.errors import ToolCallError
+from mcp_integration.health import CircuitBreaker, Health, HealthMonitor
+from mcp_integration.jobs import Job
 from mcp_integration.registry import HealthRow, Registry, ServerConfig, ToolSpec
 from mcp_integration.speech import error_sentence
 
@@ -117,36 +118,37 @@ async def test_killed_server_goes_down_fails_fast_and_comes_back(registry: Regis
     port = spawn("--transport", "streamable-http", "--port", "0")
     await registry.add_server(http_cfg("booking", port))
     d = Dispatcher(registry, connect_timeout=5)
+    health = Health(d)
     await d.start()
-    monitor = HealthMonitor(d, interval_s=0.3, check_timeout_s=2.0).start()
+    monitor = HealthMonitor(health, interval_s=0.3, check_timeout_s=2.0).start()
     jobs: list[Job] = []
     try:
-        await eventually(lambda: d.servers["booking"].breaker.status == "up")
+        await eventually(lambda: health.breaker("booking").status == "up")
         jobs.append(first := d.submit("echo", {"text": "hi"}))
         assert (await first.wait(10)).text == "echo: hi"
 
         proc = spawn.procs[-1]  # type: ignore[attr-defined]
         proc.kill()
         proc.wait(5)
-        await eventually(lambda: d.servers["booking"].breaker.status == "down")
+        await eventually(lambda: health.breaker("booking").status == "down")
         await db_status(registry, "booking", "down")
         rows = await registry.health()
         assert rows["booking"].status == "down" and rows["booking"].consecutive_failures >= 3
         assert rows["booking"].last_error
 
-        started, failures = time.monotonic(), d.servers["booking"].breaker.failures
+        started, failures = time.monotonic(), health.breaker("booking").failures
         jobs.append(refused := d.submit("echo", {"text": "anyone?"}))
         with pytest.raises(ToolCallError) as info:
             await refused.wait(10)
         assert time.monotonic() - started < 3.0  # refused at once, not after a timeout (35 s)
-        assert d.servers["booking"].breaker.failures == failures  # a refusal is not one more failure
+        assert health.breaker("booking").failures == failures  # a refusal is not one more failure
         assert info.value.kind == "unreachable" and "not answering right now" in info.value.reason
         assert error_sentence(info.value, server_label="the booking system") == (
             "The booking system is not answering right now."
         )
 
         spawn("--transport", "streamable-http", "--port", str(port))  # back, same address
-        await eventually(lambda: d.servers["booking"].breaker.status == "up", timeout=30)
+        await eventually(lambda: health.breaker("booking").status == "up", timeout=30)
         jobs.append(again := d.submit("echo", {"text": "back"}))
         assert (await again.wait(10)).text == "echo: back"
         await db_status(registry, "booking", "up")
@@ -189,10 +191,11 @@ async def test_server_that_never_answers_is_down_after_three_checks(registry: Re
     assert mute.id is not None
     await registry.save_tools(mute.id, [ToolSpec("mute", "echo", "Echo.", {"type": "object"})])
     d = Dispatcher(registry, connect_timeout=1)
+    health = Health(d)
     await d.start(wait=False)  # its tool known from the cache
     try:
         for expected in ("degraded", "degraded", "down"):
-            report = (await d.health_check("mute", timeout=0.5))["mute"]
+            report = (await health.check("mute", timeout=0.5))["mute"]
             assert not report.ok and report.status == expected and report.error
         assert "within 0.5 s" in (report.error or "")
         with pytest.raises(ToolCallError) as info:
@@ -211,9 +214,10 @@ async def test_slow_to_ping_is_degraded_but_still_serves(registry: Registry) -> 
     # tools/list is the probe on a 2026 connection; this server takes 2.3 s to list its tools.
     await registry.add_server(stdio_demo("laggy", "--list-delay-ms", "2300"))
     d = Dispatcher(registry, connect_timeout=10)
+    health = Health(d)
     await d.start()
     try:
-        report = (await d.health_check("laggy", timeout=8))["laggy"]
+        report = (await health.check("laggy", timeout=8))["laggy"]
         assert report.ok and report.status == "degraded" and report.latency_ms and report.latency_ms > 2000
         assert (await d.call("echo", {"text": "still here"})).text == "echo: still here"
         assert (await registry.health())["laggy"].status == "degraded"
@@ -227,6 +231,7 @@ async def test_calls_that_cannot_connect_trip_the_breaker(registry: Registry) ->
     assert gone.id is not None
     await registry.save_tools(gone.id, [ToolSpec("gone", "book", "Book a table.", {"type": "object"})])
     d = Dispatcher(registry, connect_timeout=2)
+    health = Health(d)
     await d.start(wait=False)
     try:
         kinds = []
@@ -235,7 +240,7 @@ async def test_calls_that_cannot_connect_trip_the_breaker(registry: Registry) ->
                 await d.call("book", {})
             kinds.append(info.value.kind)
         assert kinds == ["unreachable"] * 3
-        assert d.servers["gone"].breaker.status == "down"
+        assert health.breaker("gone").status == "down"
         started = time.monotonic()
         with pytest.raises(ToolCallError) as info:
             await d.call("book", {})

@@ -14,7 +14,8 @@ import pytest
 from conftest import SERVERS, stdio_demo
 
 from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.jobs import Job, ToolCallError
+from mcp_integration.errors import ToolCallError
+from mcp_integration.jobs import Job
 from mcp_integration.registry import Registry, ServerConfig
 
 

@@ -25,9 +25,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.errors import ToolCallError
 from mcp_integration.fillers import FillerPolicy
-from mcp_integration.jobs import Job, ToolCallError
-from mcp_integration.livekit_tools import ScriptedLLM, TextCall, VoiceOptions
+from mcp_integration.health import Health
+from mcp_integration.jobs import Job
+from mcp_integration.livekit_text import ScriptedLLM, TextCall
+from mcp_integration.livekit_tools import VoiceOptions
 from mcp_integration.metrics import Metrics
 from mcp_integration.registry import Registry, ServerConfig
 
@@ -85,8 +88,9 @@ async def test_metrics_after_real_jobs_match_mcp_jobs(registry: Registry, spawn:
     for cfg in cfgs:
         await registry.add_server(cfg)
     d = Dispatcher(registry, connect_timeout=15)
+    health = Health(d)
     metrics = Metrics(CollectorRegistry())
-    metrics.attach(d)
+    metrics.attach(d, health)
     await d.start(wait=True)
     try:
         jobs = [d.submit("echo", {"text": str(i)}) for i in range(3)]
@@ -102,7 +106,7 @@ async def test_metrics_after_real_jobs_match_mcp_jobs(registry: Registry, spawn:
         assert parse(metrics.render()[0])["voice_mcp_jobs_running"][("demo",)] >= 1
         await cancelled.cancel()
         await settle(*jobs, late, cancelled)
-        await d.health_check()
+        await health.check()
     finally:
         await d.aclose()
 
@@ -170,18 +174,20 @@ async def test_metrics_after_real_jobs_match_mcp_jobs(registry: Registry, spawn:
 CHILD = """
 import asyncio, os
 from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.health import Health
 from mcp_integration.metrics import process_metrics
 from mcp_integration.registry import Registry
 
 async def main():
     reg = await Registry.open(os.environ["DATABASE_URL"])
     d = Dispatcher(reg, connect_timeout=15)
-    process_metrics().attach(d)
+    health = Health(d)
+    process_metrics(os.environ.get("PROMETHEUS_MULTIPROC_DIR")).attach(d, health)
     await d.start(wait=True)
     jobs = [d.submit("echo", {"text": str(i)}) for i in range(int(os.environ["ECHOES"]))] + [d.submit("fail", {})]
     # settled(): each job done and its final row written (a failed one too: settled never raises).
     await asyncio.wait_for(asyncio.gather(*(job.settled() for job in jobs)), 20)
-    await d.health_check()
+    await health.check()
     await d.aclose()
     await reg.close()
 
@@ -230,6 +236,7 @@ async def test_voice_path_counts_fillers_releases_and_late_answers(registry: Reg
     policy = FillerPolicy.load()
     policy.threshold_s, policy.interval_s = 0.4, (6.0, 8.0)
     call = await TextCall(d, ScriptedLLM(voice_route), options=VoiceOptions(policy=policy)).start()
+    call.toolbox.voice_observers.append(metrics.observe_voice)
     try:
         await call.say("wait 2")  # a filler line, released at 1 s, answered late
         job = call.toolbox.jobs[-1]

@@ -24,9 +24,10 @@ import pytest
 from conftest import ROOT, started
 
 from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.errors import ToolCallError
 from mcp_integration.fillers import FillerPolicy
-from mcp_integration.jobs import ToolCallError
-from mcp_integration.livekit_tools import ScriptedLLM, TextCall, VoiceOptions
+from mcp_integration.livekit_text import ScriptedLLM, TextCall
+from mcp_integration.livekit_tools import VoiceOptions
 from mcp_integration.registry import Registry, ServerConfig
 
 MODULES = ROOT / "node_modules"

@@ -8,7 +8,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -17,7 +16,7 @@ from conftest import SERVERS
 from mcp import Client
 from mcp.client.sse import sse_client
 
-from mcp_integration.jobs import ToolResult
+from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.receipts import (
     PermanentPollError,
     PollOutcome,
@@ -31,17 +30,11 @@ from mcp_integration.receipts import (
     parse_n8n_execution,
     recognise,
 )
-from mcp_integration.registry import ServerConfig
+from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.results import ToolResult
 
 N8N_SCRIPT = str(SERVERS / "n8n_like_server.py")
 GENERIC_SCRIPT = str(SERVERS / "generic_receipt_server.py")
-
-
-@dataclass(frozen=True)
-class ErroredResult(ToolResult):
-    """A result flagged isError, the way a result type that carries the flag would."""
-
-    is_error: bool = True
 
 
 def text(value: str) -> ToolResult:
@@ -139,7 +132,6 @@ RECOGNITION: list[tuple[str, ToolResult, str, tuple[str, str | None, str | None,
     ("many-records-structured",
      as_json({"result": [{"id": 1, "status": "queued"}, {"id": 2, "status": "queued"}]}, structured=True), "auto",
      None),
-    ("is-error", ErroredResult(text='[{"status":"accepted","job_id":"4"}]'), "auto", None),
     ("empty-text", text(""), "auto", None),
     ("empty-list", text("[]"), "auto", None),
     ("empty-object", text("{}"), "auto", None),
@@ -175,7 +167,6 @@ UNPOLLABLE: list[tuple[str, ToolResult, str, bool]] = [
     ("status-accepted", as_json({"status": "accepted"}), "auto", True),
     ("status-queued-message", as_json({"status": "queued", "message": "ok"}), "mcp-task", True),
     ("profile-none", text("Workflow was started"), "none", False),
-    ("is-error", ErroredResult(text="Workflow was started"), "auto", False),
     ("prose", text("Your order was accepted and ships tomorrow."), "auto", False),
     ("status-running", as_json({"status": "running"}), "auto", False),
     ("status-accepted-record", as_json({"status": "accepted", "name": "Loan 4"}), "auto", False),
@@ -645,3 +636,24 @@ async def test_redirect_to_another_origin_is_not_followed(spawn: Callable[..., i
     assert "another origin" in message and "127.0.0.2" in message
     assert "steal" not in message and "job=" not in message  # the target's path and query are not repeated
     assert (await stats(http, port)) == {"redirect-1": 1}  # and nothing was fetched after it
+
+
+async def test_a_busy_result_endpoint_is_not_asked_again_before_its_retry_after(
+    registry: Registry, spawn: Callable[..., int]
+) -> None:
+    """The endpoint answers the first poll of a job with 503 and `Retry-After: 1.5`; the row's poll interval is
+    0.1 s. The next poll waits the 1.5 s the server asked for, then finds the answer."""
+    port = spawn("--port", "0", "--finish-after-ms", "200", "--busy-retry-after", "1.5", script=GENERIC_SCRIPT)
+    cfg = generic_cfg(port)
+    cfg.poll_interval = 100
+    await registry.add_server(cfg)
+    d = Dispatcher(registry)
+    await d.start()
+    try:
+        job = d.submit("submit_report", {"topic": "tides"})
+        assert "tides" in (await job.wait(20)).text
+        polls = [e for e in job.events if e.kind == "poll"]
+        assert "503" in polls[0].data["error"] and len(polls) == 2
+        assert polls[1].at - polls[0].at >= 1.45
+    finally:
+        await d.aclose()

@@ -7,7 +7,8 @@ import uuid
 import psycopg
 import pytest
 
-from mcp_integration.registry import Registry, RegistryError, ServerConfig, ToolSpec
+from mcp_integration.errors import RegistryError
+from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.secrets import redact
 
 

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from mcp_integration.cli import main as cli_main
 from mcp_integration.dispatcher import Dispatcher
-from mcp_integration.jobs import ToolCallError
+from mcp_integration.errors import ToolCallError
+from mcp_integration.health import Health
 from mcp_integration.receipts import Receipt, endpoint_for
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.speech import error_sentence
@@ -186,7 +187,7 @@ async def _session(pg_url: str) -> str:
                 await job.wait(15)
             await job.settled()
             errors += [str(info.value), error_sentence(info.value)]
-        reports = await d.health_check()
+        reports = await Health(d).check()
         assert not reports["refused-http"].ok and reports["good-ws"].ok
         errors += [r.error or "" for r in reports.values()]
     finally:

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcp_integration.jobs import ToolCallError, ToolResult
+from mcp_integration.errors import ToolCallError
+from mcp_integration.results import ToolResult
 from mcp_integration.speech import Spoken, error_sentence, for_speech, humanise_name
 
 CASES: list[tuple[str, Any, str]] = [

@@ -19,7 +19,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_integration.connection import ServerConnection
 from mcp_integration.registry import ServerConfig, ToolSpec
 from mcp_integration.tasks import DIALECT_2025, DIALECT_2026, TaskError, TaskHandle, TaskStatus
-from tests.conftest import DEMO, SERVERS
+from tests.conftest import SERVERS
 
 SERVER_2026 = str(SERVERS / "task_server_2026.py")
 SERVER_2025 = str(SERVERS / "task_server_2025.py")
@@ -182,9 +182,6 @@ async def test_2026_plain_tool_and_no_push(c2026: Any) -> None:
     assert (await poll_until_terminal(conn, handle)).status == "completed"
     assert pushed == []
     unsubscribe()
-    # The plain connection call still answers a task-capable tool (the claim resolves the task).
-    result = await conn.call_tool("report", {"seconds": 0.2})
-    assert text(result) == "report ready after 0.2s"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -341,24 +338,3 @@ async def test_2025_required_tool_is_never_called_without_the_capability(spawn: 
         await conn.close()
     assert [c["tool"] for c in calls] == ["maybe_task", "calls_seen"]
     assert all(c["task"] is None for c in calls)
-
-
-# -- plain calls are bounded -----------------------------------------------------------------------------------
-
-
-async def test_plain_call_idle_timeout_is_reset_by_progress() -> None:
-    """An optional bound for callers without a wait policy of their own."""
-    cfg = ServerConfig(name="demo", transport="stdio", command=sys.executable, args=[DEMO])
-    conn = ServerConnection(cfg, connect_timeout=20)
-    conn.tasks.call_idle_timeout = 0.6  # off by default: the job engine bounds plain calls with its own policy
-    await conn.open()
-    try:
-        # 1.2 s of work with progress every 0.2 s: never idle for 0.6 s.
-        ok = await conn.tasks.call_tool("slow", {"seconds": 1.2, "steps": 6}, tool_meta={})
-        assert isinstance(ok, types.CallToolResult) and text(ok) == "done after 1.2s"
-        started = time.monotonic()
-        with pytest.raises(MCPError, match="no answer or progress"):
-            await conn.tasks.call_tool("slow", {"seconds": 3, "steps": 1}, tool_meta={})
-        assert time.monotonic() - started < 2
-    finally:
-        await conn.close()

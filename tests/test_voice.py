@@ -15,7 +15,8 @@ from conftest import SERVERS, stdio_demo
 
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.fillers import FillerPolicy
-from mcp_integration.livekit_tools import ScriptedLLM, TextCall, VoiceOptions
+from mcp_integration.livekit_text import ScriptedLLM, TextCall
+from mcp_integration.livekit_tools import VoiceOptions
 from mcp_integration.registry import Registry, ServerConfig
 from mcp_integration.registry_watch import RegistryWatcher
 

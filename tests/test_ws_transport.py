@@ -27,7 +27,9 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from mcp_integration.ws_transport import MCP_SUBPROTOCOL, serve_websocket, websocket_client  # noqa: E402
+from servers.ws_serve import serve_websocket  # noqa: E402
+
+from mcp_integration.ws_transport import MCP_SUBPROTOCOL, websocket_client  # noqa: E402
 
 SERVER_SCRIPT = Path(__file__).parent / "servers" / "ws_server.py"
 STARTUP_TIMEOUT = 20.0

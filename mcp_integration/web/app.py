@@ -27,8 +27,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcp_integration.jobs import ToolCallError
-from mcp_integration.web import render
+import mcp_integration.web.render as render
+from mcp_integration.errors import ToolCallError
 from mcp_integration.web.feed import LiveFeed
 from mcp_integration.web.guard import Guard, check_binding
 from mcp_integration.web.views import SnapshotReader, scrub, secrets_of
@@ -38,6 +38,19 @@ if TYPE_CHECKING:
     from mcp_integration.health import HealthMonitor
     from mcp_integration.metrics import Metrics
     from mcp_integration.registry import Registry
+
+__all__ = [
+    "ASSET_VERSION",
+    "DB_ERRORS",
+    "HEALTHZ_TIMEOUT_S",
+    "KEEPALIVE_S",
+    "PAGE_DB_TIMEOUT_S",
+    "STATIC",
+    "SecurityHeaders",
+    "create_app",
+    "sse",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +106,7 @@ def create_app(
 
     check_binding(bind_host, token)  # here, not at the first request: Starlette builds middleware lazily
 
-    reader = SnapshotReader(registry.pool, history_max_age_s=history_max_age_s)
+    reader = SnapshotReader(registry, history_max_age_s=history_max_age_s)
 
     async def current_fingerprint() -> dict[str, str]:
         seen = await reader.fingerprint()
@@ -111,7 +124,7 @@ def create_app(
 
     feed = LiveFeed(current_fingerprint, current_parts, period=period_s, on_error=unreachable)
     # This process's own health checks show at once, not at the next tick.
-    dispatcher.health_observers.append(lambda _report: feed.poke())
+    monitor.health.observers.append(lambda _report: feed.poke())
 
     async def index(request: Request) -> Response:
         try:

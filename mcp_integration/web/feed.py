@@ -15,6 +15,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+__all__ = [
+    "Frame",
+    "LiveFeed",
+    "Parts",
+]
+
+
 log = logging.getLogger(__name__)
 
 Parts = dict[str, str]
@@ -37,9 +44,8 @@ class LiveFeed:
         period: float = 1.0,
         on_error: Callable[[Exception], Parts] | None = None,
     ) -> None:
-        self._fingerprint = fingerprint
-        self._build = build
-        self._on_error = on_error
+        # What changed, how to rebuild it, and what to show when the database cannot say.
+        self._fingerprint, self._build, self._on_error = fingerprint, build, on_error
         self.period = period
         self._frame: Frame | None = None
         self._seen: dict[str, str] = {}

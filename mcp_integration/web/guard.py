@@ -20,6 +20,19 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+__all__ = [
+    "COOKIE",
+    "MIN_TOKEN_BITS",
+    "MIN_TOKEN_LENGTH",
+    "TOKEN_ENV",
+    "BindingError",
+    "Guard",
+    "check_binding",
+    "cookie_value",
+    "is_loopback",
+]
+
+
 COOKIE = "voice_mcp_dashboard"
 TOKEN_ENV = "DASHBOARD_TOKEN"
 MIN_TOKEN_LENGTH = 16

@@ -15,6 +15,16 @@ from html import escape
 from mcp_integration.jobs import FINAL_STATES
 from mcp_integration.web.views import HISTORY_MINUTES, JobView, Minute, ServerView, Snapshot
 
+__all__ = [
+    "jobs_part",
+    "page",
+    "parts",
+    "servers_part",
+    "sparkline",
+    "status_part",
+]
+
+
 CHART_W, CHART_H = 120, 28
 
 

@@ -19,13 +19,27 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
+from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.health import HealthMonitor
 from mcp_integration.metrics import Metrics
 from mcp_integration.registry import Registry
 from mcp_integration.registry_watch import RegistryWatcher
+from mcp_integration.runtime import open_runtime
 from mcp_integration.web.app import create_app
 from mcp_integration.web.guard import BindingError, check_binding
+
+__all__ = [
+    "GRACEFUL_SHUTDOWN_S",
+    "Services",
+    "bind",
+    "build_app",
+    "listening",
+    "serve",
+    "services",
+    "url_of",
+]
+
 
 # Open live streams end at shutdown (the feed closes them); anything else gets this long to finish.
 GRACEFUL_SHUTDOWN_S = 3.0
@@ -41,26 +55,19 @@ class Services:
 
 
 @asynccontextmanager
-async def services(registry: Registry, *, check_interval_s: float = 15.0) -> AsyncIterator[Services]:
-    """A dispatcher following the registry, and a health monitor checking its servers; closed afterwards."""
-    dispatcher = Dispatcher(registry)
-    # A registry of its own: the page's metrics never collide with another Metrics in the same process.
-    metrics = Metrics(CollectorRegistry())
-    metrics.attach(dispatcher)
-    watcher: RegistryWatcher | None = None
-    monitor: HealthMonitor | None = None
-    try:
-        # Tools from the cache at once; discovery goes on in the background while the page already serves.
-        await dispatcher.start(wait=False)
-        watcher = RegistryWatcher(registry, dispatcher).start()
-        monitor = HealthMonitor(dispatcher, interval_s=check_interval_s).start()
-        yield Services(registry, dispatcher, watcher, monitor, metrics)
-    finally:
-        if monitor is not None:
-            await monitor.aclose()
-        if watcher is not None:
-            await watcher.aclose()
-        await dispatcher.aclose()
+async def services(
+    registry: Registry, *, check_interval_s: float = 15.0, settings: Settings | None = None
+) -> AsyncIterator[Services]:
+    """The page's runtime: a dispatcher following the registry, a monitor checking (and recording) every server
+    each `check_interval_s`; closed afterwards."""
+    settings = settings or Settings.from_env()
+    # Tools from the cache at once; discovery goes on in the background while the page already serves.
+    async with open_runtime(registry, settings, watch=True, monitor=True, check_interval_s=check_interval_s) as rt:
+        assert rt.watcher is not None and rt.monitor is not None
+        # A registry of its own: the page's metrics never collide with another Metrics in the same process.
+        metrics = Metrics(CollectorRegistry())
+        metrics.attach(rt.dispatcher, rt.health)
+        yield Services(registry, rt.dispatcher, rt.watcher, rt.monitor, metrics)
 
 
 def build_app(

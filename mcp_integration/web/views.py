@@ -1,4 +1,4 @@
-"""What the status page shows, read from PostgreSQL: narrow columns, aggregated in SQL, on one connection.
+"""What the status page shows, shaped from the registry's status queries (`Registry.status_rows`).
 
 The page costs the same whether `mcp_jobs` holds fifty rows or millions (the newest jobs come off the
 `submitted_at` index) and whatever the health history holds (bucketed per minute by the database).
@@ -15,60 +15,29 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
+from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.scrubber import known
+from mcp_integration.scrubber import scrub as scrub_known
+from mcp_integration.secrets import PLACEHOLDER, redact_url
 
-from mcp_integration.registry import ServerConfig
-from mcp_integration.secrets import PLACEHOLDER, known, redact_url
-from mcp_integration.secrets import scrub as scrub_known
+__all__ = [
+    "HISTORY_MINUTES",
+    "MAX_ERROR_CHARS",
+    "RECENT_JOBS",
+    "JobView",
+    "Minute",
+    "ServerView",
+    "Snapshot",
+    "SnapshotReader",
+    "safe_target",
+    "scrub",
+    "secrets_of",
+]
+
 
 HISTORY_MINUTES = 60
 RECENT_JOBS = 50
 MAX_ERROR_CHARS = 300
-
-_SERVERS_SQL = """
-SELECT s.id, s.name, s.transport, s.url, s.command, s.enabled, s.headers, s.env,
-       h.status, h.checked_at, h.latency_ms, h.consecutive_failures, h.last_error,
-       t.tools, t.discovered_at
-FROM mcp_servers s
-LEFT JOIN mcp_server_health h ON h.server_id = s.id
-LEFT JOIN LATERAL (
-    SELECT count(*) AS tools, max(discovered_at) AS discovered_at FROM mcp_tools WHERE server_id = s.id
-) t ON true
-ORDER BY s.name
-"""
-
-# One row per server and minute: the mean latency of the checks that answered, and how many failed. Per server
-# through the (server_id, checked_at) index: the table keeps a day of checks, the chart needs one hour.
-_HISTORY_SQL = """
-SELECT s.id AS server_id, m.minutes_ago, m.latency_ms, m.failed, m.checks
-FROM mcp_servers s CROSS JOIN LATERAL (
-    SELECT floor(date_part('epoch', now() - c.checked_at) / 60)::int AS minutes_ago,
-           avg(c.latency_ms) FILTER (WHERE c.ok) AS latency_ms,
-           count(*) FILTER (WHERE NOT c.ok) AS failed, count(*) AS checks
-    FROM mcp_health_checks c
-    WHERE c.server_id = s.id AND c.checked_at >= now() - make_interval(mins => %s)
-    GROUP BY 1
-) m
-"""
-
-_JOBS_SQL = """
-SELECT id, server_name, tool, state, kind, submitted_at, finished_at, polls, delivered_late,
-       extract(epoch FROM coalesce(finished_at, now()) - submitted_at)::float8 AS seconds
-FROM mcp_jobs ORDER BY submitted_at DESC LIMIT %s
-"""
-
-# One fingerprint per part of the page, each moving whenever what that part shows changes; cheap enough to run
-# every second (small tables, and the newest jobs off their index). A health check rewrites `checked_at`, a
-# job's change rewrites `updated_at`.
-_FINGERPRINT_SQL = """
-SELECT concat_ws('|',
-    (SELECT count(*) || ':' || coalesce(max(updated_at)::text, '') FROM mcp_servers),
-    (SELECT count(*) || ':' || coalesce(max(checked_at)::text, '') FROM mcp_server_health),
-    (SELECT count(*) || ':' || coalesce(max(discovered_at)::text, '') FROM mcp_tools)
-) AS servers,
-(SELECT md5(coalesce(string_agg(id::text || state || updated_at::text, ','), ''))
-   FROM (SELECT id, state, updated_at FROM mcp_jobs ORDER BY submitted_at DESC LIMIT %s) j) AS jobs
-"""
 
 
 @dataclass(frozen=True)
@@ -123,8 +92,8 @@ class SnapshotReader:
     every `history_max_age_s`: a chart of minutes needs no fresher data, and a busy job table then costs a
     rebuild two cheap queries, not three."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, jobs: int = RECENT_JOBS, history_max_age_s: float = 10.0) -> None:
-        self.pool = pool
+    def __init__(self, registry: Registry, *, jobs: int = RECENT_JOBS, history_max_age_s: float = 10.0) -> None:
+        self.registry = registry
         self.jobs = jobs
         self.history_max_age_s = history_max_age_s
         self._history: dict[int, tuple[Minute, ...]] = {}
@@ -132,25 +101,21 @@ class SnapshotReader:
 
     async def read(self, *, servers: bool = True, jobs: bool = True, timeout: float | None = None) -> Snapshot:
         """The servers, the recent jobs, or both (what is not read comes back empty)."""
-        server_rows: list[dict[str, Any]] = []
-        job_rows: list[dict[str, Any]] = []
-        async with self.pool.connection(timeout=timeout) as conn:
-            taken_at = (await (await conn.execute("SELECT now() AS now")).fetchone())["now"]
-            if servers:
-                server_rows = await (await conn.execute(_SERVERS_SQL)).fetchall()
-            if jobs:
-                job_rows = await (await conn.execute(_JOBS_SQL, (self.jobs,))).fetchall()
-            stale = self._history_at is None or time.monotonic() - self._history_at >= self.history_max_age_s
-            if servers and stale:
-                history_rows = await (await conn.execute(_HISTORY_SQL, (HISTORY_MINUTES,))).fetchall()
-                history: dict[int, list[Minute]] = {}
-                for r in history_rows:
-                    ago = min(r["minutes_ago"], HISTORY_MINUTES - 1)
-                    history.setdefault(r["server_id"], []).append(
-                        Minute(ago, r["latency_ms"], r["failed"], r["checks"])
-                    )
-                self._history = {k: tuple(sorted(v, key=lambda m: m.minutes_ago)) for k, v in history.items()}
-                self._history_at = time.monotonic()
+        stale = self._history_at is None or time.monotonic() - self._history_at >= self.history_max_age_s
+        rows = await self.registry.status_rows(
+            servers=servers,
+            jobs=self.jobs if jobs else 0,
+            history_minutes=HISTORY_MINUTES if servers and stale else 0,
+            timeout=timeout,
+        )
+        taken_at, server_rows, job_rows = rows.taken_at, rows.servers, rows.jobs
+        if rows.history is not None:
+            history: dict[int, list[Minute]] = {}
+            for r in rows.history:
+                ago = min(r["minutes_ago"], HISTORY_MINUTES - 1)
+                history.setdefault(r["server_id"], []).append(Minute(ago, r["latency_ms"], r["failed"], r["checks"]))
+            self._history = {k: tuple(sorted(v, key=lambda m: m.minutes_ago)) for k, v in history.items()}
+            self._history_at = time.monotonic()
         servers = tuple(_server_view(r, self._history.get(r["id"], ())) for r in server_rows)
         job_views = tuple(
             JobView(
@@ -171,9 +136,7 @@ class SnapshotReader:
 
     async def fingerprint(self) -> dict[str, str]:
         """{"servers": …, "jobs": …}: each changes when what that table of the page shows changes."""
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(_FINGERPRINT_SQL, (self.jobs,))).fetchone()
-        return {"servers": row["servers"], "jobs": row["jobs"]}
+        return await self.registry.status_fingerprint(self.jobs)
 
 
 def _server_view(r: dict[str, Any], minutes: tuple[Minute, ...]) -> ServerView:

@@ -29,8 +29,7 @@ import anyio  # noqa: E402
 from demo_server import serve_http  # noqa: E402
 from mcp.server.mcpserver import Context, MCPServer  # noqa: E402
 from mcp.server.mcpserver.exceptions import ToolError  # noqa: E402
-
-from mcp_integration.ws_transport import serve_websocket  # noqa: E402
+from ws_serve import serve_websocket  # noqa: E402
 
 
 def seen(ctx: Context) -> str:

@@ -8,6 +8,7 @@ finish-after-ms old, then `{"status": "completed", "result": {...}}` (or `failed
 Ids starting `redirect-` answer 302 to another origin; `moved-<id>` answers 302 to `<id>` on this origin.
 `GET /_stats` counts the GETs of each job as `{"<id>": n}`. `submit_report(seconds=...)` sets that job's own
 finish-after; `GET /_finished` gives each job's server-side finish time, `{"<id>": time.time()}` (for benchmarks).
+`--busy-retry-after S`: the first GET of each job answers 503 with `Retry-After: S`, as a busy API does.
 Prints `LISTENING <port>` once the socket is bound.
 """
 
@@ -43,8 +44,9 @@ class Job:
 
 
 class Jobs:
-    def __init__(self, finish_after_ms: int) -> None:
+    def __init__(self, finish_after_ms: int, busy_retry_after: float | None = None) -> None:
         self.finish_after = finish_after_ms / 1000
+        self.busy_retry_after = busy_retry_after
         self.jobs: dict[str, Job] = {}
         self.gets: Counter[str] = Counter()
         self._ids = itertools.count(1)
@@ -88,6 +90,9 @@ def build(jobs: Jobs) -> Starlette:
         job = jobs.jobs.get(job_id)
         if job is None:
             return JSONResponse({"error": "no such job"}, status_code=404)
+        if jobs.busy_retry_after is not None and jobs.gets[job_id] == 1:
+            headers = {"Retry-After": f"{jobs.busy_retry_after:g}"}
+            return JSONResponse({"error": "busy"}, status_code=503, headers=headers)
         return JSONResponse(jobs.status(job))
 
     async def stats(_: Request) -> JSONResponse:
@@ -108,8 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--finish-after-ms", type=int, default=1000)
+    parser.add_argument("--busy-retry-after", type=float, default=None)
     args = parser.parse_args()
-    asyncio.run(serve_http(build(Jobs(args.finish_after_ms)), args.port))
+    asyncio.run(serve_http(build(Jobs(args.finish_after_ms, args.busy_retry_after)), args.port))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from mcp.server.mcpserver import Context, MCPServer  # noqa: E402
 from mcp.server.mcpserver.exceptions import ToolError  # noqa: E402
 from websockets.asyncio.server import ServerConnection  # noqa: E402
 from websockets.http11 import Request, Response  # noqa: E402
-
-from mcp_integration.ws_transport import serve_websocket  # noqa: E402
+from ws_serve import serve_websocket  # noqa: E402
 
 mcp = MCPServer("ws-test-server")
 
