@@ -41,7 +41,8 @@ from mcp_integration.logs import outside_job
 from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.registry import ServerConfig, ToolSpec
 from mcp_integration.tasks import TaskClient
-from mcp_integration.transports import ToolListGuard, open_transport
+from mcp_integration.tool_guard import ToolListGuard
+from mcp_integration.transports import open_transport
 from mcp_integration.ws_transport import FrameTooLarge
 
 __all__ = [

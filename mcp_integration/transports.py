@@ -1,4 +1,5 @@
-"""One transport per registry row: stdio, Streamable HTTP and legacy SSE through the `mcp` SDK, WebSocket ours.
+"""One transport per registry row: stdio, Streamable HTTP and legacy SSE through the `mcp` SDK, WebSocket ours
+(what the server then answers is checked by `tool_guard.py`).
 
 Secrets stay references (`env:NAME`, `{env:NAME}` in a URL) until this module resolves them at connect time
 (`secrets.py` then knows them, and scrubs them from everything). A stdio server's stderr passes through the same
@@ -7,39 +8,26 @@ scrubber, and its whole process group is ended on close (`stdio_guard.py`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import logging
-import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 import httpx2
-import mcp_types as types
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.message import SessionMessage
-from mcp_types.methods import SERVER_RESULTS
-from pydantic import TypeAdapter, ValidationError
 
-from mcp_integration.limits import MAX_DEPTH, deeper_than
 from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.registry import ServerConfig
 from mcp_integration.secrets import resolve_refs, resolve_url
 from mcp_integration.stdio_guard import guarded_stdio
-from mcp_integration.ws_transport import FrameTooLarge, websocket_client
+from mcp_integration.ws_transport import websocket_client
 
 __all__ = [
     "StatusHook",
-    "ToolListGuard",
-    "check_tool",
     "open_transport",
 ]
 
@@ -118,228 +106,3 @@ async def _owning(inner: Transport, client: httpx2.AsyncClient) -> AsyncIterator
     # streamable_http_client leaves a caller-supplied client open; we made it, so we close it.
     async with client, inner as streams:
         yield streams
-
-
-def check_tool(raw: Any) -> tuple[types.Tool | None, str | None]:
-    """Validate one tool of a `tools/list` answer on its own: the tool, or why it is skipped."""
-    name = raw.get("name") if isinstance(raw, dict) else None
-    try:
-        tool = types.Tool.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return None, f"tool {name!r}: {where or 'definition'}: {first.get('msg')}"
-    if not tool.name or "\x00" in tool.name:
-        return None, f"tool {tool.name!r}: a name must be non-empty text without NUL"
-    schema = tool.input_schema
-    if schema.get("type") != "object":
-        return None, f"tool {tool.name!r}: inputSchema must have type 'object'"
-    if deeper_than(schema):
-        return None, f"tool {tool.name!r}: inputSchema nests deeper than {MAX_DEPTH} levels"
-    problem = _schema_problem(json.dumps(schema, sort_keys=True))
-    if problem:
-        return None, f"tool {tool.name!r}: inputSchema is not valid JSON Schema ({problem})"
-    return tool, None
-
-
-@functools.lru_cache(maxsize=4096)
-def _schema_problem(schema_json: str) -> str | None:
-    # check_schema costs ~1 ms; a server lists the same schemas on every refresh, and many servers share them.
-    schema = json.loads(schema_json)
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        return exc.message[:300]
-    except RecursionError:
-        return "nested too deeply to check"
-    return None
-
-
-class ToolListGuard:
-    """Wraps a transport so that a server's bad answers fail or drop one thing instead of the connection.
-
-    - `tools/list`: the SDK validates a listing as one unit, so a single bad `inputSchema` (common in
-      hand-written servers) would hide every tool of that server. Each tool is checked on its own; the rest
-      pass through.
-    - An answer that is not valid JSON-RPC (a `result` that is not an object, JSON nested past the parser's
-      limit, broken JSON) would leave its request waiting until a timeout: when its id can still be read, the
-      request fails at once with an error saying so.
-    - A `tools/call` answer that is not a valid tool result becomes an error answer naming the problem
-      (the SDK would raise a bare validation error deep inside the call).
-    """
-
-    # Requests remembered for their answers; a server that never answers some of them cannot grow this forever.
-    MAX_PENDING = 10_000
-
-    def __init__(self, inner: Transport, server: str, on_closed: Callable[[], None] | None = None) -> None:
-        self._inner = inner
-        self._server = server
-        self._on_closed = on_closed
-        self.skipped: list[str] = []
-        self.ending: str | None = None  # why the stream is about to end, when the transport said so first
-        self._pending: dict[Any, str] = {}  # request id -> method, until its answer arrives
-
-    @asynccontextmanager
-    async def _run(self) -> AsyncIterator[TransportStreams]:
-        async with self._inner as (inner_read, inner_write):
-            read_send, read_recv = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-            write_send, write_recv = anyio.create_memory_object_stream[SessionMessage](0)
-
-            async def pump_writes() -> None:
-                async with write_recv:
-                    async for msg in write_recv:
-                        m = msg.message
-                        if isinstance(m, types.JSONRPCRequest):
-                            self._remember(m)
-                        await inner_write.send(msg)
-                await inner_write.aclose()
-
-            async def pump_reads() -> None:
-                try:
-                    async with read_send:
-                        async for item in inner_read:
-                            if isinstance(item, SessionMessage):
-                                item = self._check(item)
-                            elif isinstance(item, FrameTooLarge):
-                                self.ending = str(item)
-                            else:
-                                answer = self._unreadable(item)
-                                if answer is not None:
-                                    await read_send.send(item)  # still reported, as any transport error is
-                                    item = answer
-                            await read_send.send(item)
-                finally:
-                    # The server's stream ended (process exited, socket closed): the one moment a dead
-                    # connection can be told from a slow one without waiting for a timeout.
-                    if self._on_closed is not None:
-                        self._on_closed()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(pump_writes)
-                tg.start_soon(pump_reads)
-                try:
-                    yield read_recv, write_send
-                finally:
-                    tg.cancel_scope.cancel()
-
-    def _remember(self, request: types.JSONRPCRequest) -> None:
-        if request.method == "tools/list" and not (request.params or {}).get("cursor"):
-            self.skipped.clear()  # a new listing: what it skips replaces what the last one skipped
-        self._pending[request.id] = request.method
-        if len(self._pending) > self.MAX_PENDING:
-            del self._pending[next(iter(self._pending))]
-
-    def _check(self, item: SessionMessage) -> SessionMessage:
-        m = item.message
-        if not isinstance(m, types.JSONRPCResponse | types.JSONRPCError):
-            return item
-        method = self._pending.pop(m.id, None)
-        if not isinstance(m, types.JSONRPCResponse):
-            return item
-        if method == "tools/list":
-            result = self._filter_tools(m.result)
-            if result is not m.result:
-                return SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id=m.id, result=result), item.metadata)
-        elif method == "tools/call":
-            problem = _call_result_problem(m.result)
-            if problem is not None:
-                log.warning(
-                    "server %s: its answer to tools/call is not a valid tool result (%s)", self._server, problem
-                )
-                reason = f"the server's answer is not a valid tool result ({problem})"
-                return SessionMessage(_error(m.id, types.INTERNAL_ERROR, reason), item.metadata)
-        return item
-
-    def _filter_tools(self, result: dict[str, Any]) -> dict[str, Any]:
-        tools = result.get("tools")
-        if not isinstance(tools, list):
-            return result
-        kept = []
-        for raw in tools:
-            tool, why = check_tool(raw)
-            if tool is None:
-                self.skipped.append(why or "malformed tool")
-                log.warning("server %s: skipping %s", self._server, why)
-            else:
-                kept.append(raw)
-        return result if len(kept) == len(tools) else dict(result, tools=kept)
-
-    def _unreadable(self, exc: Exception) -> SessionMessage | None:
-        """For a message that failed to parse: the answer its waiting request should get, if its id is known."""
-        found = _reply_in(exc)
-        if found is None or found[0] not in self._pending:
-            return None
-        rid, body = found
-        method = self._pending.pop(rid)
-        if method == "tools/list" and isinstance(body, dict) and isinstance(body.get("result"), dict):
-            # Python's parser goes deeper than pydantic's: a listing with one absurdly deep schema loses that tool.
-            with contextlib.suppress(ValidationError, RecursionError):
-                result = self._filter_tools(body["result"])
-                return SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id=rid, result=result))
-        log.warning("server %s: its answer to %s is not valid JSON-RPC; the request fails", self._server, method)
-        return SessionMessage(_error(rid, types.PARSE_ERROR, f"the server's answer to {method} could not be read"))
-
-    def transport(self) -> Transport:
-        return self._run()
-
-
-def _error(rid: Any, code: int, message: str) -> types.JSONRPCError:
-    return types.JSONRPCError(jsonrpc="2.0", id=rid, error=types.ErrorData(code=code, message=message))
-
-
-@functools.cache
-def _call_result_adapters() -> list[TypeAdapter[Any]]:
-    # Every protocol version's shape, as the SDK checks them: a result fit for the version in use passes.
-    # Versions share models (four of five, today): each distinct one is checked once.
-    models = dict.fromkeys(model for (method, _), model in SERVER_RESULTS.items() if method == "tools/call")
-    return [TypeAdapter(model) for model in models]
-
-
-def _call_result_problem(result: dict[str, Any]) -> str | None:
-    """Why a `tools/call` answer is not a tool result the SDK will accept, or None."""
-    if result.get("resultType", "complete") != "complete" or "task" in result:
-        return None  # a task or a request for input: the tasks runtime reads those
-    first: ValidationError | None = None
-    for adapter in _call_result_adapters():
-        try:
-            adapter.validate_python(result, by_name=False)
-        except ValidationError as exc:
-            first = first or exc
-        else:
-            return None
-    if first is None:
-        return None
-    err = first.errors(include_input=False)[0]
-    where = ".".join(str(p) for p in err.get("loc", ()))[:100]
-    return f"{where or 'result'}: {err.get('msg', 'invalid')}"[:300]
-
-
-_REPLY_ID = re.compile(
-    r'^\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*(-?\d{1,18}|"[^"\\]{0,200}")\s*,\s*"(?:result|error)"'
-)
-
-
-def _reply_in(exc: Exception) -> tuple[Any, dict[str, Any]] | None:
-    """The id and body (as far as it can be read) of the answer behind a message that failed to parse."""
-    if not isinstance(exc, ValidationError):
-        return None
-    for err in exc.errors(include_url=False):
-        data = err.get("input")
-        if isinstance(data, bytes | str):
-            data = _lenient_json(data)
-        if isinstance(data, dict) and "method" not in data and ("result" in data or "error" in data):
-            rid = data.get("id")
-            if isinstance(rid, int | str) and not isinstance(rid, bool):
-                return rid, data
-    return None
-
-
-def _lenient_json(raw: bytes | str) -> Any:
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        pass
-    # Too deep even for Python's parser: the id is still at the start of a well-ordered answer.
-    m = _REPLY_ID.match(text[:300])
-    return {"id": json.loads(m[1]), "result": None} if m else None

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import httpx
 import psycopg
 import pytest
-from conftest import ROOT, stdio_demo
+from conftest import ROOT, SERVERS, stdio_demo
 from playwright.async_api import Page, async_playwright
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from starlette.applications import Starlette
@@ -403,3 +403,22 @@ def test_targets_and_errors_lose_their_secrets() -> None:
     assert scrub(text, ["abcd1234"]) == "401 from https://h/mcp?api_key=***: Bearer *** refused, password=***"
     assert scrub("token expired", []) == "token expired"
     assert len(scrub("x" * 1000, [])) == 300
+
+
+async def test_a_server_refusing_our_credentials_says_so_on_the_page(
+    registry: Registry, spawn: Callable[..., int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAGE_GOOD_TOKEN", "pg-good-" + uuid.uuid4().hex)
+    monkeypatch.setenv("PAGE_BAD_TOKEN", "pg-bad-" + uuid.uuid4().hex)
+    port = spawn("--port", "0", "--token-env", "PAGE_GOOD_TOKEN", script=str(SERVERS / "auth_server.py"))
+    cfg = ServerConfig(
+        name="locked", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp",
+        headers={"Authorization": "env:PAGE_BAD_TOKEN"},
+    )  # fmt: skip
+    await registry.add_server(cfg)
+    async with dashboard(registry, check_interval_s=60) as (url, svc, _app), httpx.AsyncClient(timeout=10) as http:
+        report = (await svc.monitor.check_now("locked"))["locked"]
+        assert not report.ok and "needs authorization (HTTP 401)" in (report.error or "")
+        page = (await http.get(url)).text
+    assert "needs authorization (HTTP 401)" in page
+    assert "pg-bad-" not in page

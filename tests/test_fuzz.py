@@ -29,7 +29,7 @@ from mcp_integration.livekit_text import ScriptedLLM, TextCall
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.results import ToolResult
 from mcp_integration.speech import for_speech
-from mcp_integration.transports import check_tool
+from mcp_integration.tool_guard import check_tool
 
 HOSTILE = str(SERVERS / "hostile_server.py")
 SHARED = settings(
