@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -17,18 +18,22 @@ from typing import Any
 
 import psycopg
 
+from mcp_integration.auth_config import AUTH_MODES, GRANTS, TOKEN_AUTH_METHODS, OAuthSettings
 from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.embedded_db import open_registry
-from mcp_integration.errors import RegistryError, ToolCallError
+from mcp_integration.errors import ToolCallError, VoiceMcpError
 from mcp_integration.importer import literal_secrets, load_file
 from mcp_integration.jobs import FINAL_STATES, JobEvent
 from mcp_integration.limits import MAX_ARGUMENT_BYTES, MAX_DEPTH, json_too_deep
 from mcp_integration.logs import setup_logging
+from mcp_integration.oauth import detect_oauth
+from mcp_integration.oauth_store import OAuthState, OAuthStore
 from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, ServerConfig
 from mcp_integration.runtime import Runtime, open_runtime
 from mcp_integration.scrubber import install_log_scrubber, scrub
 from mcp_integration.secrets import redact
+from mcp_integration.vault import Vault, new_key
 
 __all__ = [
     "COMMANDS",
@@ -113,17 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--disabled", action="store_true", help="register it switched off")
     add.add_argument("--replace", action="store_true", help="update the server if the name exists")
     add.add_argument("--allow-literal-secrets", action="store_true", help=_LITERAL_HELP)
+    _oauth_arguments(add)
     lst = servers.add_parser("list", help="list servers and their health")
     lst.add_argument("--json", action="store_true")
     for verb in ("remove", "enable", "disable"):
         servers.add_parser(verb, help=f"{verb} a server").add_argument("name")
     servers.add_parser("check", help="check reachability now and record it").add_argument("name", nargs="?")
+    login = servers.add_parser(
+        "login",
+        help="authorize an OAuth server (a browser flow; unattended grants just fetch a token)",
+        description="Run the OAuth authorization-code flow with PKCE: open (or print) the authorization address, "
+        "receive the redirect on 127.0.0.1, store the tokens (encrypted) for every worker.",
+    )
+    login.add_argument("name")
+    login.add_argument("--port", type=int, help="the loopback port for the redirect (default: as registered, else any)")
+    login.add_argument("--no-browser", action="store_true", help="only print the address")
+    servers.add_parser("logout", help="forget an OAuth server's tokens and registration").add_argument("name")
     imp = servers.add_parser("import", help="import an mcpServers JSON file (Claude Desktop, Cursor, …)")
     imp.add_argument("file")
     imp.add_argument("--replace", action="store_true", help="update servers whose names exist")
     imp.add_argument("--allow-literal-secrets", action="store_true", help=_LITERAL_HELP)
 
     sub.add_parser("demo", help="run the offline demo (embedded PostgreSQL when DATABASE_URL is unset)")
+    sub.add_parser("secret-key", help="print a new key for VOICE_MCP_SECRET_KEY (it seals OAuth tokens)")
 
     dash = sub.add_parser("dashboard", help="serve the live status page (off loopback it needs DASHBOARD_TOKEN)")
     dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -147,6 +164,54 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20, metavar="N", help="how many (default 20)")
     jobs.add_argument("--json", action="store_true")
     return p
+
+
+_OAUTH_FLAGS = {
+    "oauth_grant": "grant",
+    "oauth_client_id": "client_id",
+    "oauth_client_secret": "client_secret",
+    "oauth_private_key": "private_key",
+    "oauth_signing_alg": "signing_algorithm",
+    "oauth_token_auth": "token_auth_method",
+    "oauth_client_metadata_url": "client_metadata_url",
+    "oauth_scope": "scopes",
+    "oauth_issuer": "issuer",
+    "oauth_idp_token_endpoint": "idp_token_endpoint",
+    "oauth_idp_client_id": "idp_client_id",
+    "oauth_idp_id_token": "idp_id_token",
+}
+
+
+def _oauth_arguments(add: argparse.ArgumentParser) -> None:
+    group = add.add_argument_group(
+        "authentication",
+        "Hosted servers usually want OAuth 2.1: `--auth oauth` (found by itself when the server asks for it), then "
+        "`servers login NAME`. Secrets are env:NAME references, never values.",
+    )
+    group.add_argument(
+        "--auth", choices=AUTH_MODES, help="none, header (the --header values) or oauth (default: detected)"
+    )
+    group.add_argument("--oauth-grant", choices=GRANTS, help="default: authorization_code (a person logs in once)")
+    group.add_argument("--oauth-client-id", metavar="ID", help="a pre-registered client (else dynamic registration)")
+    group.add_argument("--oauth-client-secret", metavar="env:NAME", help="the pre-registered client's secret")
+    group.add_argument("--oauth-private-key", metavar="env:NAME", help="a PEM key signing private_key_jwt assertions")
+    group.add_argument("--oauth-signing-alg", metavar="ALG", help="the private key's JWT algorithm (default RS256)")
+    group.add_argument("--oauth-token-auth", choices=TOKEN_AUTH_METHODS, help="how the client authenticates")
+    group.add_argument("--oauth-client-metadata-url", metavar="URL", help="an https:// client ID metadata document")
+    group.add_argument("--oauth-scope", action="append", metavar="SCOPE", help="a scope to ask for (repeatable)")
+    group.add_argument("--oauth-issuer", metavar="URL", help="the authorization server the credentials belong to")
+    group.add_argument("--oauth-idp-token-endpoint", metavar="URL", help="identity_assertion: the IdP's token URL")
+    group.add_argument("--oauth-idp-client-id", metavar="ID", help="identity_assertion: our client at the IdP")
+    group.add_argument("--oauth-idp-id-token", metavar="env:NAME", help="identity_assertion: the IdP's ID token")
+
+
+def _oauth_from_args(args: argparse.Namespace) -> OAuthSettings | None:
+    given = {field: getattr(args, flag) for flag, field in _OAUTH_FLAGS.items() if getattr(args, flag, None)}
+    if "scopes" in given:
+        given["scopes"] = " ".join(" ".join(given["scopes"]).split())
+    if not given and args.auth != "oauth":
+        return None
+    return OAuthSettings(**given)
 
 
 # Escape sequences (CSI, OSC, …) and every other control character but newline and tab: a server's text must not
@@ -202,15 +267,39 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             result_endpoint=args.result_endpoint,
             poll_profile=args.poll_profile,
         )
+        cfg.oauth = _oauth_from_args(args)
+        cfg.auth = args.auth or ("oauth" if cfg.oauth else "header" if cfg.headers else "none")
+        if cfg.oauth is not None and cfg.auth != "oauth":
+            raise CliError(f"--oauth-* settings need --auth oauth, not --auth {cfg.auth}")
         if cfg.transport == "stdio" and cfg.url:
             raise CliError("the stdio transport takes --command, not --url")
         if cfg.transport != "stdio" and cfg.command:
             raise CliError(f"the {cfg.transport} transport takes --url, not --command")
         _refuse_literal_secrets([cfg], allowed=args.allow_literal_secrets)
+        cfg.validate()
+        found = await detect_oauth(cfg) if cfg.transport in ("streamable-http", "sse") else None
+        if found is not None and found.metadata and cfg.auth == "none" and args.auth is None:
+            # It publishes OAuth metadata and was given no credentials: OAuth is what it wants.
+            cfg.auth, cfg.oauth = "oauth", OAuthSettings()
+        if found is not None and cfg.oauth is not None and cfg.oauth.grant == "identity_assertion":
+            if cfg.oauth.issuer is None and found.issuer:
+                # SEP-990 sends the ID-JAG only to a configured authorization server: the one the server named now,
+                # shown here, and fixed from now on.
+                cfg.oauth = dataclasses.replace(cfg.oauth, issuer=found.issuer)
         saved = await reg.add_server(cfg, replace=args.replace)
         for item in literal_secrets(saved):
             _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
         _say(f"added {saved.name} ({saved.transport} {saved.label})")
+        if found is not None and found.metadata:
+            where = f" (authorization server {found.issuer})" if found.issuer else ""
+            _say(f"{saved.name} asks for OAuth{where}")
+            if saved.auth != "oauth":
+                _say(f"to use it: servers add {saved.name} --replace --auth oauth … then servers login {saved.name}")
+        if saved.auth == "oauth" and saved.oauth is not None:
+            if saved.oauth.interactive:
+                _say(f"next: python -m mcp_integration servers login {saved.name}")
+            else:
+                _say(f"{saved.name} uses the {saved.oauth.grant} grant: no login needed")
     elif args.action == "list":
         await _list_servers(reg, as_json=args.json)
     elif args.action == "remove":
@@ -235,6 +324,14 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
                 _say(f"{r.server}: {r.status} ({r.latency_ms:.0f} ms)")
         if failed:
             raise CliError(f"{len(failed)} of {len(reports)} servers did not answer")
+    elif args.action == "login":
+        await _login(reg, args)
+    elif args.action == "logout":
+        cfg = await reg.get_server(args.name)
+        if cfg is None:
+            raise CliError(f"no server named {args.name!r}")
+        forgot = await _oauth_store(reg, args).forget(args.name)
+        _say(f"logged out of {args.name}" if forgot else f"{args.name} held no OAuth tokens")
     elif args.action == "import":
         cfgs = load_file(args.file)
         _refuse_literal_secrets(cfgs, allowed=args.allow_literal_secrets)
@@ -248,6 +345,64 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             for item in literal_secrets(saved):
                 _note(f"warning: {item} of {saved.name!r} is stored as a literal; prefer env:NAME")
             _say(f"imported {saved.name} ({saved.transport} {saved.label})")
+
+
+def _oauth_store(reg: Registry, args: argparse.Namespace) -> OAuthStore:
+    return OAuthStore(reg, Vault.from_setting(args.settings.secret_key))
+
+
+async def _login(reg: Registry, args: argparse.Namespace) -> None:
+    from mcp_integration.oauth_login import LoginError, login
+
+    cfg = await reg.get_server(args.name)
+    if cfg is None:
+        raise CliError(f"no server named {args.name!r}")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise CliError(f"--port must be from 1 to 65535, got {args.port}")
+    store = _oauth_store(reg, args)
+    try:
+        outcome = await login(cfg, store, _say, port=args.port, open_browser=not args.no_browser)
+    except LoginError as exc:
+        raise CliError(str(exc)) from None
+    state = outcome.state
+    if not outcome.asked or state is None:
+        _say(f"{cfg.name} let us in without asking for authorization; nothing was stored")
+        return
+    _say(f"logged in to {cfg.name}: {_oauth_summary(state, cfg)}")
+
+
+def _oauth_summary(state: OAuthState, cfg: ServerConfig) -> str:
+    parts = [f"scopes {state.scope!r}" if state.scope else "no scope named"]
+    if state.issuer:
+        parts.append(f"authorization server {state.issuer}")
+    if state.subject:
+        parts.append(f"as {state.subject} (the token says)")
+    if cfg.oauth is not None:
+        parts.append(f"{cfg.oauth.grant} grant")
+    if state.expires_at is not None:
+        left = (state.expires_at - datetime.now(UTC)).total_seconds()
+        parts.append(f"token valid {_duration(left)}, refreshed by the workers as needed")
+    return "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(0, int(seconds))} s"
+    return f"{int(seconds // 60)} min" if seconds < 7200 else f"{int(seconds // 3600)} h"
+
+
+def _auth_column(cfg: ServerConfig, state: OAuthState | None) -> str:
+    if cfg.auth != "oauth":
+        return cfg.auth
+    if state is not None and state.needs_login:
+        return f"oauth: needs login{f' (scope {state.needed_scope})' if state.needed_scope else ''}"
+    if state is None or not state.has_tokens:
+        interactive = cfg.oauth is None or cfg.oauth.interactive
+        return "oauth: not logged in" if interactive else "oauth: no token yet"
+    if state.expires_at is not None:
+        left = (state.expires_at - datetime.now(UTC)).total_seconds()
+        return f"oauth: token {_duration(left)} left" if left > 0 else "oauth: token expired (refreshed on use)"
+    return "oauth: logged in"
 
 
 def _transport_for(url: str | None) -> str:
@@ -277,6 +432,7 @@ def _refuse_literal_secrets(cfgs: list[ServerConfig], *, allowed: bool) -> None:
 async def _list_servers(reg: Registry, *, as_json: bool) -> None:
     servers = await reg.list_servers()
     health = await reg.health()
+    oauth = await OAuthStore(reg, None).states()
     if as_json:
         rows = []
         for s in servers:
@@ -295,6 +451,8 @@ async def _list_servers(reg: Registry, *, as_json: bool) -> None:
                     "poll_interval": s.poll_interval,
                     "poll_profile": s.poll_profile,
                     "health": h.status if h else "unknown",
+                    "auth": s.auth,
+                    "oauth": _oauth_record(s, oauth.get(s.name)),
                 }
             )
         _say(json.dumps(rows, indent=2))
@@ -302,7 +460,7 @@ async def _list_servers(reg: Registry, *, as_json: bool) -> None:
     if not servers:
         _say("no servers registered; add one with: python -m mcp_integration servers add NAME --transport …")
         return
-    table = [("NAME", "TRANSPORT", "ENABLED", "HEALTH", "CHECKED", "TARGET")]
+    table = [("NAME", "TRANSPORT", "ENABLED", "HEALTH", "CHECKED", "AUTH", "TARGET")]
     for s in servers:
         h = health.get(s.name)
         status = h.status if h else "unknown"
@@ -311,8 +469,29 @@ async def _list_servers(reg: Registry, *, as_json: bool) -> None:
         if h and h.consecutive_failures:
             status += f", {h.consecutive_failures} failed"
         checked = _ago(h.checked_at) if h and h.checked_at else "never"
-        table.append((s.name, s.transport, "yes" if s.enabled else "no", status, checked, s.label))
+        auth = _auth_column(s, oauth.get(s.name))
+        table.append((s.name, s.transport, "yes" if s.enabled else "no", status, checked, auth, s.label))
     _say(_format_table(table))
+
+
+def _oauth_record(cfg: ServerConfig, state: OAuthState | None) -> dict[str, Any] | None:
+    """What `servers list --json` says of OAuth: settings (secrets as their env: references) and state, no token."""
+    if cfg.auth != "oauth" or cfg.oauth is None:
+        return None
+    record: dict[str, Any] = {"settings": cfg.oauth.to_json()}
+    if state is not None:
+        record["state"] = {
+            "logged_in": state.has_tokens,
+            "needs_login": state.needs_login,
+            "needed_scope": state.needed_scope,
+            "reason": state.reason,
+            "scope": state.scope,
+            "issuer": state.issuer,
+            "subject": state.subject,
+            "expires_at": state.expires_at.isoformat() if state.expires_at else None,
+            "refreshes": state.refreshes,
+        }
+    return record
 
 
 def _ago(when: datetime) -> str:
@@ -525,6 +704,10 @@ async def cmd_dashboard(reg: Registry, args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
 
 
+async def cmd_secret_key(_: Registry | None, __: argparse.Namespace) -> None:
+    _say(new_key())
+
+
 COMMANDS = {
     "migrate": cmd_migrate,
     "servers": cmd_servers,
@@ -533,11 +716,15 @@ COMMANDS = {
     "jobs": cmd_jobs,
     "demo": cmd_demo,
     "dashboard": cmd_dashboard,
+    "secret-key": cmd_secret_key,
 }
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> None:
     args.settings = settings
+    if args.verb == "secret-key":
+        await cmd_secret_key(None, args)
+        return
     async with open_registry(settings) as reg:
         await COMMANDS[args.verb](reg, args)
 
@@ -586,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         asyncio.run(run(args, settings))
-    except (CliError, RegistryError, ToolCallError) as exc:
+    except (CliError, VoiceMcpError) as exc:
         _note(f"error: {exc}")
         return 1
     except psycopg.OperationalError as exc:

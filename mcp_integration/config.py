@@ -7,7 +7,7 @@ Secrets the registry refers to (`env:NAME`) are not settings: they are resolved 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -29,6 +29,8 @@ class Settings:
     # HEALTH_INTERVAL_S: seconds between health checks of each server (the breaker probes a down one sooner).
     health_interval_s: float = 15.0
     dashboard_token: str | None = None  # DASHBOARD_TOKEN: required to serve the status page off loopback
+    # VOICE_MCP_SECRET_KEY: Fernet key(s), comma-separated, sealing OAuth tokens in the registry (vault.py).
+    secret_key: str | None = field(default=None, repr=False)
     metrics_port: int | None = None  # METRICS_PORT: the worker's Prometheus endpoint
     prometheus_multiproc_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of every job process
     # The voice pipeline: OpenAI (or an OpenAI-compatible server at OPENAI_BASE_URL) and Deepgram.
@@ -58,6 +60,7 @@ class Settings:
             db_start_timeout_s=float(env.get("DB_START_TIMEOUT_S", "3")),
             health_interval_s=float(env.get("HEALTH_INTERVAL_S", "15")),
             dashboard_token=env.get("DASHBOARD_TOKEN") or None,
+            secret_key=env.get("VOICE_MCP_SECRET_KEY") or None,
             metrics_port=int(env["METRICS_PORT"]) if env.get("METRICS_PORT") else None,
             prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
             openai_configured=bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL")),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import httpx2
 import mcp_types as types
 from mcp import Client
 from mcp.client.session import ClientSession
@@ -34,7 +35,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp_integration import __version__
 from mcp_integration.aio import Backoff, first_set
-from mcp_integration.errors import Busy, ConnectError, ConnectionLost, Reconnecting, Unauthorized
+from mcp_integration.errors import Busy, ConnectError, ConnectionLost, NeedsLogin, Reconnecting, Unauthorized
 from mcp_integration.explain import describe, refused_status
 from mcp_integration.limits import storable
 from mcp_integration.logs import outside_job
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_TOOL_PAGES",
     "PROBE_AFTER_S",
     "PROBE_TIMEOUT_S",
+    "AuthFor",
     "ProgressCallback",
     "ServerConnection",
 ]
@@ -61,6 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
+# The HTTP auth (an OAuth provider) of a server, or None: given by the composition root (`oauth.OAuthBroker`).
+AuthFor = Callable[[ServerConfig], "httpx2.Auth | None"]
 _T = TypeVar("_T")
 
 # Liveness while a request waits. After PROBE_AFTER_S without a word from the server, one probe goes out (shared
@@ -114,6 +118,7 @@ class _Link:
     keeper: asyncio.Task[None] | None = None
     probe: asyncio.Task[str | None] | None = None
     refused: int | None = None  # the last HTTP answer was 401 or 403 (None once a request succeeds again)
+    auth: httpx2.Auth | None = None  # the OAuth provider signing this opening's requests, if any
 
     def saw_status(self, status: int) -> None:
         if status in (401, 403):
@@ -130,8 +135,10 @@ class ServerConnection:
         connect_timeout: float = 10.0,
         probe_after_s: float = PROBE_AFTER_S,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
+        auth_for: AuthFor | None = None,
     ) -> None:
         self.cfg = cfg
+        self.auth_for = auth_for
         self.connect_timeout = connect_timeout
         self.probe_after_s = probe_after_s
         self.probe_timeout_s = probe_timeout_s
@@ -182,6 +189,27 @@ class ServerConnection:
         return self._link.refused if self._link is not None else None
 
     @property
+    def needs_login(self) -> NeedsLogin | None:
+        """Set when this server's OAuth provider found that only a person can authorise us now (`oauth.py`)."""
+        auth = self._link.auth if self._link is not None else None
+        return getattr(auth, "needs_login", None)
+
+    def refusal(self) -> ConnectError | None:
+        """Why the server refuses us, if it does: a login needed, an authorization flow that failed, or a plain
+        401/403."""
+        return self._refusal(self._link) if self._link is not None else None
+
+    def _refusal(self, link: _Link) -> ConnectError | None:
+        auth = link.auth
+        needs = getattr(auth, "needs_login", None)
+        if needs is not None:
+            return needs
+        failure = getattr(auth, "failure", None)
+        if failure:
+            return ConnectError(f"server {self.cfg.name!r}: authorization failed: {failure}")
+        return Unauthorized(self.cfg.name, link.refused) if link.refused is not None else None
+
+    @property
     def lost_reason(self) -> str | None:
         return self._link.reason if self._link is not None else None
 
@@ -230,10 +258,15 @@ class ServerConnection:
                 raise
             except BaseException as exc:
                 self._retire(link)
-                status = link.refused or refused_status(exc)
-                if status is not None:
-                    self._failed(f"needs authorization (HTTP {status})")
-                    raise Unauthorized(self.cfg.name, status) from None
+                if link.refused is None:
+                    link.refused = refused_status(exc)
+                refusal = self._refusal(link)
+                if refusal is not None:
+                    if isinstance(refusal, Unauthorized):
+                        self._failed(f"needs authorization (HTTP {refusal.status})")
+                    else:
+                        self._failed(str(refusal))
+                    raise refusal from None
                 raise self._failed(describe(exc)) from None
             self.last_error = None
             self._reopen.reset()
@@ -246,7 +279,10 @@ class ServerConnection:
 
     async def _run(self, link: _Link, ready: asyncio.Future[None]) -> None:
         try:
-            opened = open_transport(self.cfg, connect_timeout=self.connect_timeout, on_status=link.saw_status)
+            link.auth = self.auth_for(self.cfg) if self.auth_for is not None else None
+            opened = open_transport(
+                self.cfg, connect_timeout=self.connect_timeout, on_status=link.saw_status, auth=link.auth
+            )
             transport = _heard(opened, link)
             link.guard = ToolListGuard(transport, self.cfg.name, on_closed=lambda: self._stream_ended(link))
             # cache=None: a stale cached tools/list would hide a server's changes from a refresh.

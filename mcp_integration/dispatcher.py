@@ -23,10 +23,11 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from mcp_integration.aio import spawn
-from mcp_integration.connection import ProgressCallback, ServerConnection
+from mcp_integration.connection import AuthFor, ProgressCallback, ServerConnection
 from mcp_integration.errors import (
     ConnectError,
     ConnectionLost,
+    NeedsLogin,
     Reconnecting,
     SecretMissing,
     ToolCallError,
@@ -101,8 +102,10 @@ class Dispatcher:
         max_calls_per_server: int = 64,
         keep_jobs: int = 1000,
         background_s: float = 600.0,
+        auth_for: AuthFor | None = None,
     ) -> None:
         self.background_s = background_s
+        self.auth_for = auth_for
         self._stats = DurationStats()
         self._seeding: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._poll_slots: dict[str, asyncio.Semaphore] = {}
@@ -129,6 +132,9 @@ class Dispatcher:
 
     # -- servers and discovery ------------------------------------------------------------------------------
 
+    def _connection(self, cfg: ServerConfig) -> ServerConnection:
+        return ServerConnection(cfg, connect_timeout=self.connect_timeout, auth_for=self.auth_for)
+
     async def start(
         self,
         *,
@@ -144,7 +150,7 @@ class Dispatcher:
                 raise ValueError("a dispatcher without a registry needs its servers passed in")
             servers = await self.registry.list_servers(enabled_only=True)
         for cfg in servers:
-            self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
+            self._servers[cfg.name] = ServerState(cfg, self._connection(cfg))
         if wait or (self.registry is None and cached is None):
             await self.refresh()
             return
@@ -177,7 +183,8 @@ class Dispatcher:
         except (ConnectError, SecretMissing) as exc:
             state.error = str(exc)
         except Exception as exc:
-            state.error = f"server {state.cfg.name!r}: tools/list failed: {describe(exc)}"
+            refusal = state.conn.refusal()
+            state.error = str(refusal) if refusal else f"server {state.cfg.name!r}: tools/list failed: {describe(exc)}"
         else:
             state.tools, state.from_cache, state.error = tools, False, None
             state.skipped = state.conn.skipped_tools
@@ -199,7 +206,7 @@ class Dispatcher:
     async def add_server(self, cfg: ServerConfig) -> str | None:
         """Add (or replace) a server while running; returns its discovery error, if any."""
         await self.remove_server(cfg.name)
-        self._servers[cfg.name] = ServerState(cfg, ServerConnection(cfg, connect_timeout=self.connect_timeout))
+        self._servers[cfg.name] = ServerState(cfg, self._connection(cfg))
         return (await self.refresh([cfg.name]))[cfg.name]
 
     async def remove_server(self, name: str) -> None:
@@ -393,10 +400,11 @@ class Dispatcher:
             except ConnectError as exc:
                 raise ToolCallError(cfg.name, job.tool, str(exc), "unreachable") from None
             except MCPError as exc:
-                if conn.refused is not None:
-                    # A 401/403 mid-session (a token that expired or was revoked): reconnecting will not help.
-                    reason = f"needs authorization (HTTP {conn.refused})"
-                    raise ToolCallError(cfg.name, job.tool, reason, "unauthorized") from None
+                refusal = conn.refusal()
+                if refusal is not None:
+                    # A 401/403 mid-session (a token that expired or was revoked, a scope only a person can grant):
+                    # reconnecting will not help.
+                    raise _refused(cfg.name, job.tool, refusal) from None
                 if attempt == 0 and _session_expired(exc):
                     why = "the server no longer knows our session"
                     conn.drop(why, generation=generation)
@@ -421,9 +429,8 @@ class Dispatcher:
                 return
             except SecretMissing as exc:
                 raise ToolCallError(state.cfg.name, job.tool, str(exc), "unreachable") from None
-            except Unauthorized as exc:
-                reason = f"needs authorization (HTTP {exc.status})"
-                raise ToolCallError(state.cfg.name, job.tool, reason, "unauthorized") from None
+            except (Unauthorized, NeedsLogin) as exc:
+                raise _refused(state.cfg.name, job.tool, exc) from None
             except Reconnecting as exc:
                 if exc.retry_in > SUBMIT_WAITS_OUT_S or time.monotonic() + exc.retry_in > deadline:
                     raise ToolCallError(state.cfg.name, job.tool, str(exc), "unreachable") from None
@@ -501,3 +508,16 @@ def _session_expired(exc: MCPError) -> bool:
     # ("Session not found" from the Python and TypeScript SDKs) or, without one, says "Session terminated".
     message = exc.error.message.lower()
     return "session not found" in message or "session terminated" in message or "session expired" in message
+
+
+def _refused(server: str, tool: str, refusal: ConnectError) -> ToolCallError:
+    if isinstance(refusal, NeedsLogin):
+        return ToolCallError(server, tool, _login_reason(refusal), "needs_login")
+    if isinstance(refusal, Unauthorized):
+        return ToolCallError(server, tool, f"needs authorization (HTTP {refusal.status})", "unauthorized")
+    return ToolCallError(server, tool, str(refusal), "unauthorized")
+
+
+def _login_reason(exc: NeedsLogin) -> str:
+    wanted = f" with scope {exc.scope!r}" if exc.scope else ""
+    return f"needs a login{wanted}: run `python -m mcp_integration servers login {exc.server}`"

@@ -22,6 +22,7 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "ErrorKind",
+    "NeedsLogin",
     "Reconnecting",
     "RegistryError",
     "SecretMissing",
@@ -38,6 +39,7 @@ ErrorKind = Literal[
     "invalid_arguments",
     "unreachable",
     "unauthorized",
+    "needs_login",
     "server_error",
     "tool_error",
     "timeout",
@@ -89,6 +91,21 @@ class Unauthorized(ConnectError):
     def __init__(self, server: str, status: int) -> None:
         super().__init__(f"server {server!r} needs authorization (HTTP {status})")
         self.status = status
+
+
+class NeedsLogin(ConnectError):
+    """An OAuth server whose tokens we lack or can no longer refresh, or that asks for a scope only a person can
+    grant: `servers login NAME` fixes it; no retry will. `scope` names what the server asked for, when it did."""
+
+    def __init__(self, server: str, reason: str = "", scope: str | None = None) -> None:
+        wanted = f" with scope {scope!r}" if scope else ""
+        because = f" ({reason})" if reason else ""
+        super().__init__(
+            f"server {server!r} needs a login{wanted}{because}: run `python -m mcp_integration servers login {server}`"
+        )
+        self.server = server
+        self.reason = reason
+        self.scope = scope
 
 
 class Busy(ConnectError):

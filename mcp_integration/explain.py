@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from mcp.shared.exceptions import MCPError
 
+from mcp_integration.errors import VoiceMcpError
 from mcp_integration.secrets import redact_url
 
 __all__ = ["describe", "refused_status"]
@@ -14,6 +15,8 @@ def describe(exc: BaseException) -> str:
     """A one-line reason for an exception, fit for a person: the exception groups anyio raises unwrapped, and
     HTTP failures said as their status, never as a class name."""
     exc = _innermost(exc)
+    if isinstance(exc, VoiceMcpError):
+        return str(exc)  # ours: already a sentence
     if isinstance(exc, MCPError):
         return f"MCP error {exc.error.code}: {exc.error.message}"
     status = _http_status(exc)

@@ -12,6 +12,7 @@ probe is let through — half-open — and a success brings the server back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,9 @@ __all__ = ["CircuitBreaker", "Health", "HealthMonitor", "HealthReport", "HealthS
 
 log = logging.getLogger(__name__)
 
-HealthStatus = Literal["up", "degraded", "down", "unknown"]
+# needs_login: an OAuth server that answers but will not let us in until a person logs in (`servers login`); its
+# breaker is left as it was: it is reachable, and no retry will change anything.
+HealthStatus = Literal["up", "degraded", "down", "unknown", "needs_login"]
 
 
 @dataclass
@@ -213,6 +216,12 @@ class Health:
             error = str(exc)
         except Exception as exc:
             error = describe(exc)
+        needs = state.conn.needs_login if error is not None else None
+        if needs is not None:
+            # An OAuth server that only a person can let us use again: reachable, so its breaker is left alone.
+            report = dataclasses.replace(self._report(watch, None, str(needs)), status="needs_login")
+            await self._publish(watch, report)
+            return report
         if error is None:
             watch.breaker.success(latency)
             if state.error is not None and self.dispatcher.servers.get(state.cfg.name) is state:
@@ -258,7 +267,7 @@ class Health:
         if error is not None and error.kind == "unreachable":
             breaker.failure()
         elif job.state == "completed" or (
-            error is not None and error.kind in ("tool_error", "server_error", "unauthorized")
+            error is not None and error.kind in ("tool_error", "server_error", "unauthorized", "needs_login")
         ):
             if before in ("up", "unknown") or breaker.failures == 0:
                 return  # nothing new (a slow server stays degraded until a check finds it quick again)

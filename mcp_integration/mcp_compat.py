@@ -6,6 +6,9 @@ What we use that the SDK does not export publicly, and why:
   tools/call answer as CallToolResult), and a `subscriptions/listen` with a `taskIds` filter must carry an id we
   choose. The SDK's own `mcp.client.subscriptions.listen` takes this same path.
 - `TransportStreams` (the stream pair a transport yields): typed only in `mcp.client._transport`.
+- The OAuth providers' protected hooks, overridden by `oauth.py` as the SDK's own extensions override them
+  (`OAUTH_HOOKS`), and the `OAuthContext` fields it reads: tokens shared by workers need the stored expiry and
+  metadata restored, the refresh run under a lock, and a worker kept from prompting.
 
 The versions of the SDK this was tested with are pinned in constraints.txt; an SDK without these names fails at
 import with a message that says so (tests/test_architecture.py checks it), not deep inside a call.
@@ -25,12 +28,41 @@ from mcp.client.session import ClientSession
 if TYPE_CHECKING:
     from mcp.shared.dispatcher import CallOptions
 
-__all__ = ["TESTED_MCP", "Transport", "TransportStreams", "mcp_version", "send_raw_request"]
+__all__ = [
+    "OAUTH_CONTEXT_FIELDS",
+    "OAUTH_HOOKS",
+    "TESTED_MCP",
+    "Transport",
+    "TransportStreams",
+    "mcp_version",
+    "send_raw_request",
+]
 
 log = logging.getLogger(__name__)
 
 # The SDK release the private surface below was read in and tested against (constraints.txt pins it).
 TESTED_MCP = "2.3.0"
+
+
+OAUTH_HOOKS = (
+    "_auth_flow",
+    "_initialize",
+    "_perform_authorization",
+    "_expected_issuer",
+    "_refresh_token",
+    "_handle_refresh_response",
+)
+OAUTH_CONTEXT_FIELDS = (
+    "server_url",
+    "client_metadata",
+    "current_tokens",
+    "token_expiry_time",
+    "oauth_metadata",
+    "protected_resource_metadata",
+    "auth_server_url",
+    "client_info",
+    "lock",
+)
 
 
 def mcp_version() -> str:
@@ -40,15 +72,24 @@ def mcp_version() -> str:
 def missing() -> list[str]:
     """The private names this module needs that the installed SDK lacks (empty when all are there). The session's
     attributes are set in its __init__, so they are looked for there."""
+    import dataclasses
+
+    from mcp.client.auth import OAuthClientProvider
+    from mcp.client.auth.oauth2 import OAuthContext
     from mcp.shared import jsonrpc_dispatcher
 
     init = inspect.getsource(ClientSession.__init__)
+    provider_init = inspect.getsource(OAuthClientProvider.__init__)
+    context_fields = {f.name for f in dataclasses.fields(OAuthContext)}
     needed = {
         "ClientSession._stamp": "self._stamp" in init,
         "ClientSession._dispatcher": "self._dispatcher" in init,
         "JSONRPCDispatcher.send_raw_request": hasattr(
             getattr(jsonrpc_dispatcher, "JSONRPCDispatcher", None), "send_raw_request"
         ),
+        "OAuthClientProvider._initialized": "self._initialized" in provider_init,
+        **{f"OAuthClientProvider.{hook}": hasattr(OAuthClientProvider, hook) for hook in OAUTH_HOOKS},
+        **{f"OAuthContext.{name}": name in context_fields for name in OAUTH_CONTEXT_FIELDS},
     }
     return [name for name, found in needed.items() if not found]
 
@@ -56,7 +97,7 @@ def missing() -> list[str]:
 _gone = missing()
 if _gone:
     raise ImportError(
-        f"the installed mcp SDK ({mcp_version()}) lacks {', '.join(_gone)}, which voice-mcp's task runtime uses; "
+        f"the installed mcp SDK ({mcp_version()}) lacks {', '.join(_gone)}, which voice-mcp uses (tasks, OAuth); "
         f"install the version in constraints.txt (mcp=={TESTED_MCP})"
     )
 if mcp_version() != TESTED_MCP:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mcp_integration.jobs import Job, JobEvent
     from mcp_integration.registry import HealthRow, Registry
 
-HEALTH_STATES = ("up", "degraded", "down", "unknown")
+HEALTH_STATES = ("up", "degraded", "down", "unknown", "needs_login")
 # A voice call waits seconds, a background job minutes (bounded at 10 by default).
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

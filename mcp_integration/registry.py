@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from mcp_integration.auth_config import AUTH_MODES, AuthMode, OAuthSettings
 from mcp_integration.errors import RegistryError
 from mcp_integration.scrubber import known
 from mcp_integration.secrets import ENV_NAME, ENV_PREFIX, PLACEHOLDER, looks_opaque, redact_url
@@ -102,9 +103,17 @@ class ServerConfig:
     poll_interval: int = 1_000
     result_endpoint: str = "/mcp/results"
     poll_profile: PollProfile = "auto"
+    # none: no credentials; header: fixed headers (env: references); oauth: OAuth 2.1 with `oauth`'s settings.
+    auth: AuthMode = "none"
+    oauth: OAuthSettings | None = None
     id: int | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        # Rows and snapshots carry the OAuth settings as a JSON object.
+        if isinstance(self.oauth, dict):
+            self.oauth = OAuthSettings.from_json(self.oauth)
 
     def validate(self) -> None:
         """Raise RegistryError with a user-facing reason for anything the registry must not hold; the CLI, the
@@ -134,6 +143,7 @@ class ServerConfig:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= INT4_MAX:
                 raise RegistryError(f"{where}: {label} must be a whole number of ms from {low} to {INT4_MAX}")
+        self._validate_auth(where)
         for root in self.roots:
             if not (root.startswith("file://") or root.startswith("/")):
                 raise RegistryError(f"{where}: a root must be an absolute path or a file:// URI")
@@ -151,6 +161,22 @@ class ServerConfig:
                     raise RegistryError(
                         f"{where}: {label} {key!r} refers to {value!r}: env: must be followed by a variable name"
                     )
+
+    def _validate_auth(self, where: str) -> None:
+        if self.auth not in AUTH_MODES:
+            raise RegistryError(f"{where}: unknown auth mode {self.auth!r}: choose one of {', '.join(AUTH_MODES)}")
+        if self.auth != "oauth":
+            if self.oauth is not None:
+                raise RegistryError(f"{where}: OAuth settings given but the auth mode is {self.auth!r}")
+            return
+        if self.transport not in ("streamable-http", "sse"):
+            raise RegistryError(
+                f"{where}: OAuth is for HTTP servers (streamable-http, sse); a {self.transport} server takes its "
+                "credentials in headers or env"
+            )
+        if not isinstance(self.oauth, OAuthSettings):
+            raise RegistryError(f"{where}: the oauth auth mode needs OAuth settings")
+        self.oauth.validate(where)
 
     @property
     def label(self) -> str:
@@ -249,7 +275,7 @@ class HealthRow:
 
 
 _SERVER_COLUMNS = [f.name for f in dataclasses.fields(ServerConfig) if f.name not in ("id", "created_at", "updated_at")]
-_JSON_COLUMNS = {"args", "env", "headers"}
+_JSON_COLUMNS = {"args", "env", "headers", "oauth"}
 
 _CONSTRAINT_MESSAGES = {
     "stdio_needs_command": "the stdio transport needs a command",
@@ -272,10 +298,13 @@ def _friendly(exc: psycopg.Error, name: str) -> RegistryError:
 
 _SERVERS_SQL = """
 SELECT s.id, s.name, s.transport, s.url, s.command, s.enabled, s.headers, s.env,
-       h.status, h.checked_at, h.latency_ms, h.consecutive_failures, h.last_error,
+       CASE WHEN o.needs_login THEN 'needs_login' ELSE h.status END AS status,
+       h.checked_at, h.latency_ms, h.consecutive_failures,
+       CASE WHEN o.needs_login THEN 'needs a login: ' || coalesce(o.reason, '') ELSE h.last_error END AS last_error,
        t.tools, t.discovered_at
 FROM mcp_servers s
 LEFT JOIN mcp_server_health h ON h.server_id = s.id
+LEFT JOIN mcp_oauth o ON o.server_id = s.id
 LEFT JOIN LATERAL (
     SELECT count(*) AS tools, max(discovered_at) AS discovered_at FROM mcp_tools WHERE server_id = s.id
 ) t ON true
@@ -310,6 +339,7 @@ _FINGERPRINT_SQL = """
 SELECT concat_ws('|',
     (SELECT count(*) || ':' || coalesce(max(updated_at)::text, '') FROM mcp_servers),
     (SELECT count(*) || ':' || coalesce(max(checked_at)::text, '') FROM mcp_server_health),
+    (SELECT count(*) || ':' || coalesce(max(updated_at)::text, '') FROM mcp_oauth),
     (SELECT count(*) || ':' || coalesce(max(discovered_at)::text, '') FROM mcp_tools)
 ) AS servers,
 (SELECT md5(coalesce(string_agg(id::text || state || updated_at::text, ','), ''))
@@ -335,6 +365,8 @@ def _params(cfg: ServerConfig) -> list[Any]:
     values = []
     for col in _SERVER_COLUMNS:
         value = getattr(cfg, col)
+        if col == "oauth":
+            value = value.to_json() if value is not None else {}
         values.append(Jsonb(value) if col in _JSON_COLUMNS else value)
     return values
 

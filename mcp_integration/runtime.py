@@ -30,9 +30,12 @@ from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.explain import describe
 from mcp_integration.health import Health, HealthMonitor
+from mcp_integration.oauth import OAuthBroker
+from mcp_integration.oauth_store import OAuthStore
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.registry_watch import RegistryWatcher
 from mcp_integration.snapshot import SnapshotError, ago, read_snapshot, save
+from mcp_integration.vault import Vault
 
 __all__ = ["Runtime", "SessionStart", "open_runtime"]
 
@@ -61,6 +64,7 @@ class Runtime:
     start: SessionStart
     watcher: RegistryWatcher | None = None
     monitor: HealthMonitor | None = None
+    oauth: OAuthBroker | None = None
 
 
 @asynccontextmanager
@@ -76,7 +80,12 @@ async def open_runtime(
     record_every_check: bool = True,
     check_interval_s: float | None = None,
 ) -> AsyncIterator[Runtime]:
-    dispatcher = Dispatcher(registry, connect_timeout=settings.connect_timeout_s)
+    # OAuth servers' tokens live in the registry, sealed with the key from the environment (a malformed key fails
+    # here, at start; a missing one only when an OAuth server is used).
+    oauth = OAuthBroker(OAuthStore(registry, Vault.from_setting(settings.secret_key))) if registry else None
+    dispatcher = Dispatcher(
+        registry, connect_timeout=settings.connect_timeout_s, auth_for=oauth.auth_for if oauth else None
+    )
     # Every check recorded (a CLI, the status page), or only changes of status (a voice session: a hundred
     # sessions must not write hundreds of rows a second).
     health = Health(dispatcher, record_every_check=record_every_check)
@@ -87,7 +96,7 @@ async def open_runtime(
             start = await start_from_registry_or_snapshot(dispatcher, health, settings.snapshot_path, settings)
         else:
             start = await _start(dispatcher, health, servers, wait=wait)
-        rt = Runtime(settings, registry, dispatcher, health, start)
+        rt = Runtime(settings, registry, dispatcher, health, start, oauth=oauth)
         if watch and registry is not None:
             on_change = (lambda: save_soon(dispatcher, settings.snapshot_path)) if snapshot else None
             rt.watcher = RegistryWatcher(registry, dispatcher, on_change=on_change).start()

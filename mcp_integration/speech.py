@@ -135,6 +135,7 @@ def error_sentence(err: ToolCallError, *, server_label: str | None = None) -> st
             "timeout": f"{start} did not answer in time.",
             "unreachable": f"{start} is not answering right now.",
             "unauthorized": f"{start} is refusing my access; someone needs to sign it in again.",
+            "needs_login": f"I can't use {mid} until someone signs it in again.",
             "tool_error": f"{start} could not do that{because}",
             "invalid_arguments": f"I could not send that request{because}",
             "unknown_tool": "I do not have a tool for that.",

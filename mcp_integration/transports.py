@@ -40,9 +40,14 @@ StatusHook = Callable[[int], None]
 
 
 def open_transport(
-    cfg: ServerConfig, *, connect_timeout: float = 10.0, on_status: StatusHook | None = None
+    cfg: ServerConfig,
+    *,
+    connect_timeout: float = 10.0,
+    on_status: StatusHook | None = None,
+    auth: httpx2.Auth | None = None,
 ) -> Transport:
-    """The SDK transport (an async context manager yielding the stream pair) for a registry row."""
+    """The SDK transport (an async context manager yielding the stream pair) for a registry row; `auth` (an OAuth
+    provider, `oauth.py`) signs every HTTP request of an OAuth server."""
     headers = resolve_refs(cfg.headers, what="header", server=cfg.name)
     if cfg.transport == "stdio":
         env = resolve_refs(cfg.env, what="env", server=cfg.name)
@@ -63,6 +68,7 @@ def open_transport(
             timeout=httpx2.Timeout(connect_timeout, read=max(300.0, cfg.max_wait_ms / 1000)),
             verify=_ssl_context(),
             event_hooks=hooks,
+            auth=auth,
         )
         return _owning(streamable_http_client(url, http_client=client), client)
     if cfg.transport == "sse":
@@ -77,7 +83,12 @@ def open_transport(
             )
 
         return sse_client(
-            url, headers=headers, timeout=connect_timeout, sse_read_timeout=3600.0, httpx_client_factory=factory
+            url,
+            headers=headers,
+            timeout=connect_timeout,
+            sse_read_timeout=3600.0,
+            httpx_client_factory=factory,
+            auth=auth,
         )
     if cfg.transport == "websocket":
         return websocket_client(url, headers=headers, open_timeout=connect_timeout)

@@ -20,7 +20,12 @@ from mcp_integration import mcp_compat
 
 PACKAGE = ROOT / "mcp_integration"
 VOICE = {"agent", "mcp_integration.livekit_tools", "mcp_integration.livekit_text"}
-STORAGE = {"mcp_integration.registry", "mcp_integration.registry_watch", "mcp_integration.snapshot"}
+STORAGE = {
+    "mcp_integration.registry",
+    "mcp_integration.registry_watch",
+    "mcp_integration.snapshot",
+    "mcp_integration.oauth_store",
+}
 ABOVE_STORAGE = {
     "mcp_integration.dispatcher",
     "mcp_integration.connection",

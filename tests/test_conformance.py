@@ -17,16 +17,25 @@ from pathlib import Path
 
 from conftest import ROOT, report
 
+from mcp_integration.vault import new_key
+
 NODE_BIN = ROOT / "node_modules" / ".bin"
 ADAPTER = ROOT / "tests" / "conformance" / "client.py"
 EXPECTED = ROOT / "tests" / "conformance" / "expected-failures.yml"
 MUST_PASS = ("initialize", "tools_call", "sse-retry")
+# Every authorization scenario of the suite (issue 14), each through `servers add` and `servers login`.
+AUTH_SCENARIOS = 22
 
 
 def test_client_conformance_suite(pg_url: str, tmp_path: Path) -> None:
     conformance = NODE_BIN / "conformance"
     assert conformance.exists() and (NODE_BIN / "node").exists(), "run `npm ci` in the project root (.ci/run does)"
-    env = {**os.environ, "DATABASE_URL": pg_url, "PATH": f"{NODE_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": pg_url,
+        "PATH": f"{NODE_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VOICE_MCP_SECRET_KEY": new_key(),
+    }
     proc = subprocess.run(
         [
             str(conformance),
@@ -54,12 +63,15 @@ def test_client_conformance_suite(pg_url: str, tmp_path: Path) -> None:
     assert len(results) >= 26, out[-3000:]
     passed = sorted(n for n, ok in results.items() if ok)
     failing = sorted(n for n, ok in results.items() if not ok)
+    auth = sorted(n for n in passed if n.startswith("auth/"))
     report(
-        f"MCP client conformance ({_version()}): {len(passed)} of {len(results)} scenarios pass "
-        f"({', '.join(passed)}); expected failures, by issue, in {EXPECTED.relative_to(ROOT)}: {len(failing)}"
+        f"MCP client conformance ({_version()}): {len(passed)} of {len(results)} scenarios pass, "
+        f"{len(auth)} of them auth/*; failing (each listed, by issue, in {EXPECTED.relative_to(ROOT)}): "
+        f"{', '.join(failing) or 'none'}"
     )
     for name in MUST_PASS:
         assert results.get(name), f"{name} fails:\n{out[-3000:]}"
+    assert len(auth) == AUTH_SCENARIOS, f"auth scenarios passing: {auth}\n{out[-3000:]}"
     assert proc.returncode == 0, f"failures other than the expected ones, or expected ones now passing:\n{out[-4000:]}"
 
 

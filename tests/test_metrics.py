@@ -31,7 +31,7 @@ from mcp_integration.health import Health
 from mcp_integration.jobs import Job
 from mcp_integration.livekit_text import ScriptedLLM, TextCall
 from mcp_integration.livekit_tools import VoiceOptions
-from mcp_integration.metrics import Metrics
+from mcp_integration.metrics import HEALTH_STATES, Metrics
 from mcp_integration.registry import Registry, ServerConfig
 
 Labels = tuple[str, ...]
@@ -154,7 +154,7 @@ async def test_metrics_after_real_jobs_match_mcp_jobs(registry: Registry, spawn:
     status = m["voice_mcp_server_status"]
     for name, row in health.items():
         assert {s: v for (srv, s), v in status.items() if srv == name} == {
-            s: float(s == row["status"]) for s in ("up", "degraded", "down", "unknown")
+            s: float(s == row["status"]) for s in HEALTH_STATES
         }
         assert m["voice_mcp_server_consecutive_failures"][(name,)] == row["consecutive_failures"]
     assert health["demo"]["status"] in ("up", "degraded") and health["dead"]["status"] in ("degraded", "down")

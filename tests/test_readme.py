@@ -73,11 +73,15 @@ def test_every_server_command_in_the_readme_runs_as_written(pg_url: str, tmp_pat
     assert len(ran) >= 10
     out = dict(ran)
     listed = next(v for k, v in out.items() if k.startswith("python -m mcp_integration servers list"))
-    for name in ("files", "crm", "n8n", "live", "memory"):
+    for name in ("files", "crm", "n8n", "live", "memory", "linear", "reports"):
         assert re.search(rf"^{name}\s", listed, re.M), listed
     with psycopg.connect(pg_url) as conn:
         row = conn.execute("SELECT command, args FROM mcp_servers WHERE name = 'files'").fetchone()
         assert row == ("npx", ["-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"])
+        auth = dict(conn.execute("SELECT name, auth FROM mcp_servers WHERE name IN ('linear', 'reports')").fetchall())
+        assert auth == {"linear": "oauth", "reports": "oauth"}
+        grant = conn.execute("SELECT oauth->>'grant' FROM mcp_servers WHERE name = 'reports'").fetchone()
+        assert grant == ("client_credentials",)
         jobs = conn.execute("SELECT tool, state FROM mcp_jobs WHERE server_name = 'files'").fetchall()
     assert jobs and all(state == "completed" for _, state in jobs), jobs
     called = next(v for k, v in out.items() if " call " in f" {k} ")

@@ -35,8 +35,8 @@ from starlette.routing import Route
 
 
 class DemoServer(MCPServer):
-    def __init__(self, name: str, *, list_delay_ms: int = 0) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, *, list_delay_ms: int = 0, **options: Any) -> None:
+        super().__init__(name, **options)
         self.list_delay_ms = list_delay_ms
 
     async def list_tools(self) -> list[MCPTool]:
