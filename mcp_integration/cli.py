@@ -21,6 +21,7 @@ import psycopg
 from mcp_integration.auth_config import AUTH_MODES, GRANTS, TOKEN_AUTH_METHODS, OAuthSettings
 from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.elicitation import Asker, decline_all, from_values
 from mcp_integration.embedded_db import open_registry
 from mcp_integration.errors import ToolCallError, VoiceMcpError
 from mcp_integration.importer import literal_secrets, load_file
@@ -33,6 +34,7 @@ from mcp_integration.registry import POLL_PROFILES, TRANSPORTS, Registry, Server
 from mcp_integration.runtime import Runtime, open_runtime
 from mcp_integration.scrubber import install_log_scrubber, scrub
 from mcp_integration.secrets import redact
+from mcp_integration.terminal_ask import ask_on_terminal
 from mcp_integration.vault import Vault, new_key
 
 __all__ = [
@@ -157,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--server")
     call.add_argument("--raw", action="store_true", help="print the whole result as JSON")
     call.add_argument("--timeout", type=float, metavar="S", help="stop waiting after S seconds")
+    call.add_argument(
+        "--input",
+        metavar="JSON",
+        help="answers to the server's questions (elicitation) as a JSON object: fields left out take their defaults; "
+        "without it, a terminal is asked, and with no terminal the question is declined",
+    )
 
     jobs = sub.add_parser("jobs", help="list recent tool calls recorded in mcp_jobs, newest first")
     jobs.add_argument("--server")
@@ -583,10 +591,11 @@ async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
         raise CliError(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(arguments, dict):
         raise CliError('--args must be a JSON object, like \'{"text": "hi"}\'')
+    asker = _asker(args.input)
     async with _runtime(reg, args, args.server, quiet=True) as rt:
         d = rt.dispatcher
         try:
-            job = d.submit(args.tool, arguments, server=args.server)
+            job = d.submit(args.tool, arguments, server=args.server, asker=asker)
         except ToolCallError as exc:
             failed = _unavailable(d)
             if exc.kind == "unknown_tool" and failed:
@@ -605,6 +614,20 @@ async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
             )
         else:
             _say(result.text)
+
+
+def _asker(given: str | None) -> Asker:
+    if given is None:
+        return ask_on_terminal if sys.stdin.isatty() else decline_all
+    if len(given.encode("utf-8", "replace")) > MAX_ARGUMENT_BYTES or json_too_deep(given):
+        raise CliError(f"--input is larger than {MAX_ARGUMENT_BYTES:,} bytes or nests deeper than {MAX_DEPTH} levels")
+    try:
+        values = json.loads(given)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--input is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(values, dict):
+        raise CliError('--input must be a JSON object of field values, like \'{"day": "2026-12-01"}\'')
+    return from_values(values)
 
 
 def _print_event(event: JobEvent) -> None:
@@ -626,6 +649,11 @@ def _print_event(event: JobEvent) -> None:
         _note(f"… queued behind {d['ahead']} calls to this server")
     elif event.kind == "wait_timeout":
         _note(f"… still running after {d['waited_s']:g} s")
+    elif event.kind == "asked":
+        _note(f"… the server asks: {d['question'].message}")
+    elif event.kind == "answered":
+        why = f" ({d['why']})" if d.get("why") else ""
+        _note(f"… answered: {d['action']}{why}")
 
 
 async def cmd_jobs(reg: Registry, args: argparse.Namespace) -> None:

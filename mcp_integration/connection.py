@@ -35,6 +35,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp_integration import __version__
 from mcp_integration.aio import Backoff, first_set
+from mcp_integration.elicitation import Answer
 from mcp_integration.errors import Busy, ConnectError, ConnectionLost, NeedsLogin, Reconnecting, Unauthorized
 from mcp_integration.explain import describe, refused_status
 from mcp_integration.limits import storable
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
 # The HTTP auth (an OAuth provider) of a server, or None: given by the composition root (`oauth.OAuthBroker`).
 AuthFor = Callable[[ServerConfig], "httpx2.Auth | None"]
+# A server's question during a call (the SDK's elicitation params and the request's _meta) to its answer.
+QuestionHandler = Callable[[Any, Any], Awaitable[Answer]]
 _T = TypeVar("_T")
 
 # Liveness while a request waits. After PROBE_AFTER_S without a word from the server, one probe goes out (shared
@@ -157,6 +160,8 @@ class ServerConnection:
         # The MCP tasks runtime (both dialects) on this connection's session; see tasks.py. A plain tool call's
         # length is bounded by the job engine (its wait policy), not here.
         self.tasks = TaskClient(lambda: self.client.session)
+        # Who answers the server's questions (elicitation): set by the dispatcher, which knows the call's job.
+        self.ask: QuestionHandler | None = None
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -296,6 +301,9 @@ class ServerConnection:
                 # Declared always (with no roots unless configured): filesystem-style servers ask, and warn when
                 # a client cannot answer.
                 list_roots_callback=self._roots,
+                # Declared always: a server's question is put to whoever the call's job names (the voice session,
+                # a terminal, --input), and is declined when there is nobody.
+                elicitation_callback=self._elicit,
             ) as client:
                 link.client = client
                 link.heard_at = time.monotonic()
@@ -377,6 +385,13 @@ class ServerConnection:
     async def _roots(self, _context: Any) -> types.ListRootsResult:
         roots = [types.Root(uri=r if r.startswith("file://") else Path(r).as_uri()) for r in self.cfg.roots]
         return types.ListRootsResult(roots=roots)
+
+    async def _elicit(self, context: Any, params: Any) -> types.ElicitResult:
+        ask = self.ask
+        answer = await ask(params, getattr(context, "meta", None)) if ask is not None else None
+        if answer is None:
+            return types.ElicitResult(action="decline")
+        return types.ElicitResult(action=answer.action, content=answer.content if answer.action == "accept" else None)
 
     async def _message(self, message: Any) -> None:
         if isinstance(message, FrameTooLarge):

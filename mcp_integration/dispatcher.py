@@ -24,6 +24,7 @@ from mcp_types import CONNECTION_CLOSED
 
 from mcp_integration.aio import spawn
 from mcp_integration.connection import AuthFor, ProgressCallback, ServerConnection
+from mcp_integration.elicitation import Answer, Asker, Question, decline_all
 from mcp_integration.errors import (
     ConnectError,
     ConnectionLost,
@@ -127,13 +128,40 @@ class Dispatcher:
         # Asked before each call is sent, with (server, tool): raising ToolCallError refuses it (health.py's circuit
         # breakers; the refusal is still a job, recorded and counted).
         self.call_gates: list[Callable[[str, str], None]] = []
+        # Who answers a server's questions (elicitation) during a call, unless the call names its own asker: the
+        # voice session sets its own; by default nobody is there, and the question is declined.
+        self.asker: Asker = decline_all
         # Told of each finished call, with the server's state as it was when the call was made.
         self.call_observers: list[Callable[[ServerState, Job], None]] = []
 
     # -- servers and discovery ------------------------------------------------------------------------------
 
     def _connection(self, cfg: ServerConfig) -> ServerConnection:
-        return ServerConnection(cfg, connect_timeout=self.connect_timeout, auth_for=self.auth_for)
+        conn = ServerConnection(cfg, connect_timeout=self.connect_timeout, auth_for=self.auth_for)
+        conn.ask = lambda params, meta: self._question(cfg.name, params, meta)
+        return conn
+
+    async def _question(self, server: str, params: Any, meta: Any) -> Answer:
+        """A server's question (elicitation) goes to the job of the call it came in: the task it names, else the
+        server's one running call, else its latest (a session rarely runs two calls to one server that ask)."""
+        running = [j for j in self._jobs.values() if j.server == server and j.state == "working" and not j.done]
+        related = _related_task(meta) or _related_task(getattr(params, "meta", None))
+        job = next((j for j in running if related and j.task_id == related), None)
+        if job is None and running:
+            job = running[-1]
+        try:
+            question = Question.from_request(server, job.tool if job else None, params)
+        except ValueError as exc:
+            log.warning("server %s asked a question that cannot be put to anyone: %s", server, exc)
+            if job is not None:
+                job.elicitations.append(
+                    {"message": str(getattr(params, "message", ""))[:200], "action": "decline", "why": str(exc)}
+                )
+            return Answer("decline", why=str(exc))
+        if job is None:
+            log.info("server %s asked %r outside any call; declined", server, question.message[:80])
+            return Answer("decline", why="asked outside any call")
+        return await job.ask(question)
 
     async def start(
         self,
@@ -286,7 +314,9 @@ class Dispatcher:
         job = self.submit(tool, arguments, server=server)
         return str(job.id)
 
-    def submit(self, tool: str, arguments: dict[str, Any], *, server: str | None = None) -> Job:
+    def submit(
+        self, tool: str, arguments: dict[str, Any], *, server: str | None = None, asker: Asker | None = None
+    ) -> Job:
         entry = self.resolve(tool, server)
         self.validate_arguments(entry, arguments)
         state = self._servers[entry.server]
@@ -298,6 +328,7 @@ class Dispatcher:
             arguments=arguments,
             policy=WaitPolicy(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000, self.background_s),
         )
+        job.asker = asker or self.asker
         if self.registry is not None:
             job.recorder = JobRecord(job, self.registry)
         self._remember(job)
@@ -325,9 +356,15 @@ class Dispatcher:
         raise ToolCallError(row["server_name"], row["tool"], reason, kind)
 
     async def call(
-        self, tool: str, arguments: dict[str, Any], *, server: str | None = None, timeout: float | None = None
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        server: str | None = None,
+        timeout: float | None = None,
+        asker: Asker | None = None,
     ) -> ToolResult:
-        return await self.submit(tool, arguments, server=server).wait(timeout)
+        return await self.submit(tool, arguments, server=server, asker=asker).wait(timeout)
 
     def job(self, job_id: str | uuid.UUID) -> Job | None:
         return self._jobs.get(uuid.UUID(str(job_id)))
@@ -495,6 +532,14 @@ class Dispatcher:
         await asyncio.gather(*(s.conn.close() for s in self._servers.values()), *self._closing, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
+
+
+def _related_task(meta: Any) -> str | None:
+    if meta is None:
+        return None
+    data = meta if isinstance(meta, dict) else getattr(meta, "model_extra", None) or {}
+    related = data.get("io.modelcontextprotocol/related-task")
+    return related.get("taskId") if isinstance(related, dict) else None
 
 
 def _connection_lost(exc: MCPError) -> bool:

@@ -112,6 +112,7 @@ class JobRecord:
             polls=job.polls,
             finished=finished,
             delivered_late=job.late if finished else None,
+            elicitations=scrub_known(job.elicitations) if job.elicitations else None,
         )
         self._written = written
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from mcp_integration.aio import wait_event
+from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Asker, Question, answer_within, decline_all
 from mcp_integration.errors import ToolCallError
 from mcp_integration.logs import log_context
 from mcp_integration.results import ToolResult
@@ -39,10 +40,13 @@ JobKind = Literal["plain", "task", "receipt"]
 FINAL_STATES: tuple[JobState, ...] = ("completed", "failed", "timed_out", "cancelled")
 # What a job tells its listeners: accepted (the server took it: plain, task or receipt), progress, status (a state
 # of ours or the server's, with its message), queued (waiting for a slot behind the server's other calls), poll,
-# poll_error, wait_timeout (a caller stopped waiting; the job goes on), done.
-EventKind = Literal["accepted", "progress", "status", "queued", "poll", "poll_error", "wait_timeout", "done"]
+# poll_error, wait_timeout (a caller stopped waiting; the job goes on), asked (the server put a question to the
+# caller: `question`), answered (its `action`), done.
+EventKind = Literal[
+    "accepted", "progress", "status", "queued", "poll", "poll_error", "wait_timeout", "asked", "answered", "done"
+]
 # Events that show the server is at work: the caller's idle timeout starts again.
-_ACTIVITY = frozenset({"progress", "status", "accepted"})
+_ACTIVITY = frozenset({"progress", "status", "accepted", "answered"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,12 @@ class Job:
         # Waiting for a free slot behind the server's other calls (since when): not the server's silence, so the
         # idle timeout does not run meanwhile; the total cap still does.
         self.queued_since: float | None = None
+        # Waiting for the caller to answer a server's question (since when): the server waits on us, so neither
+        # its silence nor ours counts against the idle timeout, and fillers pause.
+        self.asking_since: float | None = None
+        self.asker: Asker = decline_all  # who answers the server's questions during this call
+        self.ask_timeout_s = ASK_TIMEOUT_S
+        self.elicitations: list[dict[str, Any]] = []  # each question and its outcome, as recorded
         self.finished_at: float | None = None
         # Kept in mcp_jobs by this, when set (before start).
         self.recorder: Recorder | None = None
@@ -222,7 +232,8 @@ class Job:
         while not self.done:
             now = time.monotonic()
             cap = self.submitted_at + self.policy.cap_s
-            deadline = cap if self.queued_since is not None else min(self.last_activity + self.policy.idle_s, cap)
+            paused = self.queued_since is not None or self.asking_since is not None
+            deadline = cap if paused else min(self.last_activity + self.policy.idle_s, cap)
             if limit is not None:
                 deadline = min(deadline, limit)
             if now >= deadline:
@@ -316,6 +327,24 @@ class Job:
         self.emit("accepted", job_kind="receipt", receipt_id=receipt_id, status=status)
         self.working()
         self._changed()
+
+    async def ask(self, question: Question) -> Answer:
+        """A server's question during this call, put to the job's asker (bounded by `ask_timeout_s`), checked
+        against what was asked, and recorded (never a secret field's value)."""
+        self.asking_since = time.monotonic()
+        self.emit("asked", question=question)
+        try:
+            answer = await answer_within(self.asker, question, self.ask_timeout_s)
+        finally:
+            self.asking_since = None
+        self.elicitations.append(question.record(answer) | ({"why": answer.why} if answer.why else {}))
+        self.emit("answered", action=answer.action, why=answer.why)
+        self._changed()
+        return answer
+
+    @property
+    def asking(self) -> bool:
+        return self.asking_since is not None
 
     def progress(self, progress: float, total: float | None, message: str | None) -> None:
         self.emit("progress", progress=progress, total=total, message=message)

@@ -23,7 +23,7 @@ from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConn
 
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.jobs import Job, JobEvent
-from mcp_integration.livekit_tools import McpToolbox, VoiceEventKind, VoiceOptions
+from mcp_integration.livekit_tools import ANSWER_TOOL, DECLINE_TOOL, McpToolbox, VoiceEventKind, VoiceOptions
 
 __all__ = ["Line", "Route", "ScriptedLLM", "TextCall"]
 
@@ -71,6 +71,8 @@ class ScriptedLLM(llm.LLM):
         if last is None:
             return ("text", "Hello, how can I help?")
         if last.type == "function_call_output":
+            if last.name in (ANSWER_TOOL, DECLINE_TOOL):
+                return ("text", last.output)
             return ("text", _answer_from(last.output, is_error=last.is_error))
         if last.role == "system" and "New results arrived" in (last.text_content or ""):
             outputs = [i for i in items if i.type == "function_call_output"]
@@ -86,6 +88,9 @@ class ScriptedLLM(llm.LLM):
 
 
 def _answer_from(output: str, *, is_error: bool) -> str:
+    asked = re.search(r'Ask the caller: "(.*?)"\n', output)
+    if asked:
+        return asked.group(1)  # a server's question, put to the caller as it stands
     updated = re.match(r"The tool `[^`]+` is still running: (.*?)\n", output)
     if updated:
         return updated.group(1)
@@ -180,6 +185,8 @@ class TextCall:
     def _on_voice(self, job: Job, kind: VoiceEventKind, data: dict[str, Any]) -> None:
         if kind == "released":
             self._add("tool", f"{job.tool}: still waiting after {data['after_s']:g} s; the caller's turn is freed")
+        elif kind == "question":
+            self._add("tool", f"{job.tool}: the server asks the caller: {data['message']}")
 
     def _add(self, who: str, text: str) -> None:
         line = Line(self.now(), who, text)

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from livekit.agents import AgentSession, RunContext, function_tool, llm
 from livekit.agents.llm import ToolError, ToolFlag
@@ -24,6 +25,7 @@ from livekit.agents.llm.async_toolset import AsyncToolset
 
 from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher, ToolEntry
+from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Question, check
 from mcp_integration.errors import ToolCallError
 from mcp_integration.fillers import FillerPolicy, FillerRun
 from mcp_integration.jobs import Job, JobEvent
@@ -36,6 +38,7 @@ __all__ = [
     "McpToolset",
     "VoiceEventKind",
     "VoiceOptions",
+    "VoiceQuestions",
     "llm_from_env",
 ]
 
@@ -53,13 +56,20 @@ UPDATE_TEMPLATE = (
 )
 
 
-VoiceEventKind = Literal["filler", "released", "handed_to_speech"]
+VoiceEventKind = Literal["filler", "released", "handed_to_speech", "question"]
+
+ANSWER_TOOL = "answer_question"
+DECLINE_TOOL = "decline_question"
+# Choices read out to the caller when there are this many or fewer; more are matched from what the caller says.
+READ_OUT_CHOICES = 5
 
 
 @dataclass
 class VoiceOptions:
     max_chars: int = 600
     policy: FillerPolicy = field(default_factory=FillerPolicy.load)
+    # How long a server's question waits for the caller before it is cancelled.
+    ask_timeout_s: float = ASK_TIMEOUT_S
 
 
 class McpToolset(AsyncToolset):
@@ -110,6 +120,8 @@ class McpToolbox(llm.Toolset):
         # What happens to a job on the voice side, which the core Job knows nothing of: `filler` (a line was
         # spoken), `released` (the caller's turn was freed), `handed_to_speech` (the answer went to the LLM).
         self.voice_observers: list[Callable[[Job, VoiceEventKind, dict[str, Any]], None]] = []
+        # The server's question being put to the caller, if any (elicitation by voice).
+        self.asking = VoiceQuestions(self)
         self._more = function_tool(
             self._more_details,
             raw_schema={
@@ -126,7 +138,7 @@ class McpToolbox(llm.Toolset):
                 self._add_toolset(server)
         for gone in set(self._toolsets) - set(self.dispatcher.servers):
             del self._toolsets[gone]
-        return [*self._toolsets.values(), self._more]
+        return [*self._toolsets.values(), self._more, *self.asking.tools()]
 
     def bind(self, session: AgentSession) -> None:
         """Remember the session, so toolsets of servers added while it runs are wired like the first ones."""
@@ -174,7 +186,13 @@ class McpToolbox(llm.Toolset):
     async def run_tool(self, entry: ToolEntry, arguments: Any, ctx: RunContext) -> str:
         label = self.label(entry.server)
         try:
-            job = self.dispatcher.submit(entry.name, arguments if isinstance(arguments, dict) else {})
+            freed = {"turn": False}  # the caller's turn was freed (by a question, or at the release point)
+
+            async def ask(question: Question) -> Answer:
+                return await self.asking.ask(question, ctx, freed)
+
+            job = self.dispatcher.submit(entry.name, arguments if isinstance(arguments, dict) else {}, asker=ask)
+            job.ask_timeout_s = self.options.ask_timeout_s
             if not isinstance(arguments, dict):
                 raise ToolCallError(
                     entry.server, entry.spec.name, "arguments must be a JSON object", "invalid_arguments"
@@ -198,8 +216,8 @@ class McpToolbox(llm.Toolset):
         job.add_listener(on_event)
 
         def filler(step: int) -> str | None:
-            if job.done:
-                return None
+            if job.done or job.asking:
+                return None  # nothing to fill while the caller is being asked
             line = run.line(step, elapsed_s=job.duration, progress=progress["fraction"], message=progress["message"])
             if line is not None:
                 self._voice(job, "filler", step=step)
@@ -218,9 +236,11 @@ class McpToolbox(llm.Toolset):
                 if exc.kind != "timeout" or job.done:
                     raise
                 # Still waiting at the release point: free the caller's turn; LiveKit delivers the final
-                # return value later as a deferred reply.
-                self._voice(job, "released", after_s=round(job.duration, 3))
-                await ctx.update(run.release_line())
+                # return value later as a deferred reply. (A question to the caller has freed it already.)
+                if not freed["turn"]:
+                    freed["turn"] = True
+                    self._voice(job, "released", after_s=round(job.duration, 3))
+                    await ctx.update(run.release_line())
                 result = await job.outcome()
         except ToolCallError as exc:
             raise ToolError(error_sentence(exc, server_label=label)) from None
@@ -251,6 +271,136 @@ class McpToolbox(llm.Toolset):
         if spoken.rest:
             self._rest[key] = spoken.rest
         return spoken.text
+
+
+class VoiceQuestions:
+    """A server's question (elicitation) put to the caller by the session's LLM, on LiveKit's own machinery.
+
+    `ctx.update` hands the LLM the question with how to ask it (and frees the caller's turn, or arrives as a
+    deferred reply when the turn was freed already). While the question is open, two short-lived function tools
+    join the toolbox: `answer_question`, whose parameters are the requested schema itself (so the LLM maps what
+    the caller said onto the fields: dates, numbers, yes/no, one of the choices), and `decline_question`. An
+    answer that does not fit is handed back to the LLM to ask once more; a second misfit declines. URL-mode
+    questions are declined with a sentence saying what the caller can do instead. One question at a time per
+    session: another server's question waits its turn.
+    """
+
+    def __init__(self, toolbox: McpToolbox) -> None:
+        self.toolbox = toolbox
+        self.open: Question | None = None
+        self._answer: asyncio.Future[Answer] | None = None
+        self._misfits = 0
+        self._tools: list[llm.Tool] = []
+        self._turn = asyncio.Lock()
+
+    def tools(self) -> list[llm.Tool]:
+        return list(self._tools) if self.open is not None else []
+
+    async def ask(self, question: Question, ctx: RunContext, freed: dict[str, bool]) -> Answer:
+        label = self.toolbox.label(question.server)
+        if question.mode == "url":
+            await self._update(ctx, freed, url_sentence(question, label))
+            return Answer("decline", why="a browser step cannot be done on a call")
+        async with self._turn:
+            self.open, self._misfits = question, 0
+            self._answer = asyncio.get_running_loop().create_future()
+            self._tools = self._make_tools(question)
+            try:
+                for job in self.toolbox.jobs:
+                    if job.asking and job.tool == question.tool:
+                        self.toolbox._voice(job, "question", message=question.message)
+                await self._update(ctx, freed, ask_prompt(question, label))
+                return await self._answer
+            finally:
+                self.open, self._answer, self._tools = None, None, []
+
+    async def _update(self, ctx: RunContext, freed: dict[str, bool], message: str) -> None:
+        freed["turn"] = True
+        await ctx.update(message)
+
+    def _make_tools(self, question: Question) -> list[llm.Tool]:
+        schema = {
+            "type": "object",
+            "properties": question.schema.get("properties", {}),
+            "required": question.schema.get("required", []),
+        }
+        answer = function_tool(
+            self._on_answer,
+            raw_schema={
+                "name": ANSWER_TOOL,
+                "description": f"Send the caller's answer to the question: {question.message}",
+                "parameters": schema,
+            },
+        )
+        decline = function_tool(
+            self._on_decline,
+            raw_schema={
+                "name": DECLINE_TOOL,
+                "description": "The caller does not want to answer the question (or wants to stop): say so.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"stop": {"type": "boolean", "description": "true: stop the whole request"}},
+                },
+            },
+        )
+        return [answer, decline]
+
+    async def _on_answer(self, raw_arguments: dict[str, Any]) -> str:
+        question, pending = self.open, self._answer
+        if question is None or pending is None or pending.done():
+            return "There is no open question any more."
+        content, problems = check(question, raw_arguments if isinstance(raw_arguments, dict) else {})
+        if problems:
+            self._misfits += 1
+            if self._misfits < 2:
+                return (
+                    "That answer does not fit: " + "; ".join(problems) + ". Ask the caller again, briefly, "
+                    f"then call {ANSWER_TOOL} once more."
+                )
+            pending.set_result(Answer("decline", why="the answer did not fit twice: " + "; ".join(problems)))
+            return "That still does not fit, so I could not pass it on. Tell the caller briefly."
+        pending.set_result(Answer("accept", content))
+        return "Thank you, I have passed that on."
+
+    async def _on_decline(self, raw_arguments: dict[str, Any]) -> str:
+        pending = self._answer
+        if pending is None or pending.done():
+            return "There is no open question any more."
+        stop = isinstance(raw_arguments, dict) and raw_arguments.get("stop") is True
+        pending.set_result(Answer("cancel" if stop else "decline", why="the caller said no"))
+        return "Understood, I have told them."
+
+
+def ask_prompt(question: Question, label: str) -> str:
+    """What the LLM is told when a server asks: the question to put in its own words, the fields, and how to
+    hand the answer back."""
+    parts = [f'{label} needs an answer from the caller first. Ask the caller: "{question.message}"']
+    for f in question.fields:
+        hint = ""
+        if f.kind in ("choice", "choices") and len(f.options) <= READ_OUT_CHOICES:
+            hint = " — read out the choices: " + ", ".join(f.labels)
+        elif f.kind in ("choice", "choices"):
+            hint = " — one of the listed values; do not read them all out"
+        elif f.format in ("date", "date-time"):
+            hint = " — turn what the caller says into YYYY-MM-DD"
+        elif f.kind == "boolean":
+            hint = " — yes or no"
+        default = f" (if not said: {f.default})" if f.has_default and not f.secret else ""
+        parts.append(f"- {f.title}{'' if f.required else ' (optional)'}{hint}{default}")
+    parts.append(
+        f"If it commits the caller (an amount, a booking), repeat what they said back before sending. Then call "
+        f"{ANSWER_TOOL} with their answer, or {DECLINE_TOOL} if they do not want to answer."
+    )
+    return "\n".join(parts)
+
+
+def url_sentence(question: Question, label: str) -> str:
+    host = urlsplit(question.url or "").hostname or "their website"
+    return (
+        f'{label} asks the caller to continue in a web browser ("{question.message}"), which cannot be done '
+        f"during a call. Tell the caller they can finish it themselves at {host}, and that the request goes on "
+        "without it."
+    )
 
 
 def llm_from_env(settings: Settings) -> llm.LLM | None:

@@ -22,8 +22,9 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 from mcp.client import Transport
+from mcp.client._input_required import run_input_required_driver
 from mcp.client._transport import TransportStreams
-from mcp.client.session import ClientSession
+from mcp.client.session import ClientRequestContext, ClientSession
 
 if TYPE_CHECKING:
     from mcp.shared.dispatcher import CallOptions
@@ -34,6 +35,7 @@ __all__ = [
     "TESTED_MCP",
     "Transport",
     "TransportStreams",
+    "drive_input_required",
     "mcp_version",
     "send_raw_request",
 ]
@@ -88,6 +90,7 @@ def missing() -> list[str]:
             getattr(jsonrpc_dispatcher, "JSONRPCDispatcher", None), "send_raw_request"
         ),
         "OAuthClientProvider._initialized": "self._initialized" in provider_init,
+        "ClientSession.dispatch_input_request": hasattr(ClientSession, "dispatch_input_request"),
         **{f"OAuthClientProvider.{hook}": hasattr(OAuthClientProvider, hook) for hook in OAUTH_HOOKS},
         **{f"OAuthContext.{name}": name in context_fields for name in OAUTH_CONTEXT_FIELDS},
     }
@@ -125,3 +128,18 @@ async def send_raw_request(
         opts["request_id"] = request_id
     session._stamp(data, opts)  # pyright: ignore[reportPrivateUsage]
     return await session._dispatcher.send_raw_request(method, data.get("params"), opts)  # pyright: ignore[reportPrivateUsage]
+
+
+async def drive_input_required(session: ClientSession, first: Any, retry: Any) -> Any:
+    """A 2026-07-28 `input_required` answer (SEP-2322) resolved by the SDK's own driver: each embedded request
+    goes through the session's callbacks (elicitation, sampling, roots) as a server's request would, and the call
+    is retried with the answers. `Client.call_tool` does this for plain calls; our tasks runtime sends its calls
+    on the session, so it drives the loop itself here. Returns the first answer that is not `input_required`."""
+
+    async def dispatch(key: str, request: Any) -> Any:
+        meta = request.params.meta if getattr(request, "params", None) else None
+        return await session.dispatch_input_request(
+            ClientRequestContext(session=session, request_id=key, meta=meta), request
+        )
+
+    return await run_input_required_driver(first, dispatch=dispatch, retry=retry)

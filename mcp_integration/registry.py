@@ -300,7 +300,10 @@ _SERVERS_SQL = """
 SELECT s.id, s.name, s.transport, s.url, s.command, s.enabled, s.headers, s.env,
        CASE WHEN o.needs_login THEN 'needs_login' ELSE h.status END AS status,
        h.checked_at, h.latency_ms, h.consecutive_failures,
-       CASE WHEN o.needs_login THEN 'needs a login: ' || coalesce(o.reason, '') ELSE h.last_error END AS last_error,
+       CASE WHEN o.needs_login
+            THEN 'needs a login' || coalesce(' with scope ''' || o.needed_scope || '''', '')
+                 || coalesce(' (' || o.reason || ')', '') || ': run servers login ' || s.name
+            ELSE h.last_error END AS last_error,
        t.tools, t.discovered_at
 FROM mcp_servers s
 LEFT JOIN mcp_server_health h ON h.server_id = s.id
@@ -626,6 +629,7 @@ class Registry:
         polls: int | None = None,
         finished: bool = False,
         delivered_late: bool | None = None,
+        elicitations: list[dict[str, Any]] | None = None,
     ) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(
@@ -633,6 +637,7 @@ class Registry:
                 " kind = COALESCE(%s, kind), receipt = COALESCE(%s, receipt), result = COALESCE(%s, result),"
                 " error = COALESCE(%s, error), polls = COALESCE(%s, polls),"
                 " delivered_late = COALESCE(%s, delivered_late),"
+                " elicitations = COALESCE(%s, elicitations),"
                 " finished_at = CASE WHEN %s THEN now() ELSE finished_at END"
                 " WHERE id = %s",
                 (
@@ -643,6 +648,7 @@ class Registry:
                     None if error is None else known.scrub(error),
                     polls,
                     delivered_late,
+                    None if elicitations is None else Jsonb(elicitations),
                     finished,
                     job_id,
                 ),

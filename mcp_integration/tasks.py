@@ -35,7 +35,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from mcp_integration.aio import spawn
-from mcp_integration.mcp_compat import send_raw_request
+from mcp_integration.mcp_compat import drive_input_required, send_raw_request
 
 if TYPE_CHECKING:
     from mcp.client.session import ClientSession
@@ -309,20 +309,27 @@ class TaskClient:
     async def _call_2026(
         self, session: ClientSession, name: str, arguments: dict[str, Any], progress: ProgressCallback | None
     ) -> types.CallToolResult | TaskHandle:
-        async def send(on_progress: ProgressCallback | None) -> types.CallToolResult | types.InputRequiredResult | Any:
+        async def send(responses: Any = None, state: str | None = None) -> Any:
             return await session.call_tool(
-                name, arguments, progress_callback=on_progress, allow_input_required=True, allow_claimed=True
+                name,
+                arguments,
+                progress_callback=progress,
+                input_responses=responses,
+                request_state=state,
+                allow_input_required=True,
+                allow_claimed=True,
             )
 
-        answer = await send(progress)
+        answer = await send()
+        if isinstance(answer, types.InputRequiredResult):
+            # The server needs the caller first (an elicitation): answered, then the call is sent again.
+            answer = await drive_input_required(session, answer, send)
         if isinstance(answer, types.CallToolResult):
             return answer
         if isinstance(answer, CreatedTask2026):
             first = status_from_wire(answer.model_dump(by_alias=True, mode="json"), DIALECT_2026)
             self._remember(first.task_id, DIALECT_2026)
             return TaskHandle(DIALECT_2026, first.task_id, first, name)
-        if isinstance(answer, types.InputRequiredResult):
-            raise TaskError(f"tool {name!r} asked the client for input before it could run; that is not supported")
         raise TaskError(f"tool {name!r}: unexpected answer {type(answer).__name__}", INTERNAL_ERROR)
 
     async def _call_2025_task(

@@ -18,6 +18,7 @@ from psycopg.conninfo import make_conninfo
 
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.jobs import FINAL_STATES, Job
+from mcp_integration.livekit_text import Route, ScriptedLLM
 from mcp_integration.registry import Registry, ServerConfig
 from mcp_integration.scrubber import known
 
@@ -143,3 +144,16 @@ async def all_final(registry: Registry, jobs: list[Job]) -> dict[uuid.UUID, dict
     for job in jobs:
         assert rows[job.id]["state"] in FINAL_STATES and rows[job.id]["state"] == job.state
     return rows
+
+
+class OfferingLLM(ScriptedLLM):
+    """The scripted LLM, also remembering the tool names each request offered (registry changes reaching a
+    running agent, a question's tools coming and going, the tool budget)."""
+
+    def __init__(self, route: Route) -> None:
+        super().__init__(route)
+        self.offered: list[set[str]] = []
+
+    def chat(self, *, chat_ctx, tools=None, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.offered.append({getattr(t, "id", "") for t in tools or []})
+        return super().chat(chat_ctx=chat_ctx, tools=tools, **kwargs)

@@ -22,7 +22,7 @@ from mcp_integration.vault import new_key
 NODE_BIN = ROOT / "node_modules" / ".bin"
 ADAPTER = ROOT / "tests" / "conformance" / "client.py"
 EXPECTED = ROOT / "tests" / "conformance" / "expected-failures.yml"
-MUST_PASS = ("initialize", "tools_call", "sse-retry")
+MUST_PASS = ("initialize", "tools_call", "sse-retry", "elicitation-sep1034-client-defaults")
 # Every authorization scenario of the suite (issue 14), each through `servers add` and `servers login`.
 AUTH_SCENARIOS = 22
 

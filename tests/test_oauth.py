@@ -310,6 +310,12 @@ async def test_a_refused_refresh_marks_needs_login_and_the_caller_hears_it(
     assert state is not None and state.needs_login and "refused the refresh token" in (state.reason or "")
     listed = run_cli(env, "servers", "list")
     assert "oauth: needs login" in listed.stdout
+    async with services(registry, check_interval_s=60) as svc:
+        app = build_app(svc, token=None, bind_host="127.0.0.1")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+            page = (await http.get("/")).text
+    assert 'data-server="hosted" data-health="needs_login"' in page
+    assert '<span class="badge needs_login">needs_login</span>' in page and "servers login hosted" in page
 
     # A person logs in again: the mark goes, calls work.
     code, out, err = login(env, "hosted")

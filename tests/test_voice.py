@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import SERVERS, stdio_demo
+from conftest import SERVERS, OfferingLLM, stdio_demo
 
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.fillers import FillerPolicy
@@ -34,18 +34,6 @@ def route(text: str) -> tuple[str, dict[str, Any]] | None:
         if m := re.match(pattern, text.strip(), re.I):
             return make(m)
     return None
-
-
-class RecordingLLM(ScriptedLLM):
-    """Also remembers which tools each request offered, to see registry changes reach the running agent."""
-
-    def __init__(self) -> None:
-        super().__init__(route)
-        self.offered: list[set[str]] = []
-
-    def chat(self, *, chat_ctx, tools=None, **kwargs):  # type: ignore[override]
-        self.offered.append({getattr(t, "id", "") for t in tools or []})
-        return super().chat(chat_ctx=chat_ctx, tools=tools, **kwargs)
 
 
 def fast_policy(**kw: Any) -> VoiceOptions:
@@ -200,7 +188,7 @@ async def test_session_starts_from_the_cache_while_a_server_is_down(registry: Re
     d = Dispatcher(registry)
     t0 = time.monotonic()
     await d.start(wait=False)
-    model = RecordingLLM()
+    model = OfferingLLM(route)
     call = await TextCall(d, model, options=fast_policy()).start()
     try:
         assert time.monotonic() - t0 < 2
@@ -216,7 +204,7 @@ async def test_session_starts_from_the_cache_while_a_server_is_down(registry: Re
 
 
 async def test_servers_added_and_disabled_in_postgres_reach_the_running_session(registry: Registry) -> None:
-    model = RecordingLLM()
+    model = OfferingLLM(route)
     call = await call_with(registry, stdio_demo(), model=model)
     watcher = RegistryWatcher(registry, call.toolbox.dispatcher).start()
     try:

@@ -152,7 +152,9 @@ def main() -> int:
         tools = json.loads(listed.stdout or "[]")
         for tool in tools:
             args = json.dumps(arguments(tool["input_schema"]))
-            call = ["call", tool["tool"], "--server", name, "--args", args, "--timeout", "20"]
+            # --input '{}': a question from the server (elicitation) is accepted with the schema's defaults, as a
+            # person pressing Enter at every prompt would.
+            call = ["call", tool["tool"], "--server", name, "--args", args, "--timeout", "20", "--input", "{}"]
             done = cli(*call, check=False)
             if done.returncode != 0 and "needs a login" in done.stderr and login(name):
                 done = cli(*call, check=False)
