@@ -19,6 +19,12 @@ registry, and the demo MCP server over stdio (tool `slow(seconds, steps)`). Four
    and the gap from the job's "done" event to the toolbox's "handed_to_speech" event and to the assistant's answer
    line. Event times are time.monotonic(); TextCall lines are event-loop time, the same clock here.
 4. One 40 s call with the default 8 s release: the release time, and the late answer.
+5. A server's question (elicitation): tests/servers/ask_server.py's `book_table` over Streamable HTTP in the
+   2025-11-25 dialect (a mid-call `elicitation/create`), a fresh TextCall per run: from the moment the request
+   reaches the dispatcher (`Dispatcher._question`, wrapped on the instance) to the agent's line that asks the
+   caller, beside a no-tool turn of the same session (the scripted LLM's and LiveKit's own cost).
+6. Choosing a turn's tools (`ToolChooser.choose`, BM25 with bm25s) at 300 and 3,000 tools, beside handing
+   over the whole list (the baseline).
 
 `--quick` skips the 40 s calls. Uses DATABASE_URL if set, else an embedded PostgreSQL; a fresh schema
 `bench_<hex>` is dropped at the end, and any server process still alive is killed at the end.
@@ -51,8 +57,10 @@ from mcp_integration.jobs import Job  # noqa: E402
 from mcp_integration.livekit_text import ScriptedLLM, TextCall  # noqa: E402
 from mcp_integration.livekit_tools import McpToolbox, VoiceOptions  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
+from mcp_integration.tool_choice import ToolChooser, ToolText  # noqa: E402
 
 DEMO = ROOT / "tests" / "servers" / "demo_server.py"
+ASK = ROOT / "tests" / "servers" / "ask_server.py"
 TOOLS_PER_SERVER = 5  # echo, add, slow, fail, lookup.weather
 STEPS = 4  # progress notifications per slow call
 LONG_MS = 60_000  # release_after_ms and timeout_ms of the "never released" server
@@ -169,7 +177,8 @@ async def warm_start(registry: Registry, n: int, runs: int) -> WarmResult:
             t0 = time.perf_counter()
             await d.start(wait=False)
             t1 = time.perf_counter()
-            toolbox = McpToolbox(d, VoiceOptions())
+            # A budget above the tool count: every function tool is built, as before the budget existed.
+            toolbox = McpToolbox(d, VoiceOptions(tool_budget=1000))
             tools = materialise(toolbox)
             t2 = time.perf_counter()
             assert all(s.from_cache for s in d.servers.values()), "index not served from the tool cache"
@@ -333,6 +342,118 @@ async def slow_cases(
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
+# -- 5. a server's question --------------------------------------------------------------------------------------
+
+
+@dataclass
+class AskResult:
+    asked_ms: list[float] = field(default_factory=list)  # request reaches us -> the agent asks the caller
+    plain_turn_ms: list[float] = field(default_factory=list)  # a no-tool turn, same session
+
+
+def ask_route(text: str) -> tuple[str, dict[str, Any]] | None:
+    if text.startswith("book"):
+        return ("book_table", {"people": 2})
+    if text.startswith("december"):
+        return ("answer_question", {"day": "2026-12-01"})
+    return None
+
+
+async def asking(registry: Registry, runs: int) -> AskResult:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ASK),
+        "--transport",
+        "streamable-http",
+        "--port",
+        "0",
+        "--legacy",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    port = int((await proc.stdout.readline()).split()[1])
+    cfg = await registry.add_server(
+        ServerConfig(name="ask", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp")
+    )
+    out = AskResult()
+    d = Dispatcher(registry)
+    try:
+        await d.start(servers=[cfg])
+        for _ in range(runs):
+            question = asyncio.Event()
+
+            def on_line(line: Any, question: asyncio.Event = question) -> None:
+                if line.who == "agent" and "Which day" in line.text:
+                    question.set()
+
+            call = await TextCall(d, ScriptedLLM(ask_route), options=VoiceOptions(), on_line=on_line).start(
+                greeting=None
+            )
+            probe = Probe(call)
+            got: list[float] = []
+            inner = d._question
+
+            async def timed(server: str, params: Any, meta: Any, inner: Any = inner, got: list[float] = got) -> Any:
+                got.append(time.monotonic())
+                return await inner(server, params, meta)
+
+            d._question = timed  # type: ignore[method-assign]
+            t = time.perf_counter()
+            await call.say("hello")
+            out.plain_turn_ms.append(ms(time.perf_counter() - t))
+            await call.say("book a table")
+            await asyncio.wait_for(question.wait(), 10)
+            line = next(x for x in call.spoken("agent") if "Which day" in x.text)
+            out.asked_ms.append(ms(probe.abs_time(line.at) - got[0]))
+            await call.say("december first")
+            d._question = inner  # type: ignore[method-assign]
+            await call.aclose()
+    finally:
+        await d.aclose()
+        proc.kill()
+        await proc.wait()
+    return out
+
+
+# -- 6. choosing a turn's tools -------------------------------------------------------------------------------
+
+
+@dataclass
+class ChoiceResult:
+    sizes: dict[int, tuple[list[float], list[float], float]] = field(default_factory=dict)  # choose, all, index
+
+
+def choosing(sizes: tuple[int, ...] = (300, 3000), rounds: int = 200) -> ChoiceResult:
+    words_ = "weather forecast city book table restaurant invoice payment order parcel track meeting email lead"
+    vocab = words_.split()
+    out = ChoiceResult()
+    said = ["hello", "I need the weather forecast for Paris", "and book a table for dinner"]
+    for n in sizes:
+        tools = [
+            ToolText(
+                f"s{i // 10}__{vocab[i % len(vocab)]}_{vocab[(i * 7) % len(vocab)]}_{i}",
+                f"s{i // 10}",
+                f"{vocab[(i * 3) % len(vocab)].capitalize()} the {vocab[(i * 5) % len(vocab)]} of a customer.",
+            )
+            for i in range(n)
+        ]
+        chooser = ToolChooser(40)
+        t = time.perf_counter()
+        chooser.choose(tools, said)
+        index_ms = ms(time.perf_counter() - t)
+        chose, whole = [], []
+        for r in range(rounds):
+            t = time.perf_counter()
+            chooser.choose(tools, [*said, f"turn {r}"])
+            chose.append(ms(time.perf_counter() - t))
+            t = time.perf_counter()
+            _ = [x.name for x in tools]  # the baseline: every tool handed over, no choice
+            whole.append(ms(time.perf_counter() - t))
+        out.sizes[n] = (chose, whole, index_ms)
+    return out
+
+
 @dataclass
 class Results:
     warm: WarmResult
@@ -341,6 +462,8 @@ class Results:
     released: list[SlowRun]
     policy: FillerPolicy
     servers: int
+    ask: AskResult
+    choice: ChoiceResult
 
 
 async def bench(base_url: str, args: argparse.Namespace) -> Results:
@@ -357,7 +480,11 @@ async def bench(base_url: str, args: argparse.Namespace) -> Results:
         print("slow tools ...", file=sys.stderr)
         slow = await slow_cases(registry, long_cfg, cases)
         released = [] if args.quick else await slow_cases(registry, default_cfg, [(40.0, 1)], released=True)
-        return Results(warm, over, slow, released, FillerPolicy.load(), args.servers)
+        print("a server's question ...", file=sys.stderr)
+        ask = await asking(registry, args.runs * 3)
+        print("choosing tools ...", file=sys.stderr)
+        choice = choosing()
+        return Results(warm, over, slow, released, FillerPolicy.load(), args.servers, ask, choice)
 
 
 async def run(args: argparse.Namespace) -> Results:
@@ -497,6 +624,20 @@ def report(res: Results, args: argparse.Namespace) -> None:
                 f"handed to speech {fmt(r.done_to_handed_ms, '.2f')} ms after 'done'"
             )
 
+    a = res.ask
+    print(f"\n== 5. a server's question (2025-11-25 elicitation/create), {len(a.asked_ms)} runs ==")
+    print(f"{'step':<52}{'median ms':>11}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}")
+    for name, xs in (
+        ("request reaches us -> the agent asks the caller", a.asked_ms),
+        ("a no-tool turn, same session (LLM + LiveKit)", a.plain_turn_ms),
+    ):
+        print(f"{name:<52}{median(xs):>11.2f}{p90(xs):>10.2f}{min(xs):>10.2f}{max(xs):>10.2f}")
+
+    print("\n== 6. choosing a turn's tools (budget 40), 200 turns each ==")
+    print(f"{'tools':>6}{'choose median ms':>18}{'p90 ms':>10}{'whole list ms':>15}{'index ms (once)':>17}")
+    for n, (chose, whole, index_ms) in res.choice.sizes.items():
+        print(f"{n:>6}{median(chose):>18.3f}{p90(chose):>10.3f}{median(whole):>15.4f}{index_ms:>17.1f}")
+
     print("\n== expectations ==")
     firsts = [ms(r.first_filler_s - thr) for r in res.slow + res.released if r.first_filler_s is not None]
     handed = [r.done_to_handed_ms for r in res.slow + res.released if r.done_to_handed_ms is not None]
@@ -528,6 +669,17 @@ def report(res: Results, args: argparse.Namespace) -> None:
         ),
         (f"slow calls with release {LONG_MS / 1000:g} s never released", "none released", never_released),
     ]
+    asked = median(a.asked_ms) - median(a.plain_turn_ms)
+    checks.append(
+        (
+            f"question handed to speech: {median(a.asked_ms):.1f} ms ({asked:.1f} beyond a plain turn)",
+            "<= 20 ms + LLM",
+            asked <= 20,
+        )
+    )
+    big = max(res.choice.sizes)
+    choose_big = median(res.choice.sizes[big][0])
+    checks.append((f"choosing tools at {big:,}: median {choose_big:.2f} ms", "<= 5 ms", choose_big <= 5))
     for r in res.released:
         checks.append((f"default release: released at {fmt(r.released_s, '.3f')} s", "~8 s (informational)", None))
         late = r.done_to_answer_ms or float("nan")

@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--env", action="append", help="K=V for a stdio server; V may be env:NAME (repeatable)")
     add.add_argument("--allow-tool", action="append", default=[], help="offer only these tools (repeatable)")
     add.add_argument(
+        "--allow-sampling",
+        action="store_true",
+        help="let this server ask the voice session's LLM for completions (MCP sampling; off by default)",
+    )
+    add.add_argument(
+        "--pin-tool",
+        action="append",
+        default=[],
+        metavar="TOOL",
+        help="offer this tool to the LLM on every turn, even when there are more tools than a turn's budget",
+    )
+    add.add_argument(
         "--root", action="append", default=[], metavar="PATH", help="a root the server may work in (repeatable)"
     )
     add.add_argument("--timeout", type=int, metavar="MS", default=35_000, help="idle timeout per call (ms)")
@@ -268,6 +280,8 @@ async def cmd_servers(reg: Registry, args: argparse.Namespace) -> None:
             headers=_pairs(args.header, "--header"),
             env=_pairs(args.env, "--env"),
             allowed_tools=args.allow_tool,
+            pinned_tools=args.pin_tool,
+            allow_sampling=args.allow_sampling,
             roots=args.root,
             enabled=not args.disabled,
             timeout_ms=args.timeout,
@@ -455,6 +469,8 @@ async def _list_servers(reg: Registry, *, as_json: bool) -> None:
                     "env": redact(s.env),
                     "allowed_tools": s.allowed_tools,
                     "roots": s.roots,
+                    "pinned_tools": s.pinned_tools,
+                    "allow_sampling": s.allow_sampling,
                     "timeout_ms": s.timeout_ms,
                     "poll_interval": s.poll_interval,
                     "poll_profile": s.poll_profile,

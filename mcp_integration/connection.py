@@ -42,6 +42,7 @@ from mcp_integration.limits import storable
 from mcp_integration.logs import outside_job
 from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.registry import ServerConfig, ToolSpec
+from mcp_integration.sampling import Sampled
 from mcp_integration.tasks import TaskClient
 from mcp_integration.tool_guard import ToolListGuard
 from mcp_integration.transports import open_transport
@@ -68,6 +69,8 @@ ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
 AuthFor = Callable[[ServerConfig], "httpx2.Auth | None"]
 # A server's question during a call (the SDK's elicitation params and the request's _meta) to its answer.
 QuestionHandler = Callable[[Any, Any], Awaitable[Answer]]
+# A server's sampling request (the SDK's params and the request's _meta) to the completion; ValueError refuses it.
+SampleHandler = Callable[[Any, Any], Awaitable[Sampled]]
 _T = TypeVar("_T")
 
 # Liveness while a request waits. After PROBE_AFTER_S without a word from the server, one probe goes out (shared
@@ -162,6 +165,8 @@ class ServerConnection:
         self.tasks = TaskClient(lambda: self.client.session)
         # Who answers the server's questions (elicitation): set by the dispatcher, which knows the call's job.
         self.ask: QuestionHandler | None = None
+        # Who writes a completion the server asks for (sampling), when its registry row allows it.
+        self.sample: SampleHandler | None = None
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -304,6 +309,8 @@ class ServerConnection:
                 # Declared always: a server's question is put to whoever the call's job names (the voice session,
                 # a terminal, --input), and is declined when there is nobody.
                 elicitation_callback=self._elicit,
+                # Declared only for servers the registry allows to sample (the session's LLM answers them).
+                sampling_callback=self._sample if self.cfg.allow_sampling else None,
             ) as client:
                 link.client = client
                 link.heard_at = time.monotonic()
@@ -392,6 +399,22 @@ class ServerConnection:
         if answer is None:
             return types.ElicitResult(action="decline")
         return types.ElicitResult(action=answer.action, content=answer.content if answer.action == "accept" else None)
+
+    async def _sample(self, context: Any, params: Any) -> types.CreateMessageResult | types.ErrorData:
+        sample = self.sample
+        try:
+            if sample is None:
+                raise ValueError("sampling is not served here")
+            result = await sample(params, getattr(context, "meta", None))
+        except ValueError as exc:
+            log.info("server %s: sampling refused: %s", self.cfg.name, exc)
+            return types.ErrorData(code=types.INVALID_REQUEST, message=f"sampling refused: {exc}")
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text=result.text),
+            model=result.model,
+            stop_reason=result.stop_reason,
+        )
 
     async def _message(self, message: Any) -> None:
         if isinstance(message, FrameTooLarge):

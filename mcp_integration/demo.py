@@ -1,9 +1,10 @@
 """`python -m mcp_integration demo`: the real voice path, offline, printed as a timeline.
 
-Registers the example servers shipped in `mcp_integration/examples/` (a fast tool, a slow MCP task, a
-workflow that answers with a receipt), then runs a real LiveKit `AgentSession` in text mode over the real
-toolbox, filler policy and speech formatting. With OPENAI_API_KEY (or OPENAI_BASE_URL) a real LLM answers;
-without, a scripted caller-and-LLM conversation drives the same session, and the screen says so.
+Registers the example servers shipped in `mcp_integration/examples/` (a fast tool, a booking tool that asks
+the caller for the day, a slow MCP task, a workflow that answers with a receipt), then runs a real LiveKit
+`AgentSession` in text mode over the real toolbox, filler policy and speech formatting. With OPENAI_API_KEY
+(or OPENAI_BASE_URL) a real LLM answers; without, a scripted caller-and-LLM conversation drives the same
+session, and the screen says so.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.livekit_text import Line, ScriptedLLM, TextCall
-from mcp_integration.livekit_tools import VoiceOptions, llm_from_env
+from mcp_integration.livekit_tools import ANSWER_TOOL, VoiceOptions, llm_from_env
 from mcp_integration.registry import Registry, ServerConfig
 from mcp_integration.runtime import open_runtime
 
@@ -35,6 +36,8 @@ __all__ = [
 
 CALLER = [
     "What time is it in Tokyo?",
+    "Can you book a table for 2, please?",
+    "The first of December, for dinner.",
     "Where is my order A-1042?",
     "Please build the Q3 sales report.",
     "Thanks. Meanwhile, what time is it in Paris?",
@@ -43,6 +46,9 @@ RULES: list[tuple[str, Callable[[re.Match[str]], tuple[str, dict[str, Any]]]]] =
     (r"time is it in (\w[\w ]*)\?", lambda m: ("world_time", {"city": m[1]})),
     (r"order (\S+?)\??$", lambda m: ("order_status", {"order_id": m[1]})),
     (r"(Q\d) sales report", lambda m: ("quarterly_report", {"quarter": m[1]})),
+    (r"book a table for (\d+)", lambda m: ("book_table", {"people": int(m[1])})),
+    # The caller's answer to the booking tool's question, mapped onto its schema as an LLM would.
+    (r"first of december, for (lunch|dinner)", lambda m: (ANSWER_TOOL, {"day": "2026-12-01", "time": m[1]})),
 ]
 WHO = {"caller": "CALLER", "agent": "AGENT", "filler": "FILLER", "tool": "  job"}
 

@@ -42,6 +42,7 @@ from mcp_integration.naming import assign_names
 from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.results import ToolResult
+from mcp_integration.sampling import Sampled, Sampler, SamplingRequest
 from mcp_integration.tasks import TaskHandle
 from mcp_integration.timing import DurationStats
 from mcp_integration.waiters import wait_receipt, wait_task
@@ -131,6 +132,8 @@ class Dispatcher:
         # Who answers a server's questions (elicitation) during a call, unless the call names its own asker: the
         # voice session sets its own; by default nobody is there, and the question is declined.
         self.asker: Asker = decline_all
+        # Who writes completions for servers allowed to sample (`allow_sampling`): the voice session's LLM.
+        self.sampler: Sampler | None = None
         # Told of each finished call, with the server's state as it was when the call was made.
         self.call_observers: list[Callable[[ServerState, Job], None]] = []
 
@@ -139,16 +142,38 @@ class Dispatcher:
     def _connection(self, cfg: ServerConfig) -> ServerConnection:
         conn = ServerConnection(cfg, connect_timeout=self.connect_timeout, auth_for=self.auth_for)
         conn.ask = lambda params, meta: self._question(cfg.name, params, meta)
+        conn.sample = lambda params, meta: self._sampling(cfg.name, params, meta)
         return conn
 
-    async def _question(self, server: str, params: Any, meta: Any) -> Answer:
-        """A server's question (elicitation) goes to the job of the call it came in: the task it names, else the
-        server's one running call, else its latest (a session rarely runs two calls to one server that ask)."""
+    def _job_for(self, server: str, *metas: Any) -> Job | None:
+        """The job of the call a server's request came in: the task it names, else the server's one running
+        call, else its latest (a session rarely runs two calls to one server that ask)."""
         running = [j for j in self._jobs.values() if j.server == server and j.state == "working" and not j.done]
-        related = _related_task(meta) or _related_task(getattr(params, "meta", None))
+        related = next((r for r in map(_related_task, metas) if r), None)
         job = next((j for j in running if related and j.task_id == related), None)
-        if job is None and running:
-            job = running[-1]
+        return job if job is not None else (running[-1] if running else None)
+
+    async def _sampling(self, server: str, params: Any, meta: Any) -> Sampled:
+        """A server's request for a completion; raises ValueError with the reason it is refused."""
+        job = self._job_for(server, meta, getattr(params, "meta", None))
+        request = SamplingRequest.from_request(server, job.tool if job else None, params)
+        if self.sampler is None:
+            if job is not None:
+                job.sampled(request, None, "no LLM in this process")
+            raise ValueError("no LLM is here to sample (a voice session serves sampling)")
+        try:
+            result = await self.sampler(request)
+        except Exception as exc:
+            if job is not None:
+                job.sampled(request, None, f"{type(exc).__name__}: {exc}"[:200])
+            raise ValueError("the LLM could not answer") from None
+        if job is not None:
+            job.sampled(request, result)
+        return result
+
+    async def _question(self, server: str, params: Any, meta: Any) -> Answer:
+        """A server's question (elicitation) goes to the job of the call it came in (`_job_for`)."""
+        job = self._job_for(server, meta, getattr(params, "meta", None))
         try:
             question = Question.from_request(server, job.tool if job else None, params)
         except ValueError as exc:

@@ -113,6 +113,7 @@ class JobRecord:
             finished=finished,
             delivered_late=job.late if finished else None,
             elicitations=scrub_known(job.elicitations) if job.elicitations else None,
+            samplings=job.samplings or None,
         )
         self._written = written
 

@@ -22,6 +22,7 @@ from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Asker, Question, 
 from mcp_integration.errors import ToolCallError
 from mcp_integration.logs import log_context
 from mcp_integration.results import ToolResult
+from mcp_integration.sampling import Sampled, SamplingRequest
 
 __all__ = [
     "FINAL_STATES",
@@ -122,6 +123,7 @@ class Job:
         self.asker: Asker = decline_all  # who answers the server's questions during this call
         self.ask_timeout_s = ASK_TIMEOUT_S
         self.elicitations: list[dict[str, Any]] = []  # each question and its outcome, as recorded
+        self.samplings: list[dict[str, Any]] = []  # each completion served to the server, as recorded
         self.finished_at: float | None = None
         # Kept in mcp_jobs by this, when set (before start).
         self.recorder: Recorder | None = None
@@ -341,6 +343,12 @@ class Job:
         self.emit("answered", action=answer.action, why=answer.why)
         self._changed()
         return answer
+
+    def sampled(self, request: SamplingRequest, result: Sampled | None, why: str | None = None) -> None:
+        """A completion the session's LLM wrote for the server during this call (or why it did not)."""
+        self.samplings.append(request.record(result, why))
+        self.touch()  # the server was waiting on us, not silent
+        self._changed()
 
     @property
     def asking(self) -> bool:

@@ -29,7 +29,9 @@ from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Question, check
 from mcp_integration.errors import ToolCallError
 from mcp_integration.fillers import FillerPolicy, FillerRun
 from mcp_integration.jobs import Job, JobEvent
+from mcp_integration.sampling import Sampled, SamplingRequest
 from mcp_integration.speech import error_sentence, for_speech, humanise_name
+from mcp_integration.tool_choice import DEFAULT_BUDGET, ToolChooser, ToolText, capped_description, capped_schema
 
 __all__ = [
     "LATE_REPLY_TEMPLATE",
@@ -60,6 +62,11 @@ VoiceEventKind = Literal["filler", "released", "handed_to_speech", "question"]
 
 ANSWER_TOOL = "answer_question"
 DECLINE_TOOL = "decline_question"
+FIND_TOOL = "find_tools"
+# LiveKit adds its own async-task tools (lk_agents_get_running_tasks, lk_agents_cancel_task) to every request
+# that offers async tools; they count against the budget too.
+LIVEKIT_TASK_TOOLS = 2
+FOUND_KEPT = 8  # tools found through find_tools stay offered for this many more (newest first)
 # Choices read out to the caller when there are this many or fewer; more are matched from what the caller says.
 READ_OUT_CHOICES = 5
 
@@ -70,6 +77,8 @@ class VoiceOptions:
     policy: FillerPolicy = field(default_factory=FillerPolicy.load)
     # How long a server's question waits for the caller before it is cancelled.
     ask_timeout_s: float = ASK_TIMEOUT_S
+    # At most this many tools in one LLM request (OpenAI refuses more than 128; choice degrades long before).
+    tool_budget: int = DEFAULT_BUDGET
 
 
 class McpToolset(AsyncToolset):
@@ -93,8 +102,9 @@ class McpToolset(AsyncToolset):
     @property
     def tools(self) -> list[llm.Tool | llm.Toolset]:
         out: list[llm.Tool | llm.Toolset] = []
+        offered = self._toolbox.offered
         for entry in self._toolbox.dispatcher.tools:
-            if entry.server != self.server:
+            if entry.server != self.server or (offered is not None and entry.name not in offered):
                 continue
             cached = self._built.get(entry.name)
             if cached is None or cached[0] != entry:
@@ -122,13 +132,26 @@ class McpToolbox(llm.Toolset):
         self.voice_observers: list[Callable[[Job, VoiceEventKind, dict[str, Any]], None]] = []
         # The server's question being put to the caller, if any (elicitation by voice).
         self.asking = VoiceQuestions(self)
-        self._more = function_tool(
-            self._more_details,
-            raw_schema={
-                "name": "more_details",
-                "description": "Get the rest of the previous tool answer when it was cut short.",
-                "parameters": {"type": "object", "properties": {"tool": {"type": "string"}}},
+        # More tools than the budget: which are offered each turn, from what the caller said (`heard`).
+        self.chooser = ToolChooser(self.options.tool_budget)
+        self.offered: set[str] | None = None  # None: every tool
+        self.heard: list[str] = []
+        self._found: list[str] = []
+        self._find = raw_tool(
+            self._find_tools,
+            FIND_TOOL,
+            "Find more tools when none of the tools offered fits what the caller wants.",
+            {
+                "type": "object",
+                "properties": {"query": {"type": "string", "description": "what the tool should do, in words"}},
+                "required": ["query"],
             },
+        )
+        self._more = raw_tool(
+            self._more_details,
+            "more_details",
+            "Get the rest of the previous tool answer when it was cut short.",
+            {"type": "object", "properties": {"tool": {"type": "string"}}},
         )
 
     @property
@@ -138,11 +161,74 @@ class McpToolbox(llm.Toolset):
                 self._add_toolset(server)
         for gone in set(self._toolsets) - set(self.dispatcher.servers):
             del self._toolsets[gone]
-        return [*self._toolsets.values(), self._more, *self.asking.tools()]
+        extras: list[llm.Tool | llm.Toolset] = [self._more, *self.asking.tools()]
+        entries = self.dispatcher.tools
+        budget = self.options.tool_budget - len(extras) - LIVEKIT_TASK_TOOLS
+        if len(entries) <= budget:
+            self.offered = None  # everything fits: nothing to choose
+        else:
+            extras.append(self._find)
+            self.offered = set(self._choose(entries, budget - 1))
+        return [*self._toolsets.values(), *extras]
+
+    def _choose(self, entries: list[ToolEntry], budget: int) -> list[str]:
+        by_spec = {(e.server, e.spec.name): e.name for e in entries}
+        keep = [
+            by_spec[(state.cfg.name, pinned)]
+            for state in self.dispatcher.servers.values()
+            for pinned in state.cfg.pinned_tools
+            if (state.cfg.name, pinned) in by_spec
+        ]
+        keep += [by_spec[(j.server, j.tool)] for j in self.jobs if not j.done and (j.server, j.tool) in by_spec]
+        keep += list(self._found)
+        return self.chooser.choose(self._texts(entries), self.heard, keep=keep, budget=budget)
+
+    def _texts(self, entries: list[ToolEntry]) -> list[ToolText]:
+        return [ToolText(e.name, e.server, capped_description(e.spec.description, 300) or "") for e in entries]
+
+    async def _find_tools(self, raw_arguments: dict[str, Any]) -> str:
+        query = str(raw_arguments.get("query", "")) if isinstance(raw_arguments, dict) else ""
+        entries = {e.name: e for e in self.dispatcher.tools}
+        found = self.chooser.search(self._texts(list(entries.values())), query, FOUND_KEPT)
+        if not found:
+            return "No tool matches that; try other words."
+        self._found = [*found, *(n for n in self._found if n not in found)][:FOUND_KEPT]
+        lines = [f"{n}: {capped_description(entries[n].spec.description, 160) or n}" for n in found]
+        return "These tools are now available; call the one that fits:\n" + "\n".join(lines)
 
     def bind(self, session: AgentSession) -> None:
-        """Remember the session, so toolsets of servers added while it runs are wired like the first ones."""
+        """Remember the session, so toolsets of servers added while it runs are wired like the first ones, and
+        follow what the caller says, which decides the tools offered when there are more than the budget."""
         self._session = session
+        session.on("conversation_item_added", self._on_item)
+        if self.dispatcher.sampler is None:
+            self.dispatcher.sampler = self._sample  # servers allowed to sample get this session's LLM
+
+    async def _sample(self, request: SamplingRequest) -> Sampled:
+        """A completion for a server (sampling), written by the session's LLM, capped at the request's tokens
+        (about four characters each: the stream is cut there)."""
+        model = self._session.llm if self._session is not None else None
+        if not isinstance(model, llm.LLM):
+            raise RuntimeError("the session has no LLM")
+        chat = llm.ChatContext.empty()
+        if request.system:
+            chat.add_message(role="system", content=request.system)
+        for role, text in request.messages:
+            chat.add_message(role="assistant" if role == "assistant" else "user", content=text)
+        limit, parts, stop = request.max_tokens * 4, [], "endTurn"
+        async with model.chat(chat_ctx=chat, tools=[]) as stream:
+            async for chunk in stream:
+                if chunk.delta is not None and chunk.delta.content:
+                    parts.append(chunk.delta.content)
+                if sum(map(len, parts)) >= limit:
+                    stop = "maxTokens"
+                    break
+        return Sampled("".join(parts)[:limit], model.model, stop)
+
+    def _on_item(self, event: Any) -> None:
+        item = getattr(event, "item", None)
+        if getattr(item, "type", None) == "message" and getattr(item, "role", None) == "user":
+            self.heard = [*self.heard[-9:], item.text_content or ""]
 
     def _add_toolset(self, server: str) -> None:
         ts = McpToolset(self, server)
@@ -170,13 +256,11 @@ class McpToolbox(llm.Toolset):
         async def handler(raw_arguments: dict[str, Any], ctx: RunContext) -> str:
             return await toolbox.run_tool(entry, raw_arguments, ctx)
 
-        return function_tool(
+        return raw_tool(
             handler,
-            raw_schema={
-                "name": entry.name,
-                "description": entry.spec.description or f"{entry.spec.name} on {entry.server}",
-                "parameters": entry.spec.input_schema,
-            },
+            entry.name,
+            capped_description(entry.spec.description) or f"{entry.spec.name} on {entry.server}",
+            capped_schema(entry.spec.input_schema),
             flags=ToolFlag.CANCELLABLE,
         )
 
@@ -324,23 +408,19 @@ class VoiceQuestions:
             "properties": question.schema.get("properties", {}),
             "required": question.schema.get("required", []),
         }
-        answer = function_tool(
+        answer = raw_tool(
             self._on_answer,
-            raw_schema={
-                "name": ANSWER_TOOL,
-                "description": f"Send the caller's answer to the question: {question.message}",
-                "parameters": schema,
-            },
+            ANSWER_TOOL,
+            f"Send the caller's answer to the question: {question.message}",
+            schema,
         )
-        decline = function_tool(
+        decline = raw_tool(
             self._on_decline,
-            raw_schema={
-                "name": DECLINE_TOOL,
-                "description": "The caller does not want to answer the question (or wants to stop): say so.",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"stop": {"type": "boolean", "description": "true: stop the whole request"}},
-                },
+            DECLINE_TOOL,
+            "The caller does not want to answer the question (or wants to stop): say so.",
+            {
+                "type": "object",
+                "properties": {"stop": {"type": "boolean", "description": "true: stop the whole request"}},
             },
         )
         return [answer, decline]
@@ -400,6 +480,15 @@ def url_sentence(question: Question, label: str) -> str:
         f'{label} asks the caller to continue in a web browser ("{question.message}"), which cannot be done '
         f"during a call. Tell the caller they can finish it themselves at {host}, and that the request goes on "
         "without it."
+    )
+
+
+def raw_tool(
+    handler: Callable[..., Any], name: str, description: str, parameters: dict[str, Any], **options: Any
+) -> llm.Tool:
+    """A LiveKit function tool from a JSON schema (MCP tools, and our own: more_details, find_tools, a question's)."""
+    return function_tool(
+        handler, raw_schema={"name": name, "description": description, "parameters": parameters}, **options
     )
 
 

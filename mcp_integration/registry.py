@@ -95,6 +95,10 @@ class ServerConfig:
     env: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     allowed_tools: list[str] = field(default_factory=list)
+    # Offered to the LLM on every turn, even when the registry holds more tools than the budget (tool_choice.py).
+    pinned_tools: list[str] = field(default_factory=list)
+    # The session's LLM may answer this server's sampling requests (sampling.py); off unless allowed.
+    allow_sampling: bool = False
     roots: list[str] = field(default_factory=list)  # answered to the server's roots/list (file:// URIs)
     enabled: bool = True
     timeout_ms: int = 35_000
@@ -204,7 +208,7 @@ def _check_text_fields(cfg: ServerConfig, where: str) -> None:
         ("result endpoint", cfg.result_endpoint),
     ]
     texts += [("an argument", a) for a in cfg.args] + [("a root", r) for r in cfg.roots]
-    texts += [("an allowed tool", t) for t in cfg.allowed_tools]
+    texts += [("an allowed tool", t) for t in cfg.allowed_tools] + [("a pinned tool", t) for t in cfg.pinned_tools]
     for label, mapping in (("header", cfg.headers), ("env", cfg.env)):
         if not isinstance(mapping, dict):
             raise RegistryError(f"{where}: {label}s must be a mapping of names to values")
@@ -630,6 +634,7 @@ class Registry:
         finished: bool = False,
         delivered_late: bool | None = None,
         elicitations: list[dict[str, Any]] | None = None,
+        samplings: list[dict[str, Any]] | None = None,
     ) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(
@@ -637,7 +642,7 @@ class Registry:
                 " kind = COALESCE(%s, kind), receipt = COALESCE(%s, receipt), result = COALESCE(%s, result),"
                 " error = COALESCE(%s, error), polls = COALESCE(%s, polls),"
                 " delivered_late = COALESCE(%s, delivered_late),"
-                " elicitations = COALESCE(%s, elicitations),"
+                " elicitations = COALESCE(%s, elicitations), samplings = COALESCE(%s, samplings),"
                 " finished_at = CASE WHEN %s THEN now() ELSE finished_at END"
                 " WHERE id = %s",
                 (
@@ -649,6 +654,7 @@ class Registry:
                     polls,
                     delivered_late,
                     None if elicitations is None else Jsonb(elicitations),
+                    None if samplings is None else Jsonb(samplings),
                     finished,
                     job_id,
                 ),

@@ -249,15 +249,20 @@ def test_demo_runs_the_real_voice_path_offline(cli) -> None:
     code, out, err = cli("demo")
     assert code == 0, err
     assert "LLM: scripted" in out
-    assert "tools: order_status, quarterly_report, world_time" in out
+    assert "tools: book_table, order_status, quarterly_report, world_time" in out
     lines = out.splitlines()
     order = [i for i, line in enumerate(lines) if "CALLER" in line]
-    assert len(order) == 4
+    assert len(order) == 6
+    # The booking tool asks the caller; the caller answers; the booking is spoken.
+    asked = next(i for i, line in enumerate(lines) if "AGENT" in line and "Which day would you like the table" in line)
+    answered = next(i for i, line in enumerate(lines) if "CALLER" in line and "first of December" in line)
+    booked = next(i for i, line in enumerate(lines) if "AGENT" in line and "Booked a table for 2 on" in line)
+    assert asked < answered < booked, "\n".join(lines)
     assert any("FILLER" in line for line in lines)
     assert any("receipt job started" in line for line in lines) and any("task job started" in line for line in lines)
     assert any("caller's turn is freed" in line for line in lines)
-    late = [line for line in lines if "About your earlier question" in line]
-    assert late and "Q3" in late[0] and "{" not in late[0]
+    late = [line for line in lines if "About your earlier question" in line and "Q3" in line]
+    assert late and "{" not in late[0]
     assert "Accepted" not in out and "queued" not in out
     # The example servers are gone again: the real agent will not find them.
     assert json.loads(cli("servers", "list", "--json")[1]) == []

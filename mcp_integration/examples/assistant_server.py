@@ -1,4 +1,5 @@
-"""An example MCP server over stdio with a fast tool.
+"""An example MCP server over stdio with a fast tool, and a booking tool that asks the caller for the day
+(MCP elicitation, through the SDK's resolvers: a mid-call question in either protocol dialect).
 
 python -m mcp_integration.examples.assistant_server
 """
@@ -6,8 +7,10 @@ python -m mcp_integration.examples.assistant_server
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import AcceptedElicitation, Elicit, ElicitationResult, MCPServer, Resolve
+from pydantic import BaseModel, Field
 
 mcp = MCPServer("assistant")
 
@@ -22,6 +25,23 @@ async def world_time(city: str) -> str:
         return f"I only know the time in {', '.join(c.title() for c in _OFFSETS)}."
     now = datetime.now(UTC) + timedelta(hours=offset)
     return f"It is {now:%H:%M} in {city.title()}."
+
+
+class Day(BaseModel):
+    day: str = Field(description="The day, as YYYY-MM-DD", json_schema_extra={"format": "date"})
+    time: Literal["lunch", "dinner"] = Field("dinner", description="Lunch or dinner")
+
+
+def ask_day(people: int) -> Elicit[Day]:
+    return Elicit(f"Which day would you like the table for {people}?", Day)
+
+
+@mcp.tool()
+async def book_table(people: int, when: Annotated[ElicitationResult[Day], Resolve(ask_day)]) -> str:
+    """Book a table at the restaurant; asks the caller which day."""
+    if isinstance(when, AcceptedElicitation):
+        return f"Booked a table for {people} on {when.data.day} for {when.data.time}."
+    return f"Nothing was booked ({when.action})."
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ and resumed when the client retries with the answers (SEP-2322); at 2025-11-25 (
 Tools:
 - `book_table(people)` asks "Which day would you like?" (a date, and a time of day: an enum with a default);
 - `pay(amount)` asks to confirm the amount (a boolean) with a PIN (a secret field);
-- `open_account()` asks through URL mode (a browser step, 2025-11-25 `ctx.elicit_url`).
+- `open_account()` asks through URL mode (a browser step, 2025-11-25 `ctx.elicit_url`);
+- `summarize(text)` asks the client's LLM for a one-line summary (sampling, `Sample(...)`, max 50 tokens).
 Each answers with what it got, or with the action (decline, cancel) when it got no answer.
 """
 
@@ -23,7 +24,8 @@ import sys
 from typing import Annotated, Literal
 
 from demo_server import DemoServer, Quirks, serve_http
-from mcp.server.mcpserver import AcceptedElicitation, Context, Elicit, ElicitationResult, Resolve
+from mcp.server.mcpserver import AcceptedElicitation, Context, Elicit, ElicitationResult, Resolve, Sample
+from mcp_types import CreateMessageResult, SamplingMessage, TextContent
 from pydantic import BaseModel, Field
 
 
@@ -43,6 +45,11 @@ def ask_day(people: int) -> Elicit[Day]:
 
 def ask_payment(amount: float) -> Elicit[Payment]:
     return Elicit(f"Shall I pay {amount:.2f} euros?", Payment)
+
+
+def ask_summary(text: str) -> Sample:
+    message = SamplingMessage(role="user", content=TextContent(type="text", text=f"Summarize in one line: {text}"))
+    return Sample([message], max_tokens=50, system_prompt="You summarize for a phone call.")
 
 
 def build(name: str) -> DemoServer:
@@ -67,6 +74,11 @@ def build(name: str) -> DemoServer:
         """Open an account: the caller must finish in a browser."""
         result = await ctx.elicit_url("Please finish signing up in your browser.", "https://example.com/signup", "e-1")
         return f"Sign-up: {result.action}."
+
+    @mcp.tool()
+    async def summarize(text: str, summary: Annotated[CreateMessageResult, Resolve(ask_summary)]) -> str:
+        """Summarize a text with the client's LLM."""
+        return f"Summary ({summary.model}, {summary.stop_reason}): {summary.content.text}"
 
     return mcp
 
