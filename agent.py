@@ -94,11 +94,11 @@ async def entrypoint(ctx: JobContext) -> None:
     metrics.sessions.inc()
     stack.callback(metrics.sessions.dec)
 
-    toolbox = McpToolbox(rt.dispatcher, VoiceOptions())
+    toolbox = McpToolbox(rt.dispatcher, VoiceOptions.for_language(SETTINGS.language))
     toolbox.voice_observers.append(metrics.observe_voice)
     model = llm_from_env(SETTINGS) or openai.LLM(model=SETTINGS.llm_model)
     session = AgentSession(
-        stt=deepgram.STT(model=SETTINGS.stt_model),
+        stt=deepgram.STT(model=SETTINGS.stt_model, language=SETTINGS.language),
         llm=model,
         tts=openai.TTS(voice=SETTINGS.tts_voice),
         vad=ctx.proc.userdata["vad"],
@@ -106,6 +106,8 @@ async def entrypoint(ctx: JobContext) -> None:
     )
     toolbox.bind(session)
     instructions = (PROJECT_ROOT / "prompts" / "system.md").read_text(encoding="utf-8")
+    if SETTINGS.language.split("-")[0].lower() != "en":
+        instructions += f"\n\nSpeak with the caller in this language: {SETTINGS.language}."
     await session.start(agent=Agent(instructions=instructions), room=ctx.room)
     log.info("session started with %d MCP tools", len(rt.dispatcher.tools))
     await session.generate_reply(instructions="Greet the caller in one short sentence and offer help.")

@@ -39,6 +39,9 @@ class Settings:
     llm_model: str = "gpt-4.1-mini"  # LLM_MODEL
     stt_model: str = "nova-3"  # STT_MODEL
     tts_voice: str = "alloy"  # TTS_VOICE
+    # VOICE_LANGUAGE: the caller's language (BCP 47: en, es, de, fr, es-MX…): filler lines, dates and numbers,
+    # and the language the speech-to-text listens for.
+    language: str = "en"
 
     @property
     def snapshot_path(self) -> Path:
@@ -68,4 +71,5 @@ class Settings:
             llm_model=env.get("LLM_MODEL") or "gpt-4.1-mini",
             stt_model=env.get("STT_MODEL") or "nova-3",
             tts_voice=env.get("TTS_VOICE") or "alloy",
+            language=(env.get("VOICE_LANGUAGE") or "en").strip(),
         )

@@ -6,6 +6,7 @@ decides the words (by phase, progress-aware, never the same line twice in a row)
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ __all__ = [
     "FillerRun",
 ]
 
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FILE = PROJECT_ROOT / "prompts" / "fillers.yaml"
 PHASES = ("start", "still_working", "progress", "halfway", "almost_done", "taking_long", "release")
@@ -44,9 +47,19 @@ class FillerPolicy:
     servers: dict[str, FillerLines] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path | str = DEFAULT_FILE) -> FillerPolicy:
-        doc: dict[str, Any] = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    def load(cls, path: Path | str = DEFAULT_FILE, *, language: str = "en") -> FillerPolicy:
+        """The policy of `path`; for a language other than English, its lines from `<stem>.<lang>.yaml` beside it
+        (a phase it lacks keeps the English lines; a language without a file keeps them all, with a warning)."""
+        path = Path(path)
+        doc: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         raw = doc.get("lines") or {}
+        lang = (language or "en").replace("_", "-").split("-")[0].lower()
+        if lang != "en":
+            translated = path.with_name(f"{path.stem}.{lang}{path.suffix}")
+            if translated.is_file():
+                raw = raw | ((yaml.safe_load(translated.read_text(encoding="utf-8")) or {}).get("lines") or {})
+            else:
+                log.warning("no filler lines in %r (%s); the English ones are used", language, translated.name)
         late_prefix = str(raw.get("late_prefix", "About your earlier question: "))
         base = FillerLines({p: [] for p in PHASES} | _phases(raw), late_prefix)
         servers = {}

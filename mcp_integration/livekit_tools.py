@@ -79,6 +79,13 @@ class VoiceOptions:
     ask_timeout_s: float = ASK_TIMEOUT_S
     # At most this many tools in one LLM request (OpenAI refuses more than 128; choice degrades long before).
     tool_budget: int = DEFAULT_BUDGET
+    # The caller's language: how dates and numbers in answers are said (fillers: `for_language`).
+    language: str = "en"
+
+    @classmethod
+    def for_language(cls, language: str, **options: Any) -> VoiceOptions:
+        """Options whose filler lines and spoken formatting follow `language` (prompts/fillers.<lang>.yaml)."""
+        return cls(policy=FillerPolicy.load(language=language), language=language, **options)
 
 
 class McpToolset(AsyncToolset):
@@ -331,7 +338,9 @@ class McpToolbox(llm.Toolset):
         except asyncio.CancelledError:
             await job.cancel()
             raise
-        spoken = for_speech(result, max_chars=self.options.max_chars, server_label=label)
+        spoken = for_speech(
+            result, max_chars=self.options.max_chars, server_label=label, language=self.options.language
+        )
         text = spoken.text
         if spoken.rest:
             self._rest[entry.name] = spoken.rest
@@ -351,7 +360,7 @@ class McpToolbox(llm.Toolset):
         key = tool if tool in self._rest else next(reversed(self._rest), None)
         if key is None:
             return "There is nothing more to add."
-        spoken = for_speech(self._rest.pop(key), max_chars=self.options.max_chars)
+        spoken = for_speech(self._rest.pop(key), max_chars=self.options.max_chars, language=self.options.language)
         if spoken.rest:
             self._rest[key] = spoken.rest
         return spoken.text

@@ -2,24 +2,34 @@
 
 Pure functions, no I/O: markdown, HTML, URLs and JSON become short plain prose under a hard length cap, and a
 failed call becomes one honest sentence. What did not fit is kept for follow-up questions.
+
+Dates, times and grouped numbers are said the caller's way: English as below, other languages through Babel's
+CLDR data (`language=` of `for_speech`, carried to the formatters in a context variable for the one call).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import re
 import unicodedata
+from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, time
 from typing import Any
 from urllib.parse import urlsplit
+
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date, format_time
+from babel.numbers import format_decimal, get_decimal_symbol
 
 from mcp_integration.errors import ToolCallError
 from mcp_integration.results import ToolResult
 
 __all__ = [
+    "LANGUAGES",
     "LIST_SHOWN",
     "MAX_DEPTH",
     "MAX_KEYS",
@@ -37,7 +47,13 @@ class Spoken:
     rest: str | None  # what did not fit under the cap, kept for follow-up questions
 
 
+log = logging.getLogger(__name__)
+
 LIST_SHOWN = 3
+# The languages fillers and formatting are made for (prompts/fillers.<lang>.yaml); any language Babel knows
+# gets its dates and numbers, English fillers otherwise.
+LANGUAGES = ("en", "es", "de", "fr")
+_LOCALE: ContextVar[Locale | None] = ContextVar("speech_locale", default=None)  # None: English, as written below
 MAX_DEPTH = 6  # deeper structure is never worth saying aloud, and the limit keeps recursion safe
 MAX_KEYS = 30
 REASON_CHARS = 120
@@ -113,8 +129,30 @@ def humanise_name(name: str) -> str:
     return " ".join(w if len(w) > 1 and w.isupper() else w.lower() for w in words)
 
 
-def for_speech(result: ToolResult | str | Any, *, max_chars: int = 600, server_label: str | None = None) -> Spoken:
-    """A tool's answer as short plain prose, never longer than `max_chars`; never raises."""
+def for_speech(
+    result: ToolResult | str | Any, *, max_chars: int = 600, server_label: str | None = None, language: str = "en"
+) -> Spoken:
+    """A tool's answer as short plain prose, never longer than `max_chars`; never raises. `language` (a BCP 47
+    tag such as "de" or "es-MX") decides how dates and numbers are said."""
+    token = _LOCALE.set(_locale(language))
+    try:
+        return _for_speech(result, max_chars, server_label)
+    finally:
+        _LOCALE.reset(token)
+
+
+def _locale(language: str) -> Locale | None:
+    tag = (language or "en").replace("-", "_")
+    if tag.split("_")[0].lower() == "en":
+        return None
+    try:
+        return Locale.parse(tag)
+    except (UnknownLocaleError, ValueError):
+        log.warning("unknown language %r: dates and numbers are said in English", language)
+        return None
+
+
+def _for_speech(result: Any, max_chars: int, server_label: str | None) -> Spoken:
     try:
         text = _tidy(_render(result)) or f"{_system(None, server_label)[0]} returned nothing."
         return _cap(text, max_chars)
@@ -284,10 +322,15 @@ def _num(x: int | float, plain: bool) -> str:
             return _num(int(x), plain)
         if abs(x) >= 1e15 or abs(x) < 1e-4:
             return f"{x:.3g}"
+        locale = _LOCALE.get()
+        if locale is not None and not plain:
+            if abs(x) >= 1:
+                return format_decimal(round(x, 2), locale=locale)
+            return f"{x:.3g}".replace(".", get_decimal_symbol(locale))
         text = f"{x:{',' if abs(x) >= 10_000 and not plain else ''}.2f}" if abs(x) >= 1 else f"{x:.3g}"
         return text.rstrip("0").rstrip(".") if "." in text else text
     try:
-        return str(x) if plain or abs(x) < 10_000 else f"{x:,}"
+        return str(x) if plain or abs(x) < 10_000 else _grouped(x)
     except ValueError:  # beyond Python's int-to-str limit
         return "a very large number"
 
@@ -360,12 +403,17 @@ def _date(m: re.Match[str]) -> str:
         d = date(int(m[1]), int(m[2]), int(m[3]))
     except ValueError:
         return m[0]
+    locale = _LOCALE.get()
     spoken = f"{_DAYS[d.weekday()]} {d.day} {_MONTHS[d.month - 1]} {d.year}"
+    if locale is not None:
+        spoken = format_date(d, format="full", locale=locale)
     if m[4] is None:
         return spoken
     if int(m[4]) > 23 or int(m[5]) > 59:
         return m[0]
     utc = " UTC" if m[6] in ("Z", "+00:00", "+0000", "-00:00") else ""  # other offsets: the local time as written
+    if locale is not None:
+        return f"{spoken}, {format_time(time(int(m[4]), int(m[5])), format='short', locale=locale)}{utc}"
     return f"{spoken} at {m[4]}:{m[5]}{utc}"
 
 
@@ -379,7 +427,14 @@ def _number(m: re.Match[str]) -> str:
     if frac and len(frac) <= 3 and not money:  # "1.000" may be a European thousand, so three decimals stay
         frac = frac.rstrip("0").rstrip(".")
     # Seven digits and more in free text are too often phone or reference numbers to group.
-    return (f"{int(whole):,}" if 5 <= len(whole) <= 6 and whole[0] != "0" else whole) + frac
+    if not (5 <= len(whole) <= 6 and whole[0] != "0"):
+        return whole + frac
+    return _grouped(int(whole)) + frac
+
+
+def _grouped(n: int) -> str:
+    locale = _LOCALE.get()
+    return f"{n:,}" if locale is None else format_decimal(n, locale=locale, group_separator=True)
 
 
 def _tidy(text: str) -> str:

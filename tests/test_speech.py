@@ -261,3 +261,30 @@ def test_plain_prose_changes_at_most_whitespace(text: str) -> None:
     out = for_speech(text, max_chars=10_000)
     assert out.text == " ".join(text.split())
     assert for_speech(out.text, max_chars=10_000).text == out.text
+
+
+# -- the caller's language -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("language", "expected"),
+    [
+        ("en", "Booked for Tuesday 1 December 2026 at 19:30 UTC. Total 128,450 items, 7.5 percent."),
+        ("de", "Booked for Dienstag, 1. Dezember 2026, 19:30 UTC. Total 128.450 items, 7.5 percent."),
+        # Mexican Spanish: a 12-hour clock, a comma between thousands (CLDR); narrow spaces are said as spaces.
+        ("es-MX", "Booked for martes, 1 de diciembre de 2026, 7:30 p.m. UTC. Total 128,450 items, 7.5 percent."),
+        ("fr", "Booked for mardi 1 décembre 2026, 19:30 UTC. Total 128 450 items, 7.5 percent."),
+        ("xx", "Booked for Tuesday 1 December 2026 at 19:30 UTC. Total 128,450 items, 7.5 percent."),
+    ],
+)
+def test_dates_and_numbers_are_said_the_callers_way(language: str, expected: str) -> None:
+    text = "Booked for 2026-12-01T19:30Z. Total 128450 items, 7.5 percent."
+    assert for_speech(text, language=language).text == expected
+
+
+def test_values_in_structured_answers_follow_the_language_and_english_is_unchanged() -> None:
+    value = {"revenue_eur": 1284500, "growth_percent": 7.5, "price": 12345.678}
+    assert for_speech(value).text == "Price: 12,345.68. Revenue eur: 1,284,500. Growth percent: 7.5."
+    assert for_speech(value, language="de").text == "Price: 12.345,68. Revenue eur: 1.284.500. Growth percent: 7,5."
+    # Identifiers stay as written in every language.
+    assert for_speech("order 123456 and version 3.10", language="de").text == "order 123456 and version 3.10"

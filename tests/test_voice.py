@@ -289,3 +289,31 @@ async def test_release_comes_at_the_idle_timeout_but_progress_keeps_a_call_held(
         assert any("done after 2.5s" in line.text for line in call.spoken("agent"))
     finally:
         await close(call)
+
+
+# -- the caller's language -------------------------------------------------------------------------------------
+
+
+def test_filler_lines_per_language_cover_every_phase_and_fall_back_to_english() -> None:
+    english = FillerPolicy.load()
+    for language in ("es", "de", "fr", "de-AT"):
+        policy = FillerPolicy.load(language=language)
+        assert (policy.threshold_s, policy.interval_s) == (english.threshold_s, english.interval_s)
+        for phase, lines in policy.default.lines.items():
+            assert lines and set(lines).isdisjoint(english.default.lines[phase]), (language, phase)
+        assert policy.default.late_prefix != english.default.late_prefix
+    assert FillerPolicy.load(language="it").default == english.default  # no Italian file: English lines
+
+
+async def test_a_german_session_hears_german_fillers_and_dates(registry: Registry) -> None:
+    options = VoiceOptions.for_language("de")
+    options.policy.threshold_s = 1.0
+    call = await call_with(registry, stdio_demo(), options=options)
+    try:
+        await call.say("wait 2.5")
+        fillers = call.spoken("filler")
+        assert len(fillers) == 1 and fillers[0].text in FillerPolicy.load(language="de").default.lines["start"]
+        await call.say("echo Termin am 2026-12-01")
+        assert any("Dienstag, 1. Dezember 2026" in line.text for line in call.spoken("agent")), call.lines
+    finally:
+        await close(call)
