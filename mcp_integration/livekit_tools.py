@@ -13,6 +13,7 @@ The scripted LLM and the text-only session the offline demo (and the tests) driv
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Question, check
 from mcp_integration.errors import ToolCallError
 from mcp_integration.fillers import FillerPolicy, FillerRun
 from mcp_integration.jobs import Job, JobEvent
+from mcp_integration.results import ToolResult
 from mcp_integration.sampling import Sampled, SamplingRequest
-from mcp_integration.speech import error_sentence, for_speech, humanise_name
+from mcp_integration.speech import Spoken, error_sentence, for_speech, humanise_name
 from mcp_integration.tool_choice import DEFAULT_BUDGET, ToolChooser, ToolText, capped_description, capped_schema
 
 __all__ = [
@@ -63,6 +65,8 @@ VoiceEventKind = Literal["filler", "released", "handed_to_speech", "question"]
 ANSWER_TOOL = "answer_question"
 DECLINE_TOOL = "decline_question"
 FIND_TOOL = "find_tools"
+# Answers longer than this are made for the ear in a worker thread, off the event loop.
+SPEAK_IN_THREAD_CHARS = 8_000
 # LiveKit adds its own async-task tools (lk_agents_get_running_tasks, lk_agents_cancel_task) to every request
 # that offers async tools; they count against the budget too.
 LIVEKIT_TASK_TOOLS = 2
@@ -338,15 +342,22 @@ class McpToolbox(llm.Toolset):
         except asyncio.CancelledError:
             await job.cancel()
             raise
-        spoken = for_speech(
-            result, max_chars=self.options.max_chars, server_label=label, language=self.options.language
-        )
+        spoken = await self._for_speech(result, label)
         text = spoken.text
         if spoken.rest:
             self._rest[entry.name] = spoken.rest
             text += " (More is available: call more_details.)"
         self._voice(job, "handed_to_speech")
         return text
+
+    async def _for_speech(self, result: Any, label: str | None = None) -> Spoken:
+        """An answer made for the ear; a long one in a worker thread, so parsing a 100,000-character answer never
+        holds up the session's audio and timers (a markdown parse of one takes a few hundred ms)."""
+        speak = functools.partial(
+            for_speech, result, max_chars=self.options.max_chars, server_label=label, language=self.options.language
+        )
+        text = result.text if isinstance(result, ToolResult) else result if isinstance(result, str) else ""
+        return await asyncio.to_thread(speak) if len(text) > SPEAK_IN_THREAD_CHARS else speak()
 
     def _voice(self, job: Job, kind: VoiceEventKind, **data: Any) -> None:
         for observe in list(self.voice_observers):
@@ -360,7 +371,7 @@ class McpToolbox(llm.Toolset):
         key = tool if tool in self._rest else next(reversed(self._rest), None)
         if key is None:
             return "There is nothing more to add."
-        spoken = for_speech(self._rest.pop(key), max_chars=self.options.max_chars, language=self.options.language)
+        spoken = await self._for_speech(self._rest.pop(key))
         if spoken.rest:
             self._rest[key] = spoken.rest
         return spoken.text

@@ -1,7 +1,8 @@
 """Tool results as something a voice can say (DESIGN: "Speech is a format").
 
-Pure functions, no I/O: markdown, HTML, URLs and JSON become short plain prose under a hard length cap, and a
-failed call becomes one honest sentence. What did not fit is kept for follow-up questions.
+Pure functions, no I/O: markdown (read by a CommonMark parser, markdown-it-py), HTML, URLs and JSON become short
+plain prose under a hard length cap, and a failed call becomes one honest sentence. What did not fit is kept
+for follow-up questions.
 
 Dates, times and grouped numbers are said the caller's way: English as below, other languages through Babel's
 CLDR data (`language=` of `for_speech`, carried to the formatters in a context variable for the one call).
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date, format_time
 from babel.numbers import format_decimal, get_decimal_symbol
+from markdown_it import MarkdownIt
 
 from mcp_integration.errors import ToolCallError
 from mcp_integration.results import ToolResult
@@ -73,30 +75,21 @@ _SECRET_KEY = re.compile(r"passw(or)?d|secret|apikey|token$|authori[sz]ation|coo
 _DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 _MONTHS = "January February March April May June July August September October November December".split()
 
+# CommonMark with HTML blocks (said through their text) and GFM tables and strikethrough; no linkify: bare
+# addresses are found by _URL, which also knows schemeless ones ("www.", "//").
+_MD = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ufffd\ud800-\udfff]")
 _EMOJI = re.compile(
     "[\U0001f000-\U0001faff\u2300-\u23ff\u2600-\u27bf\u2b00-\u2bff\ufe00-\ufe0f\u20e3\ue000-\uf8ff"
     "\U000e0000-\U000e007f]"
 )
-_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n`]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
 _SCRIPT = re.compile(r"<(script|style)\b.*?(?:</\1\s*>|\Z)|<!--.*?(?:-->|\Z)", re.I | re.S)  # unclosed: to the end
-_AUTOLINK = re.compile(r"<((?:https?|ftp)://[^\s<>]+)>")
 _BLOCK_TAG = re.compile(r"<br\s*/?>|</(?:p|div|li|tr|h[1-6]|ul|ol|table|blockquote)\s*>", re.I)
 _LI = re.compile(r"<li\b[^>]*>", re.I)
 _TAG = re.compile(r"</?[a-zA-Z][\w:-]*(?:\s[^<>]*)?/?>")
-# No "[" inside the text, no "[" or "(" inside the URL, a bounded title: each candidate fails fast, so a run of
-# "[" or "[](" costs linear time, not quadratic (100 000 of them took minutes).
-_LINK = re.compile(r"!?\[([^\[\]\n]*)\]\(\s*<?([^)\s>\[(]*)>?(?:\s+[\"'][^\n]{0,300}?[\"'])?\s*\)")
 _URL = re.compile(
     r"(?:\b(?:https?|ftp)://|(?<![\w:/])//(?=[\w-]+\.)|\bwww\.)[^\s<>\"'`\[\](){}|]*[^\s<>\"'`\[\](){}|.,;:!?]", re.I
 )
-_HEADING = re.compile(r"^#{1,6}(?:\s+|$)(.*?)(?:\s+#+)?$")
-_RULE = re.compile(r"^(?:[-*_=]\s*){3,}$")
-_TABLE_SEP = re.compile(r"^\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?$")
-_ITEM = re.compile(r"^(?:[-*+•◦‣▪]|\d{1,3}[.)])\s+(.*)$")
-_QUOTE = re.compile(r"^(?:>\s?)+")
-_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!>~|])")
-_UNDERSCORE_EM = re.compile(r"(?<!\w)(__?)(?=\S)([^\n_]{0,300}?\S)\1(?!\w)")
 _SECRET = re.compile(
     r"\bBearer\s+[\w.~+/=-]{16,}|\b(?:sk|pk|rk)[-_](?:live_|test_|proj-)?[\w-]{12,}|\bgh[pousr]_\w{20,}"
     r"|\bxox[abprs]-[\w-]{10,}|\bAKIA[0-9A-Z]{16}\b|\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*"
@@ -340,15 +333,11 @@ def _num(x: int | float, plain: bool) -> str:
 
 def _clean(text: str) -> str:
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _SCRIPT.sub("", _FENCE.sub("\n(code omitted)\n", text))
-    text = _AUTOLINK.sub(lambda m: _site(m[1]), text)
-    text = _TAG.sub("", _BLOCK_TAG.sub("\n", _LI.sub("\n- ", text)))
-    text = _TAG.sub("", html.unescape(text))
-    text = _lines(_CONTROL.sub("", _EMOJI.sub("", text)))
-    text = _UNDERSCORE_EM.sub(r"\2", _LINK.sub(lambda m: m[1].strip() or _site(m[2]), text))
+    text = _markdown(_SCRIPT.sub("", text))
+    text = _CONTROL.sub("", _EMOJI.sub("", text))
     # A value the scrubber masked ("Bearer ***", "token=***") is said as its name alone, like a secret found here.
     text = _MASKED.sub(lambda m: m[1] or "", text)
-    text = _URL.sub(lambda m: _site(m[0]), re.sub(r"[*`]|~~", "", _ESCAPE.sub(r"\1", text)))
+    text = _URL.sub(lambda m: _site(m[0]), re.sub(r"[*`]|~~", "", text))
     text = _SECRET.sub("", _KEYVAL.sub(r"\1", text))
     return _NUMBER.sub(_number, _DATE.sub(_date, text))
 
@@ -361,36 +350,72 @@ def _site(url: str) -> str:
     return host.removeprefix("www.")
 
 
-def _lines(text: str) -> str:
-    """Block markdown to sentences: headings, rows and code stand alone, list items run on with "; "."""
+def _markdown(text: str, *, depth: int = 0) -> str:
+    """Markdown (and the HTML in it) to sentences, through a CommonMark parser: headings, table rows and code
+    stand alone, list items run on with "; ", paragraphs end with a full stop; emphasis, escapes and link
+    syntax go, a link is said by its text (or its site), an image by its alt text."""
     units: list[tuple[str, str]] = []
-    para: list[str] = []
-    for raw in text.split("\n"):
-        line = _QUOTE.sub("", raw.strip()).strip()
-        kind, content = "para", line
-        if not line or _RULE.match(line):
-            kind = "break"
-        elif m := _HEADING.match(line):
-            kind, content = "head", m[1]
-        elif line == "(code omitted)":
-            kind = "head"
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            kind, content = ("break", "") if _TABLE_SEP.match(line) else ("row", ", ".join(c for c in cells if c))
-        elif m := _ITEM.match(line):
-            kind, content = "item", m[1]
-        if kind == "para":
-            para.append(line)
-            continue
-        if para:
-            units.append(("para", " ".join(para)))
-            para = []
-        units.append((kind, content.strip()))
-    if para:
-        units.append(("para", " ".join(para)))
+    kinds: list[str] = []  # the open blocks that decide what a paragraph inside them is
+    row: list[str] = []
+    for token in _MD.parse(text):
+        kind = token.type
+        if kind in ("heading_open", "list_item_open", "tr_open", "blockquote_open"):
+            kinds.append(kind)
+            row = [] if kind == "tr_open" else row
+        elif kind in ("heading_close", "list_item_close", "blockquote_close"):
+            kinds.pop()
+        elif kind == "tr_close":
+            kinds.pop()
+            units.append(("row", ", ".join(c for c in row if c)))
+        elif kind == "inline":
+            said = _inline(token.children or []).strip()
+            if "tr_open" in kinds:
+                row.append(said)
+            elif kinds and kinds[-1] == "heading_open":
+                units.append(("head", said))
+            elif "list_item_open" in kinds:
+                units.append(("item", said))
+            else:
+                units.append(("para", said))
+        elif kind in ("fence", "code_block"):
+            units.append(("head", "(code omitted)"))
+        elif kind == "html_block" and depth == 0:
+            inner = _TAG.sub("", html.unescape(_TAG.sub("", _BLOCK_TAG.sub("\n", _LI.sub("\n- ", token.content)))))
+            units.append(("html", _markdown(inner, depth=1)))
+    return _join(units)
+
+
+def _inline(children: list[Any]) -> str:
+    out: list[str] = []
+    link: list[tuple[str, int]] = []  # open links: their target, and where their text starts in `out`
+    for child in children:
+        kind = child.type
+        if kind in ("text", "code_inline"):
+            out.append(child.content)
+        elif kind in ("softbreak", "hardbreak"):
+            out.append(" ")
+        elif kind == "link_open":
+            link.append((str(child.attrs.get("href", "")), len(out)))
+        elif kind == "link_close" and link:
+            href, start = link.pop()
+            said = "".join(out[start:]).strip()
+            # An autolink (or a link whose text is its address) is said by its site, like any bare address.
+            if not said or child.markup == "autolink" or said == href:
+                del out[start:]
+                out.append(_site(href))
+        elif kind == "image":
+            alt = "".join(c.content for c in child.children or [] if c.type in ("text", "code_inline")).strip()
+            out.append(alt or _site(str(child.attrs.get("src", ""))))
+        elif kind == "html_inline" and child.content.lower().startswith(("<br", "<li")):
+            out.append(" ")
+    return "".join(out)
+
+
+def _join(units: list[tuple[str, str]]) -> str:
     out, prev = "", ""
     for kind, content in units:
-        if kind == "break" or not content:
+        content = content.strip()
+        if not content:
             continue
         if out:
             out += " " if out[-1] in ".!?:;,…" else "; " if prev == kind == "item" else ". "

@@ -301,6 +301,12 @@ def voice_route(text: str) -> tuple[str, dict[str, Any]] | None:
         return (ANSWER_TOOL, {"day": "2026-12-01", "time": "breakfast" if "breakfast" in said else "lunch"})
     if "rather not" in said:
         return (DECLINE_TOOL, {})
+    if "forget the whole thing" in said:
+        return (DECLINE_TOOL, {"stop": True})
+    if said.startswith("fill in the form"):
+        return ("trigger-elicitation-request", {})
+    if said.startswith("i am ada"):
+        return (ANSWER_TOOL, {"name": "Ada Lovelace", "check": "yes", "titledSingleSelectEnum": "Wonder Woman"})
     return None
 
 
@@ -381,6 +387,41 @@ async def test_by_voice_a_browser_step_is_declined_with_what_the_caller_can_do(
         said = await heard(call, "web browser")
         assert "example.com" in said or "example.com" in str(call.lines)
         await heard(call, "Sign-up: decline.")
+    finally:
+        await call.aclose()
+        await d.aclose()
+
+
+async def test_by_voice_the_caller_can_stop_the_whole_request(asking: Dispatcher) -> None:
+    call, _ = await voice_call(asking)
+    try:
+        await call.say("Book a table for 5")
+        await heard(call, "Which day would you like the table for 5?")
+        await call.say("Forget the whole thing")
+        await heard(call, "Not booked: the caller chose cancel.")
+    finally:
+        await call.aclose()
+
+
+async def test_by_voice_the_reference_servers_form_is_filled_from_what_the_caller_says(registry: Registry) -> None:
+    """server-everything's elicitation tool (every field kind, defaults for most) over stdio, in a text session:
+    the caller is asked its question, answers, and the server reports the fields it received."""
+    cfg = await registry.add_server(
+        ServerConfig(name="everything", transport="stdio", command=str(NODE), args=[str(EVERYTHING), "stdio"])
+    )
+    d = Dispatcher(registry)
+    await d.start(servers=[cfg])
+    call, _ = await voice_call(d)
+    try:
+        await call.say("Fill in the form for me")
+        await heard(call, "Please provide inputs for the following fields:")
+        await call.say("I am Ada Lovelace, yes I agree, and Wonder Woman")
+        said = await heard(call, "Ada Lovelace", timeout=30)
+        await heard(call, "hero-3")  # the title the caller said, sent as the choice's value
+        (job,) = call.toolbox.jobs
+        record = job.elicitations[0]
+        assert record["action"] == "accept" and record["content"]["integer"] == 42  # a default, filled in by us
+        assert "User provided the requested information" in said or "User inputs" in said
     finally:
         await call.aclose()
         await d.aclose()
