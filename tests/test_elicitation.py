@@ -343,33 +343,39 @@ async def test_by_voice_the_caller_is_asked_answers_and_hears_the_result(asking:
         await call.aclose()
 
 
-async def test_by_voice_an_answer_that_does_not_fit_is_asked_again_once(asking: Dispatcher) -> None:
-    call, _ = await voice_call(asking)
+async def converse(d: Dispatcher, *steps: tuple[str | None, str], **options: Any) -> TextCall:
+    """Each step: what the caller says (None: nothing), then a line the agent must say. Returns the call, closed."""
+    call, _ = await voice_call(d, **options)
     try:
-        await call.say("Book a table for 4")
-        await heard(call, "Which day would you like the table for 4?")
-        await call.say("The first of December, for breakfast")
-        await heard(call, "'breakfast' is not one of ['lunch', 'dinner']")  # handed back to ask again
-        await call.say("The first of December, for lunch then")
-        await heard(call, "Booked a table for 4 on Tuesday 1 December 2026 for lunch.")
+        for said, expected in steps:
+            if said is not None:
+                await call.say(said)
+            await heard(call, expected)
     finally:
         await call.aclose()
+    return call
+
+
+async def test_by_voice_an_answer_that_does_not_fit_is_asked_again_once(asking: Dispatcher) -> None:
+    await converse(
+        asking,
+        ("Book a table for 4", "Which day would you like the table for 4?"),
+        ("The first of December, for breakfast", "'breakfast' is not one of ['lunch', 'dinner']"),  # ask again
+        ("The first of December, for lunch then", "Booked a table for 4 on Tuesday 1 December 2026 for lunch."),
+    )
 
 
 async def test_by_voice_decline_and_silence(asking: Dispatcher) -> None:
-    call, _ = await voice_call(asking, ask_timeout_s=2.0)
-    try:
-        await call.say("Book a table for 2")
-        await heard(call, "Which day would you like the table for 2?")
-        await call.say("I'd rather not say")
-        await heard(call, "Not booked: the caller chose decline.")
+    call = await converse(
+        asking,
+        ("Book a table for 2", "Which day would you like the table for 2?"),
+        ("I'd rather not say", "Not booked: the caller chose decline."),
         # Asked again, the caller says nothing: cancelled after the bound, and the call still ends honestly.
-        await call.say("Book a table for 3")
-        await heard(call, "Which day would you like the table for 3?")
-        await heard(call, "Not booked: the caller chose cancel.", timeout=30)
-        assert [j.elicitations[0]["action"] for j in call.toolbox.jobs] == ["decline", "cancel"]
-    finally:
-        await call.aclose()
+        ("Book a table for 3", "Which day would you like the table for 3?"),
+        (None, "Not booked: the caller chose cancel."),
+        ask_timeout_s=2.0,
+    )
+    assert [j.elicitations[0]["action"] for j in call.toolbox.jobs] == ["decline", "cancel"]
 
 
 async def test_by_voice_a_browser_step_is_declined_with_what_the_caller_can_do(
@@ -393,14 +399,11 @@ async def test_by_voice_a_browser_step_is_declined_with_what_the_caller_can_do(
 
 
 async def test_by_voice_the_caller_can_stop_the_whole_request(asking: Dispatcher) -> None:
-    call, _ = await voice_call(asking)
-    try:
-        await call.say("Book a table for 5")
-        await heard(call, "Which day would you like the table for 5?")
-        await call.say("Forget the whole thing")
-        await heard(call, "Not booked: the caller chose cancel.")
-    finally:
-        await call.aclose()
+    await converse(
+        asking,
+        ("Book a table for 5", "Which day would you like the table for 5?"),
+        ("Forget the whole thing", "Not booked: the caller chose cancel."),
+    )
 
 
 async def test_by_voice_the_reference_servers_form_is_filled_from_what_the_caller_says(registry: Registry) -> None:
