@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from _common import bench_database, bench_registry, bench_schema, die_with_parent, spawn, stop  # noqa: E402
 
 from mcp_integration.auth_config import OAuthSettings  # noqa: E402
+from mcp_integration.oauth import refresh_margin  # noqa: E402
 from mcp_integration.oauth_login import login  # noqa: E402
 from mcp_integration.oauth_store import OAuthStore  # noqa: E402
 from mcp_integration.registry import ServerConfig  # noqa: E402
@@ -90,11 +91,6 @@ def run_workers(env: dict[str, str], n: int, seconds: float, interval: float) ->
             raise RuntimeError(f"a worker failed (exit {proc.returncode}): {err.strip()[-2000:]}")
         reports.append(json.loads(out.strip().splitlines()[-1]))
     return reports
-
-
-def refresh_margin(ttl: float) -> float:
-    # As oauth._refresh_margin: a fifth of the lifetime, between 1 s and 60 s.
-    return min(60.0, max(1.0, ttl / 5))
 
 
 async def main() -> None:

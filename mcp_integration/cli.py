@@ -597,16 +597,7 @@ def _list_tools(d: Dispatcher, args: argparse.Namespace) -> None:
 async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise CliError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    if len(args.args.encode("utf-8", "replace")) > MAX_ARGUMENT_BYTES:
-        raise CliError(f"--args is larger than {MAX_ARGUMENT_BYTES:,} bytes")
-    if json_too_deep(args.args):
-        raise CliError(f"--args nests deeper than {MAX_DEPTH} levels")
-    try:
-        arguments: Any = json.loads(args.args)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(arguments, dict):
-        raise CliError('--args must be a JSON object, like \'{"text": "hi"}\'')
+    arguments = _json_object("--args", args.args, '\'{"text": "hi"}\'')
     asker = _asker(args.input)
     async with _runtime(reg, args, args.server, quiet=True) as rt:
         d = rt.dispatcher
@@ -635,15 +626,24 @@ async def cmd_call(reg: Registry, args: argparse.Namespace) -> None:
 def _asker(given: str | None) -> Asker:
     if given is None:
         return ask_on_terminal if sys.stdin.isatty() else decline_all
-    if len(given.encode("utf-8", "replace")) > MAX_ARGUMENT_BYTES or json_too_deep(given):
-        raise CliError(f"--input is larger than {MAX_ARGUMENT_BYTES:,} bytes or nests deeper than {MAX_DEPTH} levels")
+    return from_values(
+        _json_object("--input", given, '\'{"day": "2026-12-01"}\'', what="a JSON object of field values")
+    )
+
+
+def _json_object(flag: str, text: str, example: str, *, what: str = "a JSON object") -> dict[str, Any]:
+    """A command-line JSON object, checked for size and depth before it is parsed."""
+    if len(text.encode("utf-8", "replace")) > MAX_ARGUMENT_BYTES:
+        raise CliError(f"{flag} is larger than {MAX_ARGUMENT_BYTES:,} bytes")
+    if json_too_deep(text):
+        raise CliError(f"{flag} nests deeper than {MAX_DEPTH} levels")
     try:
-        values = json.loads(given)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CliError(f"--input is not valid JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(values, dict):
-        raise CliError('--input must be a JSON object of field values, like \'{"day": "2026-12-01"}\'')
-    return from_values(values)
+        raise CliError(f"{flag} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise CliError(f"{flag} must be {what}, like {example}")
+    return value
 
 
 def _print_event(event: JobEvent) -> None:

@@ -284,7 +284,7 @@ class McpToolbox(llm.Toolset):
             freed = {"turn": False}  # the caller's turn was freed (by a question, or at the release point)
 
             async def ask(question: Question) -> Answer:
-                return await self.asking.ask(question, ctx, freed)
+                return await self.asking.ask(question, ctx, freed, job)  # `job`: assigned just below
 
             job = self.dispatcher.submit(entry.name, arguments if isinstance(arguments, dict) else {}, asker=ask)
             job.ask_timeout_s = self.options.ask_timeout_s
@@ -400,7 +400,7 @@ class VoiceQuestions:
     def tools(self) -> list[llm.Tool]:
         return list(self._tools) if self.open is not None else []
 
-    async def ask(self, question: Question, ctx: RunContext, freed: dict[str, bool]) -> Answer:
+    async def ask(self, question: Question, ctx: RunContext, freed: dict[str, bool], job: Job) -> Answer:
         label = self.toolbox.label(question.server)
         if question.mode == "url":
             await self._update(ctx, freed, url_sentence(question, label))
@@ -410,9 +410,7 @@ class VoiceQuestions:
             self._answer = asyncio.get_running_loop().create_future()
             self._tools = self._make_tools(question)
             try:
-                for job in self.toolbox.jobs:
-                    if job.asking and job.tool == question.tool:
-                        self.toolbox._voice(job, "question", message=question.message)
+                self.toolbox._voice(job, "question", message=question.message)
                 await self._update(ctx, freed, ask_prompt(question, label))
                 return await self._answer
             finally:

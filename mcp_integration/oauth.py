@@ -91,6 +91,7 @@ __all__ = [
     "SharedTokens",
     "build_provider",
     "detect_oauth",
+    "refresh_margin",
     "token_subject",
 ]
 
@@ -199,9 +200,9 @@ class SharedTokens(TokenStorage):
         return out
 
 
-def _refresh_margin(token: OAuthToken) -> float:
-    lifetime = float(token.expires_in or 3600)
-    return min(60.0, max(1.0, lifetime / 5))
+def refresh_margin(lifetime_s: float | None) -> float:
+    """How long before expiry a token is refreshed: a fifth of its lifetime, between 1 s and 60 s."""
+    return min(60.0, max(1.0, float(lifetime_s or 3600) / 5))
 
 
 class _Shared:
@@ -364,7 +365,7 @@ class _Shared:
         expiry = self.context.token_expiry_time
         if token is None or not token.access_token or expiry is None:
             return False
-        return time.time() >= expiry - _refresh_margin(token)
+        return time.time() >= expiry - refresh_margin(token.expires_in)
 
     def _newer(self, stored: StoredTokens) -> bool:
         current = self.context.current_tokens
@@ -373,7 +374,7 @@ class _Shared:
         if stored.expires_at is None:
             return True
         token = OAuthToken.model_validate(stored.token)
-        return time.time() < stored.expires_at - _refresh_margin(token)
+        return time.time() < stored.expires_at - refresh_margin(token.expires_in)
 
     def _refreshable(self, stored: StoredTokens | None) -> bool:
         token = stored.token if stored is not None else None
