@@ -10,6 +10,8 @@ Plugins are built inside the entrypoint, never at import, so `--help`, the tests
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -21,10 +23,12 @@ from livekit.plugins import deepgram, openai, silero
 
 from mcp_integration.config import PROJECT_ROOT, Settings
 from mcp_integration.embedded_db import EmbeddedPostgres
+from mcp_integration.fleet import Fleet
 from mcp_integration.livekit_tools import McpToolbox, VoiceOptions, llm_from_env
 from mcp_integration.logs import bind, install_context_filter, log_format, use_json_on
 from mcp_integration.metrics import process_metrics
 from mcp_integration.registry import Registry
+from mcp_integration.relay import Relay
 from mcp_integration.runtime import open_runtime
 from mcp_integration.scrubber import install_log_scrubber
 
@@ -41,11 +45,13 @@ def prewarm(proc: JobProcess) -> None:
     process_metrics(SETTINGS.prometheus_multiproc_dir)  # registered now, so /metrics has ours from the start
 
 
-async def process_registry(proc: JobProcess) -> Registry:
-    """The process's one registry (pool), opened on first use: the event loop only exists from here on.
+async def process_fleet(proc: JobProcess) -> tuple[Registry, Fleet]:
+    """The process's one registry (pool) and its share of the fleet (signals, health leases), opened on first
+    use: the event loop only exists from here on.
 
     Opened without waiting: a database that is down must not stop a session (it starts from the on-disk copy of
-    the registry), and the pool keeps reconnecting, so job records land once the database is back."""
+    the registry), and the pool keeps reconnecting, so job records land once the database is back. The pool holds
+    no connection while the session is quiet (README: "Connection budget")."""
     registry = proc.userdata.get("registry")
     if registry is None:
         url = SETTINGS.database_url
@@ -53,8 +59,26 @@ async def process_registry(proc: JobProcess) -> Registry:
             embedded = EmbeddedPostgres(SETTINGS.data_dir)
             url = await embedded.start()
             proc.userdata["embedded_pg"] = embedded
-        registry = proc.userdata["registry"] = await Registry.open(url, wait=False)
-    return registry
+        registry = proc.userdata["registry"] = await Registry.open(
+            url, min_size=0, max_size=SETTINGS.db_pool_max, max_idle=SETTINGS.db_pool_idle_s, wait=False
+        )
+        proc.userdata["fleet"] = Fleet.open(registry, SETTINGS)
+    return registry, proc.userdata["fleet"]
+
+
+def start_relay() -> None:
+    """In the worker's main process: one PostgreSQL listener for all its job processes (relay.py). They find
+    it through VOICE_MCP_RELAY, set before they are started so they inherit it."""
+    path = os.environ.get("VOICE_MCP_RELAY")
+    if not (path and SETTINGS.database_url):
+        return  # an embedded database lives in the job processes: each listens on its own
+    relay = Relay(SETTINGS.database_url, path)
+    _relays.append(relay)
+    asyncio.get_running_loop().create_task(relay.start())
+    atexit.register(lambda: os.path.exists(path) and os.unlink(path))  # the worker's loop is gone by then
+
+
+_relays: list[Relay] = []  # the main process's relay, kept alive for the worker's life
 
 
 server = AgentServer(
@@ -77,17 +101,11 @@ async def entrypoint(ctx: JobContext) -> None:
     stack = AsyncExitStack()
     ctx.add_shutdown_callback(stack.aclose)
     # From the tool cache at once (the on-disk copy if the database is down): a slow server never delays the
-    # greeting; discovery goes on behind it. The registry is followed live; each session checks its servers,
-    # writing to the registry only when a status changes.
+    # greeting; discovery goes on behind it. The registry is followed live; servers are checked once for the
+    # whole fleet, by whichever session holds each one's lease, and every session hears each change of status.
+    registry, fleet = await process_fleet(ctx.proc)
     rt = await stack.enter_async_context(
-        open_runtime(
-            await process_registry(ctx.proc),
-            SETTINGS,
-            snapshot=True,
-            watch=True,
-            monitor=True,
-            record_every_check=False,
-        )
+        open_runtime(registry, SETTINGS, snapshot=True, watch=True, monitor=True, fleet=fleet)
     )
     metrics = process_metrics(SETTINGS.prometheus_multiproc_dir)
     metrics.attach(rt.dispatcher, rt.health)
@@ -121,6 +139,11 @@ if __name__ == "__main__":
     if json_logs:
         # LiveKit installs its handler when the worker starts; switching its formatter keeps one handler.
         server.on("worker_started", lambda: use_json_on())
+    if SETTINGS.database_url and not SETTINGS.relay_socket:
+        # Before any job process starts, so all inherit it; started with the worker (whichever process runs it).
+        os.environ["VOICE_MCP_RELAY"] = os.path.join(tempfile.gettempdir(), f"voice-mcp-relay-{os.getpid()}.sock")
+        SETTINGS = Settings.from_env()
+        server.on("worker_started", start_relay)
     if SETTINGS.metrics_port and not SETTINGS.prometheus_multiproc_dir:
         server.on(
             "worker_started",

@@ -1,9 +1,15 @@
 """Session-start benchmark: how long until the dispatcher's tool index is ready, for N real MCP servers.
 
-    python bench/session_start.py [--servers 20] [--delay-ms 100] [--runs 5]
+    python bench/session_start.py [--servers 20] [--delay-ms 100] [--runs 5] [--legacy]
 
 Modes: one server alone (baseline), N servers one after another, N servers concurrently, and a warm start
-from the Postgres tool cache (`start(wait=False)`). Uses DATABASE_URL if set, else an embedded PostgreSQL.
+from the Postgres tool cache (`start(wait=False)`). Each is a worker's steady state: a new dispatcher per run,
+as per session, over a registry that already holds the tool cache and each server's remembered protocol (from
+the untimed warm-up run), so a connect skips the `server/discover` probe, or on these 2026-07-28 servers adopts
+the stored DiscoverResult with no handshake round trip. One more mode, for comparison, starts concurrently with
+the memory withheld (every connect negotiates afresh, as the first session of a new server does). Uses
+DATABASE_URL if set, else an embedded PostgreSQL. `--legacy`: servers that refuse `server/discover`, so every
+connect is a 2025-11-25 handshake, which a remembered protocol spares only the probe.
 """
 
 from __future__ import annotations
@@ -26,17 +32,18 @@ sys.path.insert(0, str(ROOT / "tests" / "servers"))
 from _common import bench_database, bench_registry, bench_schema  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
+from mcp_integration.protocol_memory import KnownProtocol  # noqa: E402
 from mcp_integration.registry import ServerConfig  # noqa: E402
 
 DEMO = ROOT / "tests" / "servers" / "demo_server.py"
 TOOLS_PER_SERVER = 5  # echo, add, slow, fail, lookup.weather
 
 
-def start_servers(n: int, delay_ms: int, procs: list[subprocess.Popen[str]]) -> list[int]:
+def start_servers(n: int, delay_ms: int, procs: list[subprocess.Popen[str]], *, legacy: bool = False) -> list[int]:
     """Start n demo servers over Streamable HTTP (all at once); returns their ports. `procs` collects them."""
     for i in range(n):
         cmd = [sys.executable, str(DEMO), "--transport", "streamable-http", "--port", "0"]
-        cmd += ["--list-delay-ms", str(delay_ms), "--name", f"s{i}"]
+        cmd += ["--list-delay-ms", str(delay_ms), "--name", f"s{i}", *(["--legacy"] if legacy else [])]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT))
     ports = []
     for proc in procs:
@@ -59,6 +66,27 @@ async def timed(runs: int, once: Callable[[], Awaitable[float]]) -> list[float]:
     return [await once() for _ in range(runs)]
 
 
+class Remembered:
+    """How many connects of the timed runs used a remembered protocol, and which ones were remembered."""
+
+    def __init__(self) -> None:
+        self.connects = 0
+        self.remembered = 0
+        self.kinds: set[str] = set()
+
+    def count(self, d: Dispatcher) -> None:
+        for state in d.servers.values():
+            self.connects += 1
+            self.remembered += state.conn.remembered
+        self.kinds |= {_kind(m) for m in d.protocols.values()}
+
+
+def _kind(memory: KnownProtocol) -> str:
+    if memory.era == "modern":
+        return f"{memory.protocol_version}: stored DiscoverResult adopted, no handshake round trip"
+    return f"{memory.protocol_version}: initialize without the server/discover probe"
+
+
 def check_index(d: Dispatcher, names: list[str]) -> None:
     errors = {n: s.error for n, s in d.servers.items() if s.error}
     assert not errors, f"discovery errors: {errors}"
@@ -67,7 +95,7 @@ def check_index(d: Dispatcher, names: list[str]) -> None:
     assert len(d.tools) == TOOLS_PER_SERVER * len(names), f"index holds {len(d.tools)} tools"
 
 
-async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[float]]:
+async def bench(base_url: str, ports: list[int], runs: int) -> tuple[dict[str, list[float]], dict[str, Remembered]]:
     async with bench_schema(base_url) as conninfo, bench_registry(conninfo) as registry:
         cfgs = [
             await registry.add_server(
@@ -78,6 +106,7 @@ async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[fl
         names = [c.name for c in cfgs]
         reg = registry
         closes: list[float] = []
+        memory = {"warm-up": Remembered(), "one": Remembered(), "concurrent": Remembered(), "afresh": Remembered()}
 
         async def one() -> float:
             d = Dispatcher(reg)
@@ -86,6 +115,7 @@ async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[fl
                 await d.start(wait=True, servers=[cfgs[0]])
                 elapsed = time.perf_counter() - t0
                 check_index(d, names[:1])
+                memory["one"].count(d)
             finally:
                 await d.aclose()
             return elapsed * 1000
@@ -104,13 +134,15 @@ async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[fl
                 await d.aclose()
             return elapsed * 1000
 
-        async def concurrent() -> float:
+        async def concurrent(afresh: bool = False, counted: str = "concurrent") -> float:
             d = Dispatcher(reg)
             try:
                 t0 = time.perf_counter()
-                await d.start(wait=True)
+                # protocols={}: the remembered protocols withheld, as for servers met for the first time.
+                await d.start(wait=True, protocols={} if afresh else None)
                 elapsed = time.perf_counter() - t0
                 check_index(d, names)
+                memory["afresh" if afresh else counted].count(d)
             finally:
                 await d.aclose()
             return elapsed * 1000
@@ -129,18 +161,21 @@ async def bench(base_url: str, ports: list[int], runs: int) -> dict[str, list[fl
                 closes.append((time.perf_counter() - t1) * 1000)
             return elapsed * 1000
 
-        await concurrent()  # warm-up, untimed: first connections, imports, the tool cache filled once
+        # Warm-up, untimed: first connections, imports; the tool cache and the protocols stored (its aclose waits
+        # for those writes).
+        await concurrent(counted="warm-up")
         results = {
             "one server (baseline)": await timed(runs, one),
             f"sequential x{len(cfgs)}": await timed(runs, sequential),
             f"concurrent x{len(cfgs)}": await timed(runs, concurrent),
             "warm cache (wait=False)": await timed(runs, warm),
             "  aclose after warm start": closes,
+            f"concurrent x{len(cfgs)}, afresh": await timed(runs, lambda: concurrent(afresh=True)),
         }
-        return results
+        return results, memory
 
 
-async def run(ports: list[int], runs: int) -> dict[str, list[float]]:
+async def run(ports: list[int], runs: int) -> tuple[dict[str, list[float]], dict[str, Remembered]]:
     async with bench_database() as url:
         return await bench(url, ports, runs)
 
@@ -149,12 +184,20 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10, method="inclusive")[-1] if len(xs) > 1 else xs[0]
 
 
-def report(results: dict[str, list[float]], n: int, delay_ms: int, runs: int) -> None:
+def report(results: dict[str, list[float]], memory: dict[str, Remembered], n: int, delay_ms: int, runs: int) -> None:
     print(f"\n{n} servers, tools/list delay {delay_ms} ms, {runs} runs per mode\n")
-    print(f"{'mode':<28}{'median ms':>11}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}")
+    print(f"{'mode':<30}{'median ms':>11}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}")
     for mode, xs in results.items():
-        print(f"{mode:<28}{statistics.median(xs):>11.1f}{p90(xs):>10.1f}{min(xs):>10.1f}{max(xs):>10.1f}")
+        print(f"{mode:<30}{statistics.median(xs):>11.1f}{p90(xs):>10.1f}{min(xs):>10.1f}{max(xs):>10.1f}")
     one, seq, conc, warm = (statistics.median(xs) for xs in list(results.values())[:4])
+    steady = [memory["one"], memory["concurrent"]]
+    connects, remembered = sum(m.connects for m in steady), sum(m.remembered for m in steady)
+    kinds = "; ".join(sorted(set().union(*(m.kinds for m in steady)))) or "nothing remembered"
+    print(
+        f"\nprotocol remembered: {'yes' if connects and remembered == connects else 'NO'} "
+        f"({remembered} of {connects} connects in the one-server and concurrent runs; {kinds}); "
+        f"afresh: {memory['afresh'].remembered} of {memory['afresh'].connects}"
+    )
     checks = [
         (f"sequential / concurrent = {seq / conc:.1f}x", f"informational (ideal ~{n}x)", None),
         (f"concurrent / one server = {conc / one:.2f}x", "expected <= 1.5x", conc / one <= 1.5),
@@ -171,17 +214,18 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=20)
     parser.add_argument("--delay-ms", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--legacy", action="store_true", help="servers that refuse server/discover (2025-11-25)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mcp_integration").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # pgserver via platformdirs
     procs: list[subprocess.Popen[str]] = []
     try:
-        ports = start_servers(args.servers, args.delay_ms, procs)
-        results = asyncio.run(run(ports, args.runs))
+        ports = start_servers(args.servers, args.delay_ms, procs, legacy=args.legacy)
+        results, memory = asyncio.run(run(ports, args.runs))
     finally:
         stop_servers(procs)
-    report(results, args.servers, args.delay_ms, args.runs)
+    report(results, memory, args.servers, args.delay_ms, args.runs)
 
 
 if __name__ == "__main__":

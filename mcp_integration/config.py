@@ -28,6 +28,14 @@ class Settings:
     db_start_timeout_s: float = 3.0
     # HEALTH_INTERVAL_S: seconds between health checks of each server (the breaker probes a down one sooner).
     health_interval_s: float = 15.0
+    # VOICE_MCP_RELAY: the Unix socket of the machine's relay (relay.py), which listens to PostgreSQL for every job
+    # process of a worker; unset: each process listens on a connection of its own. agent.py sets it for its job
+    # processes.
+    relay_socket: str | None = None
+    # DB_POOL_MAX / DB_POOL_IDLE_S: a voice process's pool: at most this many connections, each closed after this
+    # long unused (none is kept open while a session is quiet).
+    db_pool_max: int = 2
+    db_pool_idle_s: float = 10.0
     dashboard_token: str | None = None  # DASHBOARD_TOKEN: required to serve the status page off loopback
     # VOICE_MCP_SECRET_KEY: Fernet key(s), comma-separated, sealing OAuth tokens in the registry (vault.py).
     secret_key: str | None = field(default=None, repr=False)
@@ -62,6 +70,9 @@ class Settings:
             connect_timeout_s=float(env.get("MCP_CONNECT_TIMEOUT_S", "10")),
             db_start_timeout_s=float(env.get("DB_START_TIMEOUT_S", "3")),
             health_interval_s=float(env.get("HEALTH_INTERVAL_S", "15")),
+            relay_socket=env.get("VOICE_MCP_RELAY") or None,
+            db_pool_max=int(env.get("DB_POOL_MAX", "2")),
+            db_pool_idle_s=float(env.get("DB_POOL_IDLE_S", "10")),
             dashboard_token=env.get("DASHBOARD_TOKEN") or None,
             secret_key=env.get("VOICE_MCP_SECRET_KEY") or None,
             metrics_port=int(env["METRICS_PORT"]) if env.get("METRICS_PORT") else None,

@@ -11,6 +11,13 @@ nothing: many real servers (n8n among them) handle one request per session at a 
 when the call in front of it ends. Such a server is remembered as `serial` and is not probed during calls again;
 its calls end at their idle timeout like any slow server's. A lost connection is torn down in the background and
 reopened by the next `open()`; opening that keeps failing backs off (exponential, jittered, capped).
+
+What a server negotiated is remembered (`known`, kept across reopenings and handed to the dispatcher to store):
+the next connection skips the `server/discover` probe, or on 2026-07-28 every handshake round trip (the first
+opening adopts the stored DiscoverResult; a reopening, which follows a loss, negotiates: an adopted session sends
+nothing at open, and a server that went away must be seen to be back before a call is sent to it). If the server
+has changed protocol since, the first failure that could say so (at the handshake, or on the first request of an
+adopted session) forgets it, and the connection negotiates afresh at once (protocol_memory.py).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from mcp_integration.explain import describe, refused_status
 from mcp_integration.limits import storable
 from mcp_integration.logs import outside_job
 from mcp_integration.mcp_compat import Transport, TransportStreams
+from mcp_integration.protocol_memory import KnownProtocol, could_be_mismatch, fingerprint, learned
 from mcp_integration.registry import ServerConfig, ToolSpec
 from mcp_integration.sampling import Sampled
 from mcp_integration.tasks import TaskClient
@@ -57,6 +65,7 @@ __all__ = [
     "PROBE_AFTER_S",
     "PROBE_TIMEOUT_S",
     "AuthFor",
+    "Learned",
     "ProgressCallback",
     "ServerConnection",
 ]
@@ -71,6 +80,8 @@ AuthFor = Callable[[ServerConfig], "httpx2.Auth | None"]
 QuestionHandler = Callable[[Any, Any], Awaitable[Answer]]
 # A server's sampling request (the SDK's params and the request's _meta) to the completion; ValueError refuses it.
 SampleHandler = Callable[[Any, Any], Awaitable[Sampled]]
+# Told what a server negotiated on a connect that learned something (the dispatcher stores it); must not block.
+Learned = Callable[[KnownProtocol], None]
 _T = TypeVar("_T")
 
 # Liveness while a request waits. After PROBE_AFTER_S without a word from the server, one probe goes out (shared
@@ -107,13 +118,32 @@ _STREAM_ENDED = {
 }
 
 
+class _Lost(asyncio.Event):
+    """Set when a connection is gone: also cancels the tasks waiting on its requests (`watch`), which then raise
+    ConnectionLost instead of waiting for an answer that cannot come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: set[asyncio.Task[Any]] = set()
+        self.cancelled: set[asyncio.Task[Any]] = set()
+
+    def set(self) -> None:
+        if self.is_set():
+            return
+        super().set()
+        for task in self.waiters:
+            if not task.done():
+                self.cancelled.add(task)
+                task.cancel()
+
+
 @dataclass(eq=False)
 class _Link:
     """One opening of the connection: its runner, its client, and what is known of its liveness."""
 
     generation: int
     closing: asyncio.Event = field(default_factory=asyncio.Event)
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: _Lost = field(default_factory=lambda: _Lost())
     heard_at: float = field(default_factory=time.monotonic)  # the last message from the server
     runner: asyncio.Task[None] | None = None
     client: Client | None = None
@@ -125,6 +155,9 @@ class _Link:
     probe: asyncio.Task[str | None] | None = None
     refused: int | None = None  # the last HTTP answer was 401 or 403 (None once a request succeeds again)
     auth: httpx2.Auth | None = None  # the OAuth provider signing this opening's requests, if any
+    remembered: bool = False  # opened with a remembered protocol instead of negotiating one
+    adopted: bool = False  # ... a 2026-07-28 one, adopted with no round trip (nothing was sent at open)
+    proven: bool = False  # the server has answered a request of this opening with a result
 
     def saw_status(self, status: int) -> None:
         if status in (401, 403):
@@ -142,9 +175,16 @@ class ServerConnection:
         probe_after_s: float = PROBE_AFTER_S,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
         auth_for: AuthFor | None = None,
+        known: KnownProtocol | None = None,
+        on_learned: Learned | None = None,
     ) -> None:
         self.cfg = cfg
         self.auth_for = auth_for
+        self._fingerprint = fingerprint(cfg)
+        # What the server negotiated last (here or, through the registry, in an earlier process); used by the next
+        # opening. Only a memory of this very server counts: one learned where the row pointed before is ignored.
+        self.known = known if known is not None and known.fingerprint == self._fingerprint else None
+        self.on_learned = on_learned
         self.connect_timeout = connect_timeout
         self.probe_after_s = probe_after_s
         self.probe_timeout_s = probe_timeout_s
@@ -224,6 +264,12 @@ class ServerConnection:
         return self._link.reason if self._link is not None else None
 
     @property
+    def remembered(self) -> bool:
+        """The current opening used a remembered protocol (no `server/discover` probe; on 2026-07-28 no
+        handshake at all)."""
+        return self._link is not None and self._link.remembered
+
+    @property
     def client(self) -> Client:
         client = self._link.client if self._link is not None else None
         if client is None:
@@ -249,45 +295,155 @@ class ServerConnection:
                     f"server {self.cfg.name!r}: reconnecting after {self.last_error}; next attempt in {wait:.1f} s",
                     wait,
                 )
+            memory = self._memory_for(self._link)
             self._retire(self._link)  # a dead connection is buried in the background, not waited for
-            link = self._link = _Link(next(self._generations))
-            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            link.runner = asyncio.create_task(
-                self._run(link, ready), name=f"mcp-conn-{self.cfg.name}", context=outside_job()
-            )
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as
-                # the awaited thing completes (so a cancelled caller would carry on as if not cancelled).
-                async with asyncio.timeout(self.connect_timeout):
-                    await asyncio.shield(ready)
-            except TimeoutError:
-                self._retire(link)
-                raise self._failed(f"no MCP handshake within {self.connect_timeout:g} s") from None
-            except asyncio.CancelledError:
-                self._retire(link)
-                raise
-            except BaseException as exc:
-                self._retire(link)
-                if link.refused is None:
-                    link.refused = refused_status(exc)
-                refusal = self._refusal(link)
-                if refusal is not None:
-                    if isinstance(refusal, Unauthorized):
-                        self._failed(f"needs authorization (HTTP {refusal.status})")
-                    else:
-                        self._failed(str(refusal))
-                    raise refusal from None
-                raise self._failed(describe(exc)) from None
+            link, error = await self._connect(memory)
+            if error is not None and link.remembered and self._mismatch(link, error):
+                # The server may have changed protocol since we met it: negotiate afresh, at once.
+                self._forget(describe(error))
+                link, error = await self._connect(None)
+            if error is not None:
+                raise self._open_failed(link, error) from None
             self.last_error = None
             self._reopen.reset()
             self._retry_at = 0.0
+            self._learn(link)
+
+    async def _connect(self, memory: KnownProtocol | None) -> tuple[_Link, BaseException | None]:
+        """One opening, with the remembered protocol if there is one: the link, and why it failed if it did."""
+        mode, prior = memory.client_mode() if memory is not None else ("auto", None)
+        link = self._link = _Link(
+            next(self._generations), remembered=mode != "auto", adopted=mode not in ("auto", "legacy")
+        )
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        link.runner = asyncio.create_task(
+            self._run(link, ready, mode, prior), name=f"mcp-conn-{self.cfg.name}", context=outside_job()
+        )
+        try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as
+            # the awaited thing completes (so a cancelled caller would carry on as if not cancelled).
+            async with asyncio.timeout(self.connect_timeout):
+                await asyncio.shield(ready)
+        except asyncio.CancelledError:
+            self._retire(link)
+            raise
+        except BaseException as exc:
+            self._retire(link)
+            return link, exc
+        return link, None
+
+    def _open_failed(self, link: _Link, exc: BaseException) -> ConnectError:
+        if isinstance(exc, TimeoutError):
+            return self._failed(f"no MCP handshake within {self.connect_timeout:g} s")
+        if link.refused is None:
+            link.refused = refused_status(exc)
+        refusal = self._refusal(link)
+        if refusal is not None:
+            if isinstance(refusal, Unauthorized):
+                self._failed(f"needs authorization (HTTP {refusal.status})")
+            else:
+                self._failed(str(refusal))
+            return refusal
+        return self._failed(describe(exc))
+
+    # -- the remembered protocol ----------------------------------------------------------------------------
+
+    def _memory_for(self, previous: _Link | None) -> KnownProtocol | None:
+        memory = self.known
+        if memory is not None and memory.era == "modern" and previous is not None:
+            # A reopening follows a loss: the server went away, and may be back changed, or not at all. An
+            # adopted session sends nothing at open, so this one negotiates (one round trip, which is also what
+            # makes `open()` fail, and back off, on a server that is not back).
+            return None
+        return memory
+
+    def _learn(self, link: _Link) -> None:
+        client = link.client
+        if client is None or link.adopted:
+            return  # adopted from memory: nothing was negotiated, so nothing new was learned
+        memory = learned(client.session, self._fingerprint)
+        if memory is None:
+            return
+        self.known = memory
+        if self.on_learned is not None:
+            try:
+                self.on_learned(memory)
+            except Exception:  # storing it is best effort; the connection is open either way
+                log.exception("server %s: the negotiated protocol was not passed on", self.cfg.name)
+
+    def _mismatch(self, link: _Link, exc: BaseException, *, acted_on: bool = False) -> bool:
+        # Not a refusal (401/403, a login needed): those are about credentials, and the server answered them.
+        if link.refused is not None or refused_status(exc) is not None or self._refusal(link) is not None:
+            return False
+        return could_be_mismatch(exc, acted_on=acted_on)
+
+    def _forget(self, reason: str) -> None:
+        memory = self.known
+        if memory is not None:
+            log.info(
+                "server %s: the protocol it spoke before (%s %s) did not work now (%s); negotiating afresh",
+                self.cfg.name,
+                memory.era,
+                memory.protocol_version,
+                reason,
+            )
+        self.known = None
+
+    def forget_if_mismatch(self, exc: BaseException, *, generation: int, acted_on: bool = False) -> bool:
+        """After a request failed on the opening `generation` names: if that opening used a remembered protocol,
+        no request of it has succeeded yet, and the failure could mean the server changed protocol, forget the
+        memory, drop the opening (the next `open()` negotiates afresh) and return True: the caller may try once
+        more. `acted_on`: the request may have had side effects (a `tools/call`), so only errors a server gives
+        before acting count."""
+        link = self._link
+        if link is None or link.generation != generation or not link.remembered or link.proven:
+            return False
+        if not self._mismatch(link, exc, acted_on=acted_on):
+            return False
+        self._forget(describe(exc))
+        # Quietly: nothing was lost but a wrong guess, so no warning, no backoff.
+        if not link.lost.is_set():
+            link.reason = "the remembered protocol did not fit"
+            link.lost.set()
+        return True
+
+    async def open_and_list_tools(self) -> list[ToolSpec]:
+        """`open()` then `list_tools()`, once more on a fresh negotiation when a remembered protocol turns out not
+        to fit the server (discovery is read-only, so any failure that could mean that is worth the retry)."""
+        await self.open()
+        generation = self.generation
+        try:
+            return await self.list_tools()
+        except Exception as exc:
+            if not (self.forget_if_mismatch(exc, generation=generation) or self._first_contact_failed(exc, generation)):
+                raise
+        await self.open()
+        return await self.list_tools()
+
+    def _first_contact_failed(self, exc: BaseException, generation: int) -> bool:
+        """An adopted session's first request found no server (its open sent nothing, so this was the first
+        contact): the opening is dropped, and the next one negotiates, failing (and backing off) as a connect to a
+        dead server does."""
+        link = self._link
+        if link is None or link.generation != generation or not link.adopted or link.proven:
+            return False
+        closed = isinstance(exc, ConnectionLost) or (isinstance(exc, MCPError) and exc.error.code == CONNECTION_CLOSED)
+        if not (closed or link.lost.is_set()):
+            return False
+        if not link.lost.is_set():
+            # Before the transport's own word of it: the reason is the same, the warning is the connect's.
+            link.reason = _STREAM_ENDED.get(self.cfg.transport, "the connection was lost")
+            link.lost.set()
+        return True
 
     def _failed(self, reason: str) -> ConnectError:
         self.last_error = reason
         self._retry_at = time.monotonic() + self._reopen.next()
         return ConnectError(f"server {self.cfg.name!r}: {reason}")
 
-    async def _run(self, link: _Link, ready: asyncio.Future[None]) -> None:
+    async def _run(
+        self, link: _Link, ready: asyncio.Future[None], mode: str, prior: types.DiscoverResult | None
+    ) -> None:
         try:
             link.auth = self.auth_for(self.cfg) if self.auth_for is not None else None
             opened = open_transport(
@@ -297,8 +453,12 @@ class ServerConnection:
             link.guard = ToolListGuard(transport, self.cfg.name, on_closed=lambda: self._stream_ended(link))
             # cache=None: a stale cached tools/list would hide a server's changes from a refresh.
             # extensions: declares the tasks extension (2026) and routes task status pushes to self.tasks.
+            # mode/prior: "auto" negotiates (the discover probe, the handshake as fallback); a remembered protocol
+            # skips the probe ("legacy") or adopts the server's stored DiscoverResult (a 2026-07-28 version).
             async with Client(
                 link.guard.transport(),
+                mode=mode,
+                prior_discover=prior,
                 message_handler=self._message,
                 cache=None,
                 extensions=self.tasks.extensions(),
@@ -429,28 +589,37 @@ class ServerConnection:
 
     async def watch(self, request: Coroutine[Any, Any, _T]) -> _T:
         """Run one request on the open connection; raise ConnectionLost as soon as the connection is lost or the
-        server stops answering probes, rather than waiting for an answer that cannot come."""
-        call = asyncio.ensure_future(request)
+        server stops answering probes, rather than waiting for an answer that cannot come.
+
+        The request runs in the caller's own task, which the connection's loss cancels (`_Lost`): a task and a
+        waiter of its own per request cost a call about a tenth of its CPU (bench/load.py)."""
         link = self._link
-        if link is None:
-            return await call
+        me = asyncio.current_task()
+        if link is None or me is None:
+            return await request
+        lost = link.lost
+        if lost.is_set():
+            request.close()
+            raise ConnectionLost(self.cfg.name, link.reason or "the connection was lost")
         self._watch(link, +1)
-        lost = asyncio.ensure_future(link.lost.wait())
+        lost.waiters.add(me)
         try:
-            await asyncio.wait({call, lost}, return_when=asyncio.FIRST_COMPLETED)
+            return await request
         except asyncio.CancelledError:
-            _abandon(call)
+            if me not in lost.cancelled:
+                raise
+            lost.cancelled.discard(me)
+            if me.uncancel() > 0:
+                raise  # cancelled by its caller too: that cancellation goes on
+            raise ConnectionLost(self.cfg.name, link.reason or "the connection was lost") from None
+        except MCPError as exc:
+            if exc.error.code == CONNECTION_CLOSED and lost.is_set():
+                raise ConnectionLost(self.cfg.name, link.reason or "the connection closed") from None
             raise
         finally:
-            lost.cancel()
+            lost.waiters.discard(me)
+            lost.cancelled.discard(me)
             self._watch(link, -1)
-        if call.done():
-            error = None if call.cancelled() else call.exception()
-            if isinstance(error, MCPError) and error.error.code == CONNECTION_CLOSED and link.lost.is_set():
-                raise ConnectionLost(self.cfg.name, link.reason or "the connection closed") from None
-            return call.result()
-        _abandon(call)
-        raise ConnectionLost(self.cfg.name, link.reason or "the connection was lost")
 
     def _watch(self, link: _Link, delta: int) -> None:
         if delta > 0 and link.watching == 0:
@@ -606,6 +775,11 @@ class ServerConnection:
                 self._judge(link, _SILENT)
                 raise Busy(f"server {self.cfg.name!r} did not answer a ping while a call of ours ran") from None
             raise
+        except Exception as exc:
+            if link is not None:
+                # The check still fails; the next opening negotiates afresh.
+                self.forget_if_mismatch(exc, generation=link.generation)
+            raise
         return (time.perf_counter() - started) * 1000
 
 
@@ -668,7 +842,10 @@ class _Heard:
 
     async def __anext__(self) -> Any:
         item = await self._inner.__anext__()
-        self._link.heard_at = time.monotonic()
+        link = self._link
+        link.heard_at = time.monotonic()
+        if not link.proven and isinstance(getattr(item, "message", None), types.JSONRPCResponse):
+            link.proven = True  # a result: the protocol this opening speaks is one the server speaks
         return item
 
 

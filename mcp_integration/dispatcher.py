@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +37,9 @@ from mcp_integration.errors import (
 from mcp_integration.explain import describe
 from mcp_integration.job_store import JobRecord
 from mcp_integration.jobs import Job, WaitPolicy
-from mcp_integration.limits import argument_problem
+from mcp_integration.limits import argument_problem, flat_schema_check
 from mcp_integration.naming import assign_names
+from mcp_integration.protocol_memory import KnownProtocol
 from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.results import ToolResult
@@ -49,6 +50,7 @@ from mcp_integration.waiters import wait_receipt, wait_task
 
 __all__ = [
     "MAX_POLLS_IN_FLIGHT",
+    "RECALL_WAIT_S",
     "SEED_WAIT_S",
     "SUBMIT_CONNECT_PATIENCE_S",
     "SUBMIT_WAITS_OUT_S",
@@ -65,6 +67,9 @@ log = logging.getLogger(__name__)
 MAX_POLLS_IN_FLIGHT = 32
 # How long a call's submit may wait for its tool's past durations (learned timing) to load.
 SEED_WAIT_S = 0.5
+# How long a start may wait for the servers' remembered protocols: they only save round trips, so with the
+# database slow the servers negotiate afresh instead.
+RECALL_WAIT_S = 1.0
 # A call facing a server that refuses connections quickly (restarting, say) waits out the connection's backoff
 # between attempts when the wait is short (up to 1 s each, 2 s in all), then fails as unreachable; a call that
 # meets a longer backoff fails at once with the reason ("reconnecting ...; next attempt in N s").
@@ -115,8 +120,15 @@ class Dispatcher:
         self.registry = registry
         self.connect_timeout = connect_timeout
         self._servers: dict[str, ServerState] = {}
+        # What each server negotiated, as the registry has it (or will once written): a connect that learns
+        # something else writes it (protocol_memory.py).
+        self._protocols: dict[str, KnownProtocol] = {}
+        # Each server's tool list as the registry's cache holds it (read at start, or written since): a discovery
+        # that finds the same list only marks it fresh instead of rewriting it.
+        self._stored: dict[str, list[ToolSpec]] = {}
         self._index: dict[str, ToolEntry] = {}
-        self._validators: dict[tuple[str, str], Any] = {}
+        self._validators: dict[tuple[str, str], tuple[Any, Callable[[Any], bool] | None]] = {}
+        self._policies: dict[tuple[int, int, float], WaitPolicy] = {}
         self._jobs: dict[uuid.UUID, Job] = {}
         self._keep_jobs = keep_jobs
         self._limits: dict[str, asyncio.Semaphore] = {}
@@ -140,7 +152,13 @@ class Dispatcher:
     # -- servers and discovery ------------------------------------------------------------------------------
 
     def _connection(self, cfg: ServerConfig) -> ServerConnection:
-        conn = ServerConnection(cfg, connect_timeout=self.connect_timeout, auth_for=self.auth_for)
+        conn = ServerConnection(
+            cfg,
+            connect_timeout=self.connect_timeout,
+            auth_for=self.auth_for,
+            known=self._protocols.get(cfg.name),
+            on_learned=lambda memory: self._learned(cfg, memory),
+        )
         conn.ask = lambda params, meta: self._question(cfg.name, params, meta)
         conn.sample = lambda params, meta: self._sampling(cfg.name, params, meta)
         return conn
@@ -194,22 +212,33 @@ class Dispatcher:
         wait: bool = True,
         servers: list[ServerConfig] | None = None,
         cached: dict[str, list[ToolSpec]] | None = None,
+        protocols: Mapping[str, KnownProtocol] | None = None,
+        cached_is_stored: bool = True,
     ) -> None:
         """Load the enabled servers. With `wait=False` the index comes from the tool cache at once and fresh
-        discovery runs in the background (`await dispatcher.refreshed()` to wait for it). `servers` and `cached`
-        replace the registry's lists (a last-known copy kept on disk, when the database is unreachable)."""
+        discovery runs in the background (`await dispatcher.refreshed()` to wait for it). `servers`, `cached` and
+        `protocols` replace the registry's lists; `cached_is_stored=False` says `cached` is a copy from elsewhere
+        (the on-disk snapshot, when the database is unreachable), not what the registry holds. Without `cached`,
+        the tool cache and the remembered protocols are read in one query (with `wait=True` too: the protocols
+        save round trips, and an unchanged tool list is then not rewritten)."""
         if servers is None:
             if self.registry is None:
                 raise ValueError("a dispatcher without a registry needs its servers passed in")
             servers = await self.registry.list_servers(enabled_only=True)
+        if cached is None and self.registry is not None:
+            stored, recalled = await self._recall(bounded=wait)
+            self._stored.update(stored)
+            cached = None if wait else stored
+            protocols = recalled if protocols is None else protocols
+        elif cached is not None and cached_is_stored:
+            self._stored.update(cached)
+        self._protocols.update(protocols or {})
         for cfg in servers:
             self._servers[cfg.name] = ServerState(cfg, self._connection(cfg))
         if wait or (self.registry is None and cached is None):
             await self.refresh()
             return
-        if cached is None:
-            assert self.registry is not None
-            cached = await self.registry.cached_tools()
+        assert cached is not None
         for name, state in self._servers.items():
             if name in cached:
                 state.tools, state.from_cache = cached[name], True
@@ -225,14 +254,20 @@ class Dispatcher:
         """Connect to and discover the given servers (default: all), concurrently. Returns each one's error."""
         wanted = list(self._servers) if names is None else names
         targets = [self._servers[n] for n in wanted if n in self._servers]
-        errors = await asyncio.gather(*(self._discover(s) for s in targets))
+        confirmed: list[int] = []
+        errors = await asyncio.gather(*(self._discover(s, confirmed) for s in targets))
         self._rebuild_index()
+        if confirmed and self.registry is not None:
+            # Unchanged lists are marked fresh together, once every discovery is done: one statement, and none
+            # competing with the discoveries still under way.
+            spawn(self._touch_tools(confirmed), self._writes)
         return {s.cfg.name: e for s, e in zip(targets, errors, strict=True)}
 
-    async def _discover(self, state: ServerState) -> str | None:
+    async def _discover(self, state: ServerState, confirmed: list[int]) -> str | None:
+        """Connect and list; a new list is written to the cache at once, an unchanged one's id is added to
+        `confirmed`."""
         try:
-            await state.conn.open()
-            tools = await state.conn.list_tools()
+            tools = await state.conn.open_and_list_tools()
         except (ConnectError, SecretMissing) as exc:
             state.error = str(exc)
         except Exception as exc:
@@ -243,8 +278,11 @@ class Dispatcher:
             state.skipped = state.conn.skipped_tools
             state.discovered_at = time.time()
             if self.registry is not None and state.cfg.id is not None:
-                # Off the critical path: the index is ready before the cache is written.
-                spawn(self._save_tools(state.cfg, tools), self._writes)
+                if _same_tools(self._stored.get(state.cfg.name), tools):
+                    confirmed.append(state.cfg.id)
+                else:
+                    # Off the critical path: the index is ready before the cache is written.
+                    spawn(self._save_tools(state.cfg, tools), self._writes)
             return None
         log.warning("%s", state.error)
         return state.error
@@ -255,6 +293,54 @@ class Dispatcher:
             await self.registry.save_tools(cfg.id, tools)
         except Exception as exc:
             log.warning("server %s: tool cache not saved: %s", cfg.name, describe(exc))
+        else:
+            self._stored[cfg.name] = tools
+
+    async def _touch_tools(self, server_ids: list[int]) -> None:
+        assert self.registry is not None
+        try:
+            await self.registry.touch_tools(server_ids)
+        except Exception as exc:
+            log.warning("tool cache not marked fresh: %s", describe(exc))
+
+    async def _recall(self, *, bounded: bool) -> tuple[dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
+        """The tool cache and the remembered protocols, in one read. `bounded` (discovery follows anyway): what is
+        not read within RECALL_WAIT_S is done without."""
+        assert self.registry is not None
+        if not bounded:
+            return await self.registry.start_cache()
+        try:
+            async with asyncio.timeout(RECALL_WAIT_S):
+                return await self.registry.start_cache()
+        except Exception as exc:
+            log.info("tool cache and remembered protocols not read (%s); servers negotiate afresh", describe(exc))
+            return {}, {}
+
+    @property
+    def protocols(self) -> dict[str, KnownProtocol]:
+        """What each server negotiated, by name (for the on-disk snapshot)."""
+        return dict(self._protocols)
+
+    def _learned(self, cfg: ServerConfig, memory: KnownProtocol) -> None:
+        """A connect negotiated `memory`: stored in the background when it is news (a first meeting, a server
+        that changed), never on the connect's path."""
+        state = self._servers.get(cfg.name)
+        if state is not None and state.cfg is not cfg:
+            return  # a replaced server's old connection
+        if self._protocols.get(cfg.name) == memory:
+            return
+        self._protocols[cfg.name] = memory
+        if self.registry is not None and cfg.id is not None:
+            spawn(self._save_protocol(cfg, memory), self._writes)
+
+    async def _save_protocol(self, cfg: ServerConfig, memory: KnownProtocol) -> None:
+        assert self.registry is not None and cfg.id is not None
+        try:
+            await self.registry.save_protocol(cfg.id, memory)
+        except Exception as exc:
+            log.info("server %s: negotiated protocol not stored: %s", cfg.name, describe(exc))
+            if self._protocols.get(cfg.name) == memory:
+                del self._protocols[cfg.name]  # so the next connect tries to store it again
 
     async def add_server(self, cfg: ServerConfig) -> str | None:
         """Add (or replace) a server while running; returns its discovery error, if any."""
@@ -263,6 +349,7 @@ class Dispatcher:
         return (await self.refresh([cfg.name]))[cfg.name]
 
     async def remove_server(self, name: str) -> None:
+        self._stored.pop(name, None)  # a server added again under this name has a cache of its own
         state = self._servers.pop(name, None)
         if state is not None:
             self._rebuild_index()  # its tools go at once; closing the connection may take a moment
@@ -316,10 +403,18 @@ class Dispatcher:
         if problem is not None:
             raise ToolCallError(entry.server, entry.spec.name, problem, "invalid_arguments")
         key = (entry.server, entry.spec.name)
-        validator = self._validators.get(key)
-        if validator is None:
+        compiled = self._validators.get(key)
+        if compiled is None:
+            # Once per tool (the index rebuild drops tools that went): the validator and, for the flat schemas
+            # most tools have, a check that proves arguments valid without jsonschema's walk.
             cls = validator_for(entry.spec.input_schema, default=Draft202012Validator)
-            validator = self._validators[key] = cls(entry.spec.input_schema)
+            compiled = self._validators[key] = (
+                cls(entry.spec.input_schema),
+                flat_schema_check(entry.spec.input_schema),
+            )
+        validator, surely_valid = compiled
+        if surely_valid is not None and surely_valid(arguments):
+            return
         try:
             error = next(iter(sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))), None)
         except RecursionError:
@@ -351,11 +446,11 @@ class Dispatcher:
             server_id=cfg.id,
             tool=entry.spec.name,
             arguments=arguments,
-            policy=WaitPolicy(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000, self.background_s),
+            policy=self._policy(cfg),
         )
         job.asker = asker or self.asker
         if self.registry is not None:
-            job.recorder = JobRecord(job, self.registry)
+            job.recorder = JobRecord(job, self.registry.job_queue)
         self._remember(job)
         job.add_listener(lambda e: self._call_done(state, job) if e.kind == "done" else None)
         for observe in self.job_observers:
@@ -394,11 +489,23 @@ class Dispatcher:
     def job(self, job_id: str | uuid.UUID) -> Job | None:
         return self._jobs.get(uuid.UUID(str(job_id)))
 
+    def _policy(self, cfg: ServerConfig) -> WaitPolicy:
+        """The wait policy of calls to this server: one (frozen) per set of limits, not one per call."""
+        key = (cfg.timeout_ms, cfg.max_wait_ms, self.background_s)
+        policy = self._policies.get(key)
+        if policy is None:
+            if len(self._policies) > 256:  # servers edited over a long session: do not grow forever
+                self._policies.clear()
+            policy = self._policies[key] = WaitPolicy(cfg.timeout_ms / 1000, cfg.max_wait_ms / 1000, self.background_s)
+        return policy
+
     def _remember(self, job: Job) -> None:
         self._jobs[job.id] = job
-        if len(self._jobs) > self._keep_jobs:
-            # Forget the oldest finished jobs; their outcome stays readable from mcp_jobs.
-            for jid in [j for j, v in self._jobs.items() if v.done][: len(self._jobs) - self._keep_jobs]:
+        # Forget the oldest finished jobs (their outcome stays readable from mcp_jobs), a batch at a time: a scan
+        # on every submit once the history is full cost each call more than its job record.
+        if len(self._jobs) > self._keep_jobs + max(16, self._keep_jobs // 8):
+            excess = len(self._jobs) - self._keep_jobs
+            for jid in [j for j, v in self._jobs.items() if v.done][:excess]:
                 del self._jobs[jid]
 
     async def _perform(self, job: Job, state: ServerState, spec: ToolSpec) -> ToolResult:
@@ -406,9 +513,14 @@ class Dispatcher:
         for gate in self.call_gates:
             gate(state.cfg.name, job.tool)
         cfg = state.cfg
-        limit = self._limits.setdefault(cfg.name, asyncio.Semaphore(self._max_calls))
+        limit = self._limits.get(cfg.name)
+        if limit is None:  # not setdefault: that built a Semaphore on every call to throw it away
+            limit = self._limits[cfg.name] = asyncio.Semaphore(self._max_calls)
         key = (cfg.name, spec.name)
-        expected = await self._expected_duration(key)
+        if self.registry is None or key in self._stats.seeded:
+            expected = self._stats.expected(key)  # nothing to load: no coroutine to await
+        else:
+            expected = await self._expected_duration(key)
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             job.progress(progress, total, message)
@@ -471,6 +583,11 @@ class Dispatcher:
                     why = "the server no longer knows our session"
                     conn.drop(why, generation=generation)
                     job.status("reconnecting", why)
+                    continue
+                if attempt == 0 and conn.forget_if_mismatch(exc, generation=generation, acted_on=True):
+                    # Refused before it ran, on a protocol remembered from before the server changed: resent once
+                    # on a fresh negotiation.
+                    job.status("reconnecting", "the server's protocol changed")
                     continue
                 if _connection_lost(exc) and not await conn.check_alive():
                     # This request's stream broke and the server does not answer a probe either: it is gone.
@@ -547,6 +664,9 @@ class Dispatcher:
         for job in jobs:
             job.stop_retrying()
         ending = [asyncio.ensure_future(j.cancel() if not j.done else j.settled()) for j in jobs]
+        if self.registry is not None:
+            # Records queued for jobs no longer held (the oldest are forgotten) are written too, in the same bound.
+            ending.append(asyncio.ensure_future(self.registry.jobs_flushed()))
         if ending:
             _, late = await asyncio.wait(ending, timeout=5.0)
             for fut in late:
@@ -557,6 +677,12 @@ class Dispatcher:
         await asyncio.gather(*(s.conn.close() for s in self._servers.values()), *self._closing, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
+
+
+def _same_tools(stored: list[ToolSpec] | None, found: list[ToolSpec]) -> bool:
+    if stored is None or len(stored) != len(found):
+        return False
+    return sorted(stored, key=lambda t: t.name) == sorted(found, key=lambda t: t.name)
 
 
 def _related_task(meta: Any) -> str | None:

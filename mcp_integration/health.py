@@ -23,8 +23,10 @@ from mcp_integration.aio import Backoff, spawn
 from mcp_integration.dispatcher import Dispatcher, ServerState
 from mcp_integration.errors import Busy, CircuitOpen, ConnectError, SecretMissing, ToolCallError
 from mcp_integration.explain import describe
+from mcp_integration.health_lease import Leases, holder_token
 from mcp_integration.jobs import Job
 from mcp_integration.scrubber import scrub
+from mcp_integration.signals import Signal, Signals
 
 __all__ = ["CircuitBreaker", "Health", "HealthMonitor", "HealthReport", "HealthStatus"]
 
@@ -84,6 +86,20 @@ class CircuitBreaker:
                 self.failures = max(self.failures, self.down_after)
                 self.retry_at = self.clock()
 
+    def adopt(self, status: str, failures: int) -> bool:
+        """Another process's verdict (the fleet's checker, or a call made there): the breaker is shared, so a
+        server found down anywhere is refused here too. True when this changed the status."""
+        assert self._pauses is not None
+        before = self.status
+        if status == "down":
+            if self.status != "down":
+                self.status, self.failures, self._probing = "down", max(failures, self.down_after), False
+                self.retry_at = self.clock() + self._pauses.next()
+        elif status in ("up", "degraded") and self.status != status:
+            self.status, self.failures, self._probing = status, max(0, failures), False  # type: ignore[assignment]
+            self._pauses.reset()
+        return self.status != before
+
     def probe_inconclusive(self) -> None:
         """A trial call ended without telling (a timeout, a cancel): let the next one try."""
         self._probing = False
@@ -114,8 +130,9 @@ class HealthReport:
     status: HealthStatus = "unknown"  # after this check
     consecutive_failures: int = 0
     # check: a health check ran; call: a call's outcome moved the breaker; busy: a serial server was working on a
-    # call of ours, so no check could tell anything (the status is the breaker's, unchanged)
-    source: Literal["check", "call", "busy"] = "check"
+    # call of ours, so no check could tell anything (the status is the breaker's, unchanged); fleet: another
+    # process's verdict, adopted
+    source: Literal["check", "call", "busy", "fleet"] = "check"
 
 
 @dataclass
@@ -132,7 +149,9 @@ class _Watch:
 class Health:
     """The breakers of a dispatcher's servers, the checks that feed them, and their records in the registry."""
 
-    def __init__(self, dispatcher: Dispatcher, *, record_every_check: bool = True) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, *, record_every_check: bool = True, signals: Signals | None = None
+    ) -> None:
         self.dispatcher = dispatcher
         self.registry = dispatcher.registry
         # Every check written to mcp_server_health and its history (a CLI, the status page), or only changes of
@@ -144,6 +163,8 @@ class Health:
         self._background: set[asyncio.Task[object]] = set()
         dispatcher.call_gates.append(self._gate)
         dispatcher.call_observers.append(self._call_done)
+        # Other processes' verdicts, through LISTEN/NOTIFY: the breaker is shared by the fleet.
+        self._unsubscribe = signals.subscribe(self._signalled) if signals is not None else None
 
     def breaker(self, server: str) -> CircuitBreaker:
         return self._watch(self.dispatcher.servers[server]).breaker
@@ -155,10 +176,11 @@ class Health:
             watch = self._watches[state.cfg.name] = _Watch(state)
         return watch
 
-    async def recall(self) -> None:
+    async def recall(self, *, adopt: bool = False) -> None:
         """Start each breaker from the last recorded verdict, so a server that failed a minute ago in another
         session (or a CLI check) is not taken for healthy; a down one is probed at once, not refused blind. A
-        verdict this process reaches first (a check, a call) wins."""
+        verdict this process reaches first (a check, a call) wins, unless `adopt` (after missed signals: the
+        record is the fleet's verdict)."""
         if self.registry is None:
             return
         try:
@@ -173,6 +195,28 @@ class Health:
                 if watch.breaker.status == "unknown":
                     watch.breaker.recall(row.status, row.consecutive_failures)
                     watch.last_status = watch.breaker.status
+                elif adopt:
+                    self._adopt(watch, row.status, row.consecutive_failures)
+
+    def _signalled(self, signal: Signal) -> None:
+        if signal.kind == "resync":
+            spawn(self.recall(adopt=True), self._background)
+            return
+        if signal.kind != "health":
+            return
+        server_id, status = signal.data.get("server_id"), signal.data.get("status")
+        for state in self.dispatcher.servers.values():
+            if state.cfg.id is not None and state.cfg.id == server_id and isinstance(status, str):
+                self._adopt(self._watch(state), status, int(signal.data.get("failures") or 0))
+
+    def _adopt(self, watch: _Watch, status: str, failures: int) -> None:
+        if watch.breaker.adopt(status, failures):
+            name = watch.state.cfg.name
+            if watch.breaker.status == "down":
+                log.warning("server %s is down (found by another process of the fleet)", name)
+            b = watch.breaker
+            self._notify(HealthReport(name, b.status != "down", None, None, b.status, b.failures, "fleet"))
+        watch.last_status = watch.breaker.status  # heard from the fleet: not ours to publish again
 
     # -- checks ---------------------------------------------------------------------------------------------
 
@@ -317,6 +361,8 @@ class Health:
                 log.exception("health observer failed")
 
     async def aclose(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -324,7 +370,11 @@ class Health:
 
 class HealthMonitor:
     """Checks each enabled server every `interval_s` (down ones when their breaker allows a probe), recording each
-    check in `mcp_server_health` and `mcp_health_checks` through `Health`. One per process or session."""
+    check in `mcp_server_health` and `mcp_health_checks` through `Health`.
+
+    With `leases` (a fleet: many sessions and processes on one registry) it checks only the servers whose health
+    lease it holds (`health_lease.py`), claiming free ones when they are offered; the other monitors learn each
+    change of status through `Signals`. Without, it checks every server itself (a CLI, a test)."""
 
     def __init__(
         self,
@@ -333,18 +383,23 @@ class HealthMonitor:
         interval_s: float = 15.0,
         check_timeout_s: float = 5.0,
         keep_history_h: float = 24.0,
+        leases: Leases | None = None,
     ) -> None:
         self.health = health
         self.dispatcher = health.dispatcher
         self.interval_s = interval_s
         self.check_timeout_s = check_timeout_s
         self.keep_history_h = keep_history_h
+        self.leases = leases
+        self.token = holder_token()
         self._task: asyncio.Task[None] | None = None
         self._next: dict[str, float] = {}
         self.rounds = 0
 
     def start(self) -> HealthMonitor:
         if self._task is None or self._task.done():
+            if self.leases is not None:
+                self.leases.join(self.token, self._claim)
             self._task = asyncio.create_task(self._loop(), name="mcp-health-monitor")
         return self
 
@@ -352,23 +407,55 @@ class HealthMonitor:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def holding(self) -> list[str]:
+        """The servers this monitor checks: all of them, or, in a fleet, those whose lease it holds."""
+        if self.leases is None:
+            return list(self.dispatcher.servers)
+        held = self.leases.held(self.token)
+        return [n for n, s in self.dispatcher.servers.items() if s.cfg.id in held]
+
     async def check_now(self, server: str | None = None) -> dict[str, HealthReport]:
         reports = await self.health.check(server, timeout=self.check_timeout_s)
         now = time.monotonic()
         for name in reports:
             self._next[name] = now + self.interval_s
+        if self.leases is not None:
+            for name in reports:
+                state = self.dispatcher.servers.get(name)
+                if state is not None and state.cfg.id is not None:
+                    due_in = await self.leases.checked(self.token, state.cfg.id, self.interval_s)
+                    if due_in is not None:
+                        self._next[name] = time.monotonic() + due_in  # the fleet's rhythm, not ours
         return reports
+
+    async def _claim(self, offered: list[int]) -> None:
+        """Claim the offered leases this monitor can check (all its servers' after a resync)."""
+        assert self.leases is not None
+        ids = {s.cfg.id: n for n, s in self.dispatcher.servers.items() if s.cfg.id is not None}
+        wanted = [i for i in (offered or ids) if i in ids]
+        try:
+            got = await self.leases.claim(self.token, wanted, self.interval_s)
+        except Exception as exc:
+            log.info("health leases not claimed: %s", describe(exc))
+            return
+        now = time.monotonic()
+        for server_id, due_in in got.items():
+            self._next.setdefault(ids[server_id], now + due_in)
 
     async def _loop(self) -> None:
         # Ticks at most every second so a down server is probed when its breaker allows, not a full interval late.
         tick = min(1.0, self.interval_s)
         last_prune = 0.0
+        if self.leases is not None:
+            await self._claim([])
         while True:
             try:
                 await self._round()
-                # Pruned by the processes that write the history (the status page), at start and hourly.
+                # Pruned by the processes that write the history (the status page, a fleet's checker), at start
+                # and hourly.
                 writes_history = self.health.record_every_check and self.dispatcher.registry is not None
-                if writes_history and (last_prune == 0.0 or time.monotonic() - last_prune > 3600):
+                if writes_history and self.holding and (last_prune == 0.0 or time.monotonic() - last_prune > 3600):
                     last_prune = time.monotonic()
                     assert self.dispatcher.registry is not None
                     await self.dispatcher.registry.prune_health_checks(self.keep_history_h)
@@ -376,12 +463,18 @@ class HealthMonitor:
                 raise
             except Exception as exc:  # the monitor outlives any one bad round (a database restart, say)
                 log.warning("health monitor: round failed: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(tick)
+            await asyncio.sleep(self._until_due(tick))
+
+    def _until_due(self, tick: float) -> float:
+        """Until the next check is due, so checks keep their interval, or `tick` at most."""
+        now = time.monotonic()
+        due = [self._next.get(n, now) for n in self.holding if self.health.breaker(n).status != "down"]
+        return max(0.01, min([tick, *(d - now for d in due)]))
 
     async def _round(self) -> None:
         now = time.monotonic()
         due = []
-        for name in self.dispatcher.servers:
+        for name in self.holding:
             breaker = self.health.breaker(name)
             if breaker.status == "down":
                 if breaker.probe_due:
@@ -391,7 +484,7 @@ class HealthMonitor:
         if due:
             await asyncio.gather(*(self.check_now(n) for n in due), return_exceptions=True)
             self.rounds += 1
-        for gone in set(self._next) - set(self.dispatcher.servers):
+        for gone in set(self._next) - set(self.holding):
             del self._next[gone]
 
     async def aclose(self) -> None:
@@ -399,3 +492,8 @@ class HealthMonitor:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.leases is not None:
+            try:
+                await self.leases.leave(self.token)
+            except Exception as exc:  # the lease lapses by itself; another monitor takes it over
+                log.info("health leases not released: %s", describe(exc))

@@ -129,10 +129,12 @@ class Job:
         self.recorder: Recorder | None = None
         self._listeners: list[Callable[[JobEvent], None]] = []
         self._done = asyncio.Event()
-        self._activity = asyncio.Event()
+        self._is_done = False  # `_done` as a plain flag: `done` is read on every event and every row
+        # Made by the first idle wait that needs it (`_wait_idle`): most callers wait with a timeout, or not at
+        # all, and an Event per job was one of the things a call cost for nothing.
+        self._activity: asyncio.Event | None = None
         self._waiter_gave_up = False
         self._task: asyncio.Task[None] | None = None
-        self._moved = asyncio.Event()  # the job left `submitted` (working, or done)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -177,12 +179,12 @@ class Job:
         self.finished_at = time.monotonic()
         self.late = self._waiter_gave_up
         self.emit("done", state=state, error=error.reason if error else None, late=self.late)
+        self._is_done = True
         self._done.set()
-        self._moved.set()
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._is_done
 
     @property
     def duration(self) -> float:
@@ -200,7 +202,8 @@ class Job:
     def touch(self) -> None:
         """Activity (progress, a status change): the caller's idle timeout starts again."""
         self.last_activity = time.monotonic()
-        self._activity.set()
+        if self._activity is not None:
+            self._activity.set()
 
     def queue(self, waiting: bool, *, ahead: int = 0) -> None:
         """The call waits for (or has just got) one of its server's call slots."""
@@ -231,6 +234,8 @@ class Job:
         return self.result
 
     async def _wait_idle(self, limit: float | None = None) -> bool:
+        if self._activity is None:
+            self._activity = asyncio.Event()
         while not self.done:
             now = time.monotonic()
             cap = self.submitted_at + self.policy.cap_s
@@ -277,10 +282,6 @@ class Job:
         if self.recorder is not None:
             self.recorder.stop_retrying()
 
-    async def moved(self, timeout: float) -> bool:
-        """Whether the job left `submitted` (started working, or ended) within `timeout`."""
-        return self._moved.is_set() or await wait_event(self._moved, timeout)
-
     async def cancel(self) -> None:
         """Stop the job: its strategy cancels on the server where it can (tasks); our waiting always stops."""
         if self._task is not None and not self._task.done():
@@ -297,7 +298,8 @@ class Job:
         self.events.append(event)
         if kind in _ACTIVITY:
             self.touch()
-        for listener in list(self._listeners):
+        # A copy: a listener may add or remove listeners; a tuple, as the cheapest copy.
+        for listener in tuple(self._listeners):
             try:
                 listener(event)
             except Exception:
@@ -309,7 +311,6 @@ class Job:
         """The call went out to the server."""
         if self.state != "working" and not self.done:
             self.state = "working"
-            self._moved.set()
             self.emit("status", state="working")
             self._changed()
 

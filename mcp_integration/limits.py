@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "bounded",
     "cut_text",
     "deeper_than",
+    "flat_schema_check",
     "json_too_deep",
     "storable",
 ]
@@ -41,6 +43,8 @@ _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # PostgreSQL text and jsonb re
 
 def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
     """Whether containers nest more than `limit` levels (a scalar is level 0); stops as soon as it knows."""
+    if limit >= 1 and type(value) is dict and not any(isinstance(v, dict | list | tuple) for v in value.values()):
+        return False  # flat arguments (most calls): one level, no walk
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -96,7 +100,8 @@ def argument_problem(arguments: Any) -> str | None:
 
 def cut_text(text: str, limit: int = MAX_RESULT_CHARS) -> str:
     """At most `limit` characters, marker included (so cutting twice changes nothing), storable in PostgreSQL."""
-    text = _UNSTORABLE.sub("\ufffd", text)
+    if type(text) is not str or _UNSTORABLE.search(text) is not None:  # rare: sub always copies, search does not
+        text = _UNSTORABLE.sub("\ufffd", text)
     if len(text) <= limit:
         return text
     keep = max(limit - _MARKER_ROOM, 0)
@@ -140,6 +145,8 @@ class _Bounder:
         self.too_deep = False
 
     def walk(self, value: Any, depth: int) -> Any:
+        if type(value) is str:  # the common case first: most of a result is text
+            return self._string(value)
         if value is None or isinstance(value, bool):
             self.left -= 5
             return value
@@ -166,6 +173,10 @@ class _Bounder:
             cost = len(text) + 2 + _escapes(text)
             if cost <= self.left:
                 self.left -= cost
+                # Searched before substituting: almost no text needs it, and sub copies every string (and
+                # makes a str of a str subclass, which the copy should be).
+                if type(text) is str and _UNSTORABLE.search(text) is None:
+                    return text
                 return _UNSTORABLE.sub("\ufffd", text)
         self.over = True
         room = max(self.left - 2, 0)
@@ -203,4 +214,88 @@ _ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
 def _escapes(text: str) -> int:
     """Characters JSON adds to escape `text`: one for a quote or backslash, up to five for a control character."""
+    if _ESCAPED.search(text) is None:  # most text escapes nothing: no list, no generator
+        return 0
     return sum(5 if c < " " else 1 for c in _ESCAPED.findall(text))
+
+
+# -- a fast path for argument validation ---------------------------------------------------------------------
+
+# Keywords that describe and never constrain (jsonschema asserts none of them).
+_ANNOTATIONS = frozenset(
+    {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly", "$comment"}
+)
+# Dialects whose `type`, `properties`, `required` and `additionalProperties` mean what `flat_schema_check` checks.
+_DIALECTS = frozenset(
+    {
+        "http://json-schema.org/draft-04/schema",
+        "http://json-schema.org/draft-06/schema",
+        "http://json-schema.org/draft-07/schema",
+        "https://json-schema.org/draft/2019-09/schema",
+        "https://json-schema.org/draft/2020-12/schema",
+    }
+)
+_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    # 1.0 is an integer to jsonschema; it is left to the full check, which says so.
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+
+
+def flat_schema_check(schema: Any) -> Callable[[dict[str, Any]], bool] | None:
+    """For a flat object schema (typed properties, `required`, `additionalProperties`, annotations), a check that
+    says True only of arguments the schema surely accepts; None for any other schema.
+
+    Most tools' schemas are this simple, and a call's arguments almost always valid: this spares them the
+    JSON Schema validator's walk. False proves nothing: the full validator then decides, and words the error.
+    """
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        return None
+    if not set(schema) <= _ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "$schema", "$id"}:
+        return None
+    dialect = schema.get("$schema")
+    if dialect is not None and (not isinstance(dialect, str) or dialect.rstrip("#") not in _DIALECTS):
+        return None
+    required = schema.get("required", [])
+    extra = schema.get("additionalProperties", True)
+    properties = schema.get("properties", {})
+    if (
+        not isinstance(required, list)
+        or not all(isinstance(r, str) for r in required)
+        or not isinstance(extra, bool)
+        or not isinstance(properties, dict)
+    ):
+        return None
+    checks: dict[str, tuple[Callable[[Any], bool], ...] | None] = {}  # None: any value
+    for name, sub in properties.items():
+        if sub is True or (isinstance(sub, dict) and set(sub) <= _ANNOTATIONS):
+            checks[name] = None
+            continue
+        if not isinstance(sub, dict) or not set(sub) <= _ANNOTATIONS | {"type"}:
+            return None
+        kinds = sub["type"] if isinstance(sub["type"], list) else [sub["type"]]
+        if not kinds or not all(isinstance(k, str) and k in _TYPE_CHECKS for k in kinds):
+            return None
+        checks[name] = tuple(_TYPE_CHECKS[k] for k in kinds)
+    needed = tuple(required)
+
+    def surely_valid(arguments: dict[str, Any]) -> bool:
+        for name in needed:
+            if name not in arguments:
+                return False
+        for name, value in arguments.items():
+            if name not in checks:
+                if not extra:
+                    return False
+                continue
+            kinds = checks[name]
+            if kinds is not None and not any(check(value) for check in kinds):
+                return False
+        return True
+
+    return surely_valid

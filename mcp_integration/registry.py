@@ -24,6 +24,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from mcp_integration.auth_config import AUTH_MODES, AuthMode, OAuthSettings
 from mcp_integration.errors import RegistryError
+from mcp_integration.job_queue import JobQueue, JobRow
+from mcp_integration.protocol_memory import KnownProtocol
 from mcp_integration.scrubber import known
 from mcp_integration.secrets import ENV_NAME, ENV_PREFIX, PLACEHOLDER, looks_opaque, redact_url
 
@@ -60,6 +62,7 @@ POLL_PROFILES: tuple[PollProfile, ...] = get_args(PollProfile)
 NAME_RE = re.compile(r"^[a-z0-9_-]{1,48}$")
 # Serialises concurrent migrators (two workers starting at once) without a table lock.
 _MIGRATION_LOCK_KEY = 0x6D6370  # "mcp"
+_TOOLS_LOCK_KEY = 0x6D6374  # "mct", with the server's id as the second key
 
 
 # Connection defaults for the pool and the registry watcher's LISTEN connection: a connect attempt to an
@@ -333,6 +336,21 @@ FROM mcp_servers s CROSS JOIN LATERAL (
 ) m
 """
 
+# A session's start in one read (`Registry.start_cache`): per enabled server, its cached tools (in the order
+# `cached_tools()` gives them) and its remembered protocol.
+_START_CACHE_SQL = """
+SELECT s.name, p.fingerprint, p.era, p.protocol_version, p.discover, t.tools
+FROM mcp_servers s
+LEFT JOIN mcp_server_protocol p ON p.server_id = s.id
+LEFT JOIN LATERAL (
+    SELECT json_agg(json_build_object('name', name, 'description', description, 'input_schema', input_schema,
+                                      'meta', meta) ORDER BY name) AS tools
+    FROM mcp_tools WHERE server_id = s.id
+) t ON true
+WHERE s.enabled AND (p.server_id IS NOT NULL OR t.tools IS NOT NULL)
+ORDER BY s.name
+"""
+
 _JOBS_SQL = """
 SELECT id, server_name, tool, state, kind, submitted_at, finished_at, polls, delivered_late,
        extract(epoch FROM coalesce(finished_at, now()) - submitted_at)::float8 AS seconds
@@ -384,10 +402,18 @@ class Registry:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
         self._migrated = False
+        self._job_queue: JobQueue | None = None  # made on first use (`job_queue`)
 
     @classmethod
     async def open(
-        cls, conninfo: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0, wait: bool = True
+        cls,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        max_idle: float = 600.0,
+        timeout: float = 10.0,
+        wait: bool = True,
     ) -> Registry:
         """Open the pool. With `wait` (the default) the database must answer within `timeout` or this raises;
         without it the pool connects in the background and keeps trying, so an agent can start while the
@@ -396,6 +422,8 @@ class Registry:
             conninfo,
             min_size=min_size,
             max_size=max_size,
+            # Unused connections beyond min_size are closed after this long (a quiet voice session holds none).
+            max_idle=max_idle,
             open=False,
             # A connection broken by a server restart is noticed and replaced before use.
             check=AsyncConnectionPool.check_connection,
@@ -422,7 +450,16 @@ class Registry:
         async with self.pool.connection(timeout=timeout) as conn:
             await conn.execute("SELECT 1")
 
+    async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Every row of one query, on a pooled connection held only for it."""
+        async with self.pool.connection() as conn:
+            return await (await conn.execute(sql, params)).fetchall()
+
     async def close(self) -> None:
+        # Job records still queued are written first (once, bounded): a CLI call that ends right after its
+        # answer keeps its row.
+        if self._job_queue is not None:
+            await self._job_queue.aclose()
         await self.pool.close()
 
     # -- migrations -----------------------------------------------------------------------------------------
@@ -524,6 +561,11 @@ class Registry:
     async def save_tools(self, server_id: int, tools: list[ToolSpec]) -> None:
         """Replace a server's cached tool list with a fresh discovery, atomically."""
         async with self.pool.connection() as conn, conn.transaction():
+            # Sessions starting together discover the same server at once: one rewrite at a time, or the second
+            # transaction's inserts collide with the first's.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s::int, (%s::bigint %% 2147483647)::int)", (_TOOLS_LOCK_KEY, server_id)
+            )
             await conn.execute("DELETE FROM mcp_tools WHERE server_id = %s", (server_id,))
             if tools:
                 async with conn.cursor() as cur:
@@ -549,6 +591,55 @@ class Registry:
                 ToolSpec(r["server"], r["name"], r["description"], r["input_schema"], r["meta"])
             )
         return out
+
+    # -- remembered protocols (protocol_memory.py) ----------------------------------------------------------
+
+    async def known_protocols(self) -> dict[str, KnownProtocol]:
+        """What each enabled server negotiated when it last connected, by server name."""
+        rows = await self._fetch(
+            "SELECT s.name, p.fingerprint, p.era, p.protocol_version, p.discover"
+            " FROM mcp_server_protocol p JOIN mcp_servers s ON s.id = p.server_id WHERE s.enabled"
+        )
+        return {r["name"]: memory for r in rows if (memory := KnownProtocol.from_json(r)) is not None}
+
+    async def save_protocol(self, server_id: int, memory: KnownProtocol) -> None:
+        """Remember what a server negotiated. Its `mcp_servers` row is not touched: a change there re-connects
+        the server in every worker (registry_watch.py)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO mcp_server_protocol (server_id, fingerprint, era, protocol_version, discover, seen_at)"
+                " VALUES (%s, %s, %s, %s, %s, now())"
+                " ON CONFLICT (server_id) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, era = EXCLUDED.era,"
+                " protocol_version = EXCLUDED.protocol_version, discover = EXCLUDED.discover, seen_at = now()",
+                (
+                    server_id,
+                    memory.fingerprint,
+                    memory.era,
+                    memory.protocol_version,
+                    None if memory.discover is None else Jsonb(memory.discover),
+                ),
+            )
+
+    async def touch_tools(self, server_ids: list[int]) -> None:
+        """Discoveries found these servers' cached tool lists unchanged: mark them fresh without rewriting them."""
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE mcp_tools SET discovered_at = now() WHERE server_id = ANY(%s)", (server_ids,))
+
+    async def start_cache(self) -> tuple[dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
+        """`cached_tools()` and `known_protocols()` in one query: what a session starts from."""
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(_START_CACHE_SQL)).fetchall()
+        tools: dict[str, list[ToolSpec]] = {}
+        protocols: dict[str, KnownProtocol] = {}
+        for r in rows:
+            if r["tools"]:
+                tools[r["name"]] = [
+                    ToolSpec(r["name"], t["name"], t["description"], t["input_schema"], t["meta"]) for t in r["tools"]
+                ]
+            memory = KnownProtocol.from_json(r) if r["era"] is not None else None
+            if memory is not None:
+                protocols[r["name"]] = memory
+        return tools, protocols
 
     # -- health ---------------------------------------------------------------------------------------------
 
@@ -596,13 +687,10 @@ class Registry:
             return cur.rowcount
 
     async def health(self) -> dict[str, HealthRow]:
-        async with self.pool.connection() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT s.name, h.status, h.checked_at, h.latency_ms, h.consecutive_failures, h.last_error"
-                    " FROM mcp_server_health h JOIN mcp_servers s ON s.id = h.server_id"
-                )
-            ).fetchall()
+        rows = await self._fetch(
+            "SELECT s.name, h.status, h.checked_at, h.latency_ms, h.consecutive_failures, h.last_error"
+            " FROM mcp_server_health h JOIN mcp_servers s ON s.id = h.server_id"
+        )
         return {
             r["name"]: HealthRow(
                 r["name"], r["status"], r["checked_at"], r["latency_ms"], r["consecutive_failures"], r["last_error"]
@@ -611,6 +699,62 @@ class Registry:
         }
 
     # -- jobs -----------------------------------------------------------------------------------------------
+
+    @property
+    def job_queue(self) -> JobQueue:
+        """The write-behind queue of this pool's job rows (job_queue.py): one per registry, made on first use."""
+        if self._job_queue is None:
+            self._job_queue = JobQueue(self)
+        return self._job_queue
+
+    async def jobs_flushed(self) -> None:
+        """Until every job record queued so far is written to mcp_jobs (or given up, which is logged)."""
+        if self._job_queue is not None:
+            await self._job_queue.flushed()
+
+    # One statement for any number of rows, so its text never changes: psycopg prepares it on each connection
+    # after a few uses. The rows travel as one jsonb parameter (a single json.dumps), cheaper to build than an
+    # array per column. A job whose server was removed meanwhile keeps its row, with no server id, as the
+    # foreign key's ON DELETE SET NULL would have left it. `submitted_at` is never updated: it is the job's.
+    _WRITE_JOBS_SQL = """
+INSERT INTO mcp_jobs AS j (id, server_id, server_name, tool, kind, state, receipt, submitted_at, updated_at,
+                           finished_at, result, error, polls, delivered_late, elicitations, samplings)
+SELECT r.id, s.id, r.server_name, r.tool, r.kind, r.state, r.receipt, to_timestamp(r.submitted_at), now(),
+       to_timestamp(r.finished_at), r.result, r.error, r.polls, r.delivered_late, r.elicitations, r.samplings
+FROM jsonb_to_recordset(%s::jsonb) AS r(
+    id uuid, server_id bigint, server_name text, tool text, kind text, state text, receipt jsonb,
+    submitted_at float8, finished_at float8, result jsonb, error text, polls integer, delivered_late boolean,
+    elicitations jsonb, samplings jsonb)
+LEFT JOIN mcp_servers s ON s.id = r.server_id
+ON CONFLICT (id) DO UPDATE SET
+    state = EXCLUDED.state, kind = EXCLUDED.kind, receipt = EXCLUDED.receipt, updated_at = EXCLUDED.updated_at,
+    finished_at = EXCLUDED.finished_at, result = EXCLUDED.result, error = EXCLUDED.error, polls = EXCLUDED.polls,
+    delivered_late = EXCLUDED.delivered_late, elicitations = EXCLUDED.elicitations, samplings = EXCLUDED.samplings
+"""
+
+    async def write_jobs(self, conn: psycopg.AsyncConnection[Any], rows: list[JobRow]) -> None:
+        """Insert or update these job rows (each as it is now, whole) in one statement on `conn`."""
+        doc = [
+            {
+                "id": str(r.id),
+                "server_id": r.server_id,
+                "server_name": r.server_name,
+                "tool": r.tool,
+                "kind": r.kind,
+                "state": r.state,
+                "receipt": r.receipt,
+                "submitted_at": r.submitted_at,
+                "finished_at": r.finished_at,
+                "result": r.result,
+                "error": None if r.error is None else known.scrub(r.error),
+                "polls": r.polls,
+                "delivered_late": r.delivered_late,
+                "elicitations": r.elicitations,
+                "samplings": r.samplings,
+            }
+            for r in rows
+        ]
+        await conn.execute(self._WRITE_JOBS_SQL, (Jsonb(doc),))
 
     async def insert_job(
         self, job_id: uuid.UUID, server_id: int | None, server: str, tool: str, kind: str, state: str = "submitted"

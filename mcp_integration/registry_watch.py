@@ -1,8 +1,9 @@
 """Keep a running dispatcher in step with the registry, through PostgreSQL LISTEN/NOTIFY.
 
-A trigger (migration 002) notifies `mcp_servers_changed` on every change to `mcp_servers`; the watcher then
-re-reads the enabled servers and adds, replaces or removes them in the dispatcher. Notifications are only
-hints: the table is the truth, so a missed or foreign notification costs one harmless re-read.
+A trigger (migration 002) notifies `mcp_servers_changed` on every change to `mcp_servers`; the process's
+`Signals` (signals.py) hears it, and the watcher then re-reads the enabled servers and adds, replaces or removes
+them in the dispatcher. Notifications are only hints: the table is the truth, so a missed or foreign
+notification costs one harmless re-read, and every reconnect of the signals brings one.
 """
 
 from __future__ import annotations
@@ -12,22 +13,15 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-import psycopg
-
 from mcp_integration.aio import Backoff
-from mcp_integration.registry import Registry, ServerConfig, connect_defaults
+from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.signals import Signal, Signals
 
-__all__ = [
-    "CHANNEL",
-    "MAX_BACKOFF_S",
-    "Follower",
-    "RegistryWatcher",
-]
+__all__ = ["MAX_BACKOFF_S", "Follower", "RegistryWatcher"]
 
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "mcp_servers_changed"
 MAX_BACKOFF_S = 5.0
 
 
@@ -49,46 +43,72 @@ class Follower(Protocol):
 
 
 class RegistryWatcher:
+    """Follows the registry through the process's `Signals` (its own, started here, when none is given)."""
+
     def __init__(
-        self, registry: Registry, dispatcher: Follower, *, on_change: Callable[[], None] | None = None
+        self,
+        registry: Registry,
+        dispatcher: Follower,
+        *,
+        on_change: Callable[[], None] | None = None,
+        signals: Signals | None = None,
     ) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.on_change = on_change
-        self._task: asyncio.Task[None] | None = None
-        self.listening = asyncio.Event()
+        self._own = signals is None
+        self.signals = signals if signals is not None else Signals(registry.pool.conninfo)
+        self._unsubscribe: Callable[[], None] | None = None
+        self._syncing: asyncio.Task[None] | None = None
+        self._again = False
+
+    @property
+    def listening(self) -> asyncio.Event:
+        return self.signals.ready
 
     def start(self) -> RegistryWatcher:
-        self._task = asyncio.create_task(self._run(), name="registry-watch")
+        self._unsubscribe = self.signals.subscribe(self._signalled)
+        if self._own:
+            self.signals.start()
+        elif self.signals.ready.is_set():
+            self._want_sync()  # the process already listens: read once, for what changed before we joined
         return self
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._syncing is not None:
+            self._syncing.cancel()
+            await asyncio.gather(self._syncing, return_exceptions=True)
+        if self._own:
+            await self.signals.aclose()
 
-    async def _run(self) -> None:
-        # Capped low: after a database restart or outage the watch should be back within seconds.
+    def _signalled(self, signal: Signal) -> None:
+        if signal.kind in ("servers", "resync"):
+            self._want_sync()
+
+    def _want_sync(self) -> None:
+        # A burst of notifications (an import of fifty servers) costs one re-read in flight and one after it.
+        if self._syncing is not None and not self._syncing.done():
+            self._again = True
+            return
+        self._syncing = asyncio.get_running_loop().create_task(self._sync_until_current(), name="registry-sync")
+
+    async def _sync_until_current(self) -> None:
         backoff = Backoff(0.5, MAX_BACKOFF_S, jitter=(0.8, 1.0))
         while True:
+            self._again = False
             try:
-                # A connection of its own: LISTEN holds it for the life of the session.
-                conninfo = self.registry.pool.conninfo
-                options = connect_defaults(conninfo)
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **options) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.listening.set()
-                    backoff.reset()
-                    await self.sync()  # whatever changed while we were not listening
-                    async for _ in conn.notifies():
-                        await self.sync()
+                await self.sync()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.listening.clear()
                 delay = backoff.next()
-                log.warning("registry watch interrupted (%s); retrying in %.1f s", type(exc).__name__, delay)
+                log.warning("registry not re-read (%s); retrying in %.1f s", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
+                self._again = True
+            if not self._again:
+                return
 
     async def sync(self) -> None:
         wanted = {cfg.name: cfg for cfg in await self.registry.list_servers(enabled_only=True)}

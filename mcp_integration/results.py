@@ -31,17 +31,21 @@ class ToolResult:
         # Frozen, so the bounded values are set the one way a frozen dataclass allows. A server echoing a
         # credential of ours back in its answer does not get it to the LLM, the caller or mcp_jobs.
         text = self.text if isinstance(self.text, str) else str(self.text)
-        object.__setattr__(self, "text", cut_text(scrub_known(text)))
-        if self.structured is not None:
-            object.__setattr__(self, "structured", scrub_known(bounded(self.structured)[0]))
-        if self.content:
-            object.__setattr__(self, "content", scrub_known(bounded([_without_payload(c) for c in self.content])[0]))
+        structured = None if self.structured is None else bounded(self.structured)[0]
+        content = bounded([_without_payload(c) for c in self.content])[0] if self.content else self.content
+        _settle(self, text, structured, content)
 
     @classmethod
     def from_mcp(cls, result: types.CallToolResult) -> ToolResult:
         parts: list[str] = []
         raw: list[dict[str, Any]] = []
         for item in result.content:
+            if type(item) is types.TextContent and item.annotations is None and item.meta is None:
+                # What model_dump gives for a bare text item, without pydantic's serializer: most answers are
+                # one or two of these, and the dump was most of what keeping them cost.
+                raw.append({"type": item.type, "text": item.text})
+                parts.append(item.text)
+                continue
             raw.append(item.model_dump(by_alias=True, mode="json", exclude_none=True))
             if isinstance(item, types.TextContent):
                 parts.append(item.text)
@@ -58,10 +62,22 @@ class ToolResult:
         structured, _ = bounded(result.structured_content) if result.structured_content is not None else (None, False)
         if not text and structured is not None:
             text = json.dumps(structured, ensure_ascii=False)
-        return cls(text=text, structured=structured, content=raw)
+        # Built past __post_init__, which would bound the structured content a second time (a whole walk of it
+        # for nothing: bounding a bounded value changes nothing). The same limits hold: text cut, content
+        # without payloads and bounded, everything scrubbed, in `_settle`.
+        out = object.__new__(cls)
+        _settle(out, text, structured, bounded([_without_payload(c) for c in raw])[0] if raw else raw)
+        return out
 
     def as_record(self) -> dict[str, Any]:
         return {"text": self.text, "structured": self.structured}
+
+
+def _settle(result: ToolResult, text: str, structured: Any, content: list[dict[str, Any]]) -> None:
+    """Set a result's fields from bounded values: the text cut, and secrets of ours scrubbed from all three."""
+    object.__setattr__(result, "text", cut_text(scrub_known(text)))
+    object.__setattr__(result, "structured", None if structured is None else scrub_known(structured))
+    object.__setattr__(result, "content", scrub_known(content) if content else content)
 
 
 def _without_payload(item: Any) -> Any:

@@ -29,9 +29,11 @@ from mcp_integration.aio import spawn
 from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.explain import describe
+from mcp_integration.fleet import Fleet
 from mcp_integration.health import Health, HealthMonitor
 from mcp_integration.oauth import OAuthBroker
 from mcp_integration.oauth_store import OAuthStore
+from mcp_integration.protocol_memory import KnownProtocol
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.registry_watch import RegistryWatcher
 from mcp_integration.snapshot import SnapshotError, ago, read_snapshot, save
@@ -65,6 +67,7 @@ class Runtime:
     watcher: RegistryWatcher | None = None
     monitor: HealthMonitor | None = None
     oauth: OAuthBroker | None = None
+    fleet: Fleet | None = None
 
 
 @asynccontextmanager
@@ -79,6 +82,7 @@ async def open_runtime(
     monitor: bool = False,
     record_every_check: bool = True,
     check_interval_s: float | None = None,
+    fleet: Fleet | None = None,
 ) -> AsyncIterator[Runtime]:
     # OAuth servers' tokens live in the registry, sealed with the key from the environment (a malformed key fails
     # here, at start; a missing one only when an OAuth server is used).
@@ -86,24 +90,34 @@ async def open_runtime(
     dispatcher = Dispatcher(
         registry, connect_timeout=settings.connect_timeout_s, auth_for=oauth.auth_for if oauth else None
     )
-    # Every check recorded (a CLI, the status page), or only changes of status (a voice session: a hundred
-    # sessions must not write hundreds of rows a second).
-    health = Health(dispatcher, record_every_check=record_every_check)
     async with AsyncExitStack() as stack:
+        if fleet is None and registry is not None and (watch or monitor):
+            # The process's signals and leases (a voice worker passes the one its process shares by all sessions).
+            fleet = Fleet.open(registry, settings)
+            stack.push_async_callback(fleet.aclose)
+        # Every check recorded (a CLI, the status page, the fleet's one checker of a server), or, without leases,
+        # only changes of status.
+        health = Health(
+            dispatcher,
+            record_every_check=record_every_check or fleet is not None,
+            signals=fleet.signals if fleet is not None else None,
+        )
         stack.push_async_callback(dispatcher.aclose)
         stack.push_async_callback(health.aclose)
         if snapshot:
             start = await start_from_registry_or_snapshot(dispatcher, health, settings.snapshot_path, settings)
         else:
             start = await _start(dispatcher, health, servers, wait=wait)
-        rt = Runtime(settings, registry, dispatcher, health, start, oauth=oauth)
+        rt = Runtime(settings, registry, dispatcher, health, start, oauth=oauth, fleet=fleet)
+        signals = fleet.signals if fleet is not None else None
         if watch and registry is not None:
             on_change = (lambda: save_soon(dispatcher, settings.snapshot_path)) if snapshot else None
-            rt.watcher = RegistryWatcher(registry, dispatcher, on_change=on_change).start()
+            rt.watcher = RegistryWatcher(registry, dispatcher, on_change=on_change, signals=signals).start()
             stack.push_async_callback(rt.watcher.aclose)
         if monitor:
             interval = check_interval_s if check_interval_s is not None else settings.health_interval_s
-            rt.monitor = HealthMonitor(health, interval_s=interval).start()
+            leases = fleet.leases if fleet is not None else None
+            rt.monitor = HealthMonitor(health, interval_s=interval, leases=leases).start()
             stack.push_async_callback(rt.monitor.aclose)
         yield rt
 
@@ -134,20 +148,24 @@ async def start_from_registry_or_snapshot(
     if registry is None:
         raise ValueError("starting from the registry needs a dispatcher with a registry")
     try:
-        servers, cached = await _load(registry, timeout=settings.db_start_timeout_s)
+        servers, cached, protocols = await _load(registry, timeout=settings.db_start_timeout_s)
     except psycopg.OperationalError as exc:  # unreachable, restarting, or gone mid-query (incl. PoolTimeout)
         return await _start_offline(dispatcher, path, describe(exc))
-    spawn(save(path, servers, cached), _saving)  # off the greeting's path, like discovery
+    spawn(save(path, servers, cached, protocols), _saving)  # off the greeting's path, like discovery
     recalling = spawn(health.recall(), _saving)  # beside discovery, not before it
-    await dispatcher.start(wait=False, servers=servers, cached=cached)
+    await dispatcher.start(wait=False, servers=servers, cached=cached, protocols=protocols)
     await recalling
     return SessionStart("database", saved=spawn(_save_after_discovery(dispatcher, path), _saving))
 
 
-async def _load(registry: Registry, *, timeout: float) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]]]:
+async def _load(
+    registry: Registry, *, timeout: float
+) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
     await registry.ping(timeout)  # first, within `timeout`: the calls below would each wait the pool's longer one
     await registry.migrate()  # idempotent; a database that was down when the process started gets it now
-    return await registry.list_servers(enabled_only=True), await registry.cached_tools()
+    servers = await registry.list_servers(enabled_only=True)
+    cached, protocols = await registry.start_cache()  # the remembered protocols come with the tool cache
+    return servers, cached, protocols
 
 
 async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> SessionStart:
@@ -163,7 +181,7 @@ async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> Ses
             reason,
             path,
         )
-        await dispatcher.start(wait=False, servers=[], cached={})
+        await dispatcher.start(wait=False, servers=[], cached={}, protocols={})
         return SessionStart("empty", reason=reason)
     age = snap.age_s
     log.warning(
@@ -175,7 +193,9 @@ async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> Ses
         len(snap.servers),
         sum(len(v) for v in snap.tools.values()),
     )
-    await dispatcher.start(wait=False, servers=snap.servers, cached=snap.tools)
+    await dispatcher.start(
+        wait=False, servers=snap.servers, cached=snap.tools, protocols=snap.protocols, cached_is_stored=False
+    )
     return SessionStart("snapshot", age_s=age, reason=reason)
 
 
@@ -187,9 +207,9 @@ def dispatcher_state(dispatcher: Dispatcher) -> tuple[list[ServerConfig], dict[s
 
 def save_soon(dispatcher: Dispatcher, path: Path) -> None:
     """Save the dispatcher's servers and tools in the background (a registry watcher's `on_change`)."""
-    spawn(save(path, *dispatcher_state(dispatcher)), _saving)
+    spawn(save(path, *dispatcher_state(dispatcher), dispatcher.protocols), _saving)
 
 
 async def _save_after_discovery(dispatcher: Dispatcher, path: Path) -> bool:
     await dispatcher.refreshed()
-    return await save(path, *dispatcher_state(dispatcher))
+    return await save(path, *dispatcher_state(dispatcher), dispatcher.protocols)

@@ -29,7 +29,8 @@ MIN_SECRET_CHARS = 6
 # Credentials in the shapes errors quote them: "Bearer abc", "api_key=abc", "password: abc".
 _SHAPES = re.compile(
     r"(?i)\b(bearer\s+|basic\s+|(?:api[-_]?key|access[-_]?token|refresh[-_]?token|token|password|passwd|secret)"
-    r"\s*[=:]\s*)[^\s,;:&'\"<>)\]}]{4,}"
+    # The value is never itself a scheme word: in "Basic Bearer abc" the secret is abc, not "Bearer".
+    r"\s*[=:]\s*)(?!(?:bearer|basic)\b)[^\s,;:&'\"<>)\]}]{4,}"
 )
 
 

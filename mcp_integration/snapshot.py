@@ -1,9 +1,9 @@
 """The last-known registry on disk: what a session starts from when the database is unreachable (runtime.py).
 
-The file holds the enabled servers and their tool cache exactly as the registry holds them: header and env values
-stay `env:NAME` references (or the literals the registry already had), never resolved secrets. It is written after
-each successful load from the database and after each discovery or registry change, atomically (a temporary file
-renamed over the old one), readable by its owner only.
+The file holds the enabled servers, their tool cache and their remembered protocols exactly as the registry holds
+them: header and env values stay `env:NAME` references (or the literals the registry already had), never resolved
+secrets. It is written after each successful load from the database and after each discovery or registry change,
+atomically (a temporary file renamed over the old one), readable by its owner only.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mcp_integration.explain import describe
+from mcp_integration.protocol_memory import KnownProtocol
 from mcp_integration.registry import ServerConfig, ToolSpec
 
 __all__ = [
@@ -55,20 +56,28 @@ class Snapshot:
     saved_at: datetime
     servers: list[ServerConfig]
     tools: dict[str, list[ToolSpec]]
+    # What each server negotiated (protocol_memory.py); a file written before this existed has none.
+    protocols: dict[str, KnownProtocol] = field(default_factory=dict)
 
     @property
     def age_s(self) -> float:
         return max(0.0, (datetime.now(UTC) - self.saved_at).total_seconds())
 
 
-def write_snapshot(path: Path, servers: list[ServerConfig], tools: dict[str, list[ToolSpec]]) -> Snapshot:
-    """Replace the file at `path` with these servers and tools, atomically; mode 0600."""
-    snap = Snapshot(datetime.now(UTC), list(servers), {k: list(v) for k, v in tools.items()})
+def write_snapshot(
+    path: Path,
+    servers: list[ServerConfig],
+    tools: dict[str, list[ToolSpec]],
+    protocols: dict[str, KnownProtocol] | None = None,
+) -> Snapshot:
+    """Replace the file at `path` with these servers, tools and protocols, atomically; mode 0600."""
+    snap = Snapshot(datetime.now(UTC), list(servers), {k: list(v) for k, v in tools.items()}, dict(protocols or {}))
     body = {
         "format": FORMAT,
         "saved_at": snap.saved_at.isoformat(),
         "servers": [dataclasses.asdict(cfg) for cfg in snap.servers],
         "tools": {name: [dataclasses.asdict(t) for t in specs] for name, specs in snap.tools.items()},
+        "protocols": {name: memory.to_json() for name, memory in snap.protocols.items()},
     }
     text = json.dumps(body, ensure_ascii=False, indent=1, default=_encode)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -104,27 +113,43 @@ def read_snapshot(path: Path) -> Snapshot | None:
             for name, specs in body["tools"].items()
         }
         saved_at = datetime.fromisoformat(body["saved_at"])
+        # Only an optimisation: an entry that cannot be read is left out, never a reason to refuse the file.
+        stored = body.get("protocols")
+        stored = stored if isinstance(stored, dict) else {}
+        remembered = {name: KnownProtocol.from_json(raw) for name, raw in stored.items()}
+        protocols = {name: memory for name, memory in remembered.items() if memory is not None}
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"registry snapshot {path} is not usable: {describe(exc)}") from None
-    return Snapshot(saved_at, servers, tools)
+    return Snapshot(saved_at, servers, tools, protocols)
 
 
-async def save(path: Path, servers: list[ServerConfig], tools: dict[str, list[ToolSpec]]) -> bool:
+async def save(
+    path: Path,
+    servers: list[ServerConfig],
+    tools: dict[str, list[ToolSpec]],
+    protocols: dict[str, KnownProtocol] | None = None,
+) -> bool:
     """Write the snapshot off the event loop. A failure is logged, never raised: the snapshot is a fallback."""
     try:
-        await asyncio.to_thread(_write_newest, path, next(_order), servers, tools)
+        await asyncio.to_thread(_write_newest, path, next(_order), servers, tools, protocols)
     except OSError as exc:
         log.warning("registry snapshot not saved to %s: %s", path, describe(exc))
         return False
     return True
 
 
-def _write_newest(path: Path, order: int, servers: list[ServerConfig], tools: dict[str, list[ToolSpec]]) -> None:
+def _write_newest(
+    path: Path,
+    order: int,
+    servers: list[ServerConfig],
+    tools: dict[str, list[ToolSpec]],
+    protocols: dict[str, KnownProtocol] | None,
+) -> None:
     # Writes run in threads and may finish out of order: an older state never replaces a newer one.
     with _write_lock:
         if _written.get(path, -1) > order:
             return
-        write_snapshot(path, servers, tools)
+        write_snapshot(path, servers, tools, protocols)
         _written[path] = order
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import select
 import subprocess
@@ -9,8 +11,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -157,3 +160,17 @@ class OfferingLLM(ScriptedLLM):
     def chat(self, *, chat_ctx, tools=None, **kwargs):  # type: ignore[no-untyped-def,override]
         self.offered.append({getattr(t, "id", "") for t in tools or []})
         return super().chat(chat_ctx=chat_ctx, tools=tools, **kwargs)
+
+
+async def eventually(check: Callable[[], Any | Awaitable[Any]], timeout: float, what: str) -> Any:
+    """Poll `check` (plain or async) until it gives something truthy, which is returned; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:g} s")
+        await asyncio.sleep(0.1)

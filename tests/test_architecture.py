@@ -25,6 +25,10 @@ STORAGE = {
     "mcp_integration.registry_watch",
     "mcp_integration.snapshot",
     "mcp_integration.oauth_store",
+    "mcp_integration.signals",
+    "mcp_integration.relay",
+    "mcp_integration.health_lease",
+    "mcp_integration.fleet",
 }
 ABOVE_STORAGE = {
     "mcp_integration.dispatcher",

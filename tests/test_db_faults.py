@@ -9,7 +9,6 @@ the embedded pgserver of the test run (its own pg_ctl). It is always started aga
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import shlex
@@ -18,14 +17,14 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import stdio_demo
+from conftest import eventually, stdio_demo
 
 from mcp_integration.config import Settings
 from mcp_integration.dispatcher import Dispatcher
@@ -157,19 +156,6 @@ async def database_down(pg: PgControl) -> AsyncIterator[None]:
         yield
     finally:
         await asyncio.to_thread(pg.start)
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        ok = check()
-        if inspect.isawaitable(ok):
-            ok = await ok
-        if ok:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g} s")
-        await asyncio.sleep(0.1)
 
 
 async def test_pool_and_watcher_survive_a_restart(registry: Registry, pg: PgControl) -> None:

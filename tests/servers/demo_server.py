@@ -9,6 +9,10 @@ Faults on demand: --ping-delay-ms delays every `ping` and `server/discover` (the
 refuses `server/discover`, so a client falls back to the 2025-11-25 handshake (with an `Mcp-Session-Id` on
 Streamable HTTP); --sse-close-after-ms ends each SSE event stream that long after it opened (as an
 idle-closing proxy does), --sse-close-on-signal ends them on SIGUSR1; --pid-file writes the process id.
+Streamable HTTP only, for the protocol-memory tests: --method-log PATH appends one line per HTTP request
+("POST tools/list", "GET", "DELETE"); --legacy-only answers as a server written before 2026-07-28 does (an SDK
+1.x server: anything sent at a 2026 version, `server/discover` included, is refused with HTTP 400 and JSON-RPC
+-32600); --modern-only refuses the `initialize` handshake with -32022, naming only 2026-07-28.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -28,8 +34,9 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
-from mcp_types import METHOD_NOT_FOUND
+from mcp_types import INVALID_REQUEST, METHOD_NOT_FOUND, UNSUPPORTED_PROTOCOL_VERSION
 from mcp_types import Tool as MCPTool
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -124,6 +131,71 @@ def closing_event_streams(app: Any, after_ms: int | None) -> Any:
     return wrapped
 
 
+def era_gate(app: Any, *, method_log: str = "", legacy_only: bool = False, modern_only: bool = False) -> Any:
+    """Wrap a Streamable HTTP app: log each request's method (`method_log`), and answer as a server of one era
+    only. The SDK's server speaks both eras; a real pre-2026 server refuses a request carrying a 2026 protocol
+    version (SDK 1.x: `400 Bad Request: Unsupported protocol version`), and a 2026-only one refuses `initialize`."""
+    log = Path(method_log) if method_log else None
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        body = b""
+        if scope["method"] == "POST":
+            more = True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        message = parsed if isinstance(parsed, dict) else {}
+        method, rid = message.get("method"), message.get("id")
+        if log is not None:
+            with log.open("a") as f:
+                f.write(f"{scope['method']} {method or ''}".rstrip() + "\n")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        version = headers.get("mcp-protocol-version")
+        if legacy_only and version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            supported = ", ".join(HANDSHAKE_PROTOCOL_VERSIONS)
+            reason = f"Bad Request: Unsupported protocol version: {version}. Supported protocol versions: {supported}"
+            await _json_error(send, 400, rid, INVALID_REQUEST, reason)
+            return
+        if modern_only and method == "initialize":
+            requested = (message.get("params") or {}).get("protocolVersion", "")
+            data = {"supported": list(MODERN_PROTOCOL_VERSIONS), "requested": requested}
+            await _json_error(send, 400, rid, UNSUPPORTED_PROTOCOL_VERSION, "Unsupported protocol version", data)
+            return
+        if scope["method"] != "POST":
+            await app(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await app(scope, replay, send)
+
+    return wrapped
+
+
+async def _json_error(send: Any, status: int, rid: Any, code: int, message: str, data: Any = None) -> None:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    body = json.dumps({"jsonrpc": "2.0", "id": rid if rid is not None else "server-error", "error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def app_with_mcp(mcp: MCPServer, routes: list[Route], *, sse: bool = False) -> Starlette:
     """`routes` beside the MCP endpoints (Streamable HTTP at /mcp; with `sse`, legacy SSE at /mcp/sse) in one app.
 
@@ -170,6 +242,10 @@ def main() -> None:
     parser.add_argument("--sse-close-after-ms", type=int, default=0)
     parser.add_argument("--sse-close-on-signal", action="store_true", help="end every event stream on SIGUSR1")
     parser.add_argument("--pid-file", default="")
+    parser.add_argument("--method-log", default="", help="streamable-http: append each request's method here")
+    era = parser.add_mutually_exclusive_group()
+    era.add_argument("--legacy-only", action="store_true", help="streamable-http: refuse every 2026 request")
+    era.add_argument("--modern-only", action="store_true", help="streamable-http: refuse the initialize handshake")
     args = parser.parse_args()
     if args.pid_file:
         with open(args.pid_file, "w") as f:
@@ -185,7 +261,10 @@ def main() -> None:
             app = closing_event_streams(app, args.sse_close_after_ms or None)
         asyncio.run(serve_http(app, args.port))
     else:
-        asyncio.run(serve_http(mcp.streamable_http_app(), args.port))
+        app = mcp.streamable_http_app()
+        if args.method_log or args.legacy_only or args.modern_only:
+            app = era_gate(app, method_log=args.method_log, legacy_only=args.legacy_only, modern_only=args.modern_only)
+        asyncio.run(serve_http(app, args.port))
 
 
 if __name__ == "__main__":

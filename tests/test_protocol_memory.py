@@ -1,0 +1,507 @@
+"""Remembered protocols against real servers and the real registry: what a server negotiated is reused by the next
+connect (in this process and, through PostgreSQL, in the next), and forgotten when the server has changed.
+
+The servers log every HTTP request they get (`demo_server.py --method-log`), so "no `server/discover`" and "no
+handshake" are counted where they would be sent, not inferred from our side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import SERVERS
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND
+from pydantic import BaseModel, ValidationError
+
+from mcp_integration.config import Settings
+from mcp_integration.connection import ServerConnection
+from mcp_integration.dispatcher import Dispatcher
+from mcp_integration.errors import Reconnecting
+from mcp_integration.health import Health
+from mcp_integration.mcp_compat import send_raw_request
+from mcp_integration.protocol_memory import KnownProtocol, could_be_mismatch, fingerprint
+from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.runtime import start_from_registry_or_snapshot
+from mcp_integration.snapshot import read_snapshot, write_snapshot
+from mcp_integration.tasks import TaskHandle
+
+FORGOTTEN = "did not work now"  # what the one INFO line says when a remembered protocol is dropped
+
+
+class Server:
+    """A demo server over Streamable HTTP whose requests are logged, restartable on its port in another era."""
+
+    def __init__(self, spawn: Callable[..., int], log: Path) -> None:
+        self.spawn = spawn
+        self.log = log
+        self.port = 0
+
+    def start(self, *flags: str) -> ServerConfig:
+        self.port = self.spawn(
+            "--transport", "streamable-http", "--port", str(self.port), "--method-log", str(self.log), *flags
+        )
+        return ServerConfig(name="demo", transport="streamable-http", url=f"http://127.0.0.1:{self.port}/mcp")
+
+    def restart(self, *flags: str) -> ServerConfig:
+        """The same URL, a new process (an upgrade or a downgrade in place)."""
+        proc = self.spawn.procs[-1]  # type: ignore[attr-defined]
+        proc.kill()
+        proc.wait(5)
+        return self.start(*flags)
+
+    def methods(self) -> list[str]:
+        """The requests logged since the last call ("POST tools/list", "GET", ...)."""
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        self.log.write_text("")
+        return lines
+
+
+@pytest.fixture
+def server(spawn: Callable[..., int], tmp_path: Path) -> Server:
+    return Server(spawn, tmp_path / "methods.log")
+
+
+async def discovered(registry: Registry) -> Dispatcher:
+    """A new dispatcher (as a new session or process gets), started and discovered without error; its background
+    writes (the protocol learned) are awaited by `aclose`."""
+    d = Dispatcher(registry, connect_timeout=15)
+    await d.start(wait=True)
+    errors = {n: s.error for n, s in d.servers.items() if s.error}
+    assert not errors, errors
+    return d
+
+
+async def session(registry: Registry) -> tuple[bool, list[str]]:
+    """One fresh session start: whether its connect used a remembered protocol, and its tool names."""
+    d = await discovered(registry)
+    try:
+        return d.servers["demo"].conn.remembered, sorted(t.name for t in d.tools)
+    finally:
+        await d.aclose()
+
+
+async def stored(registry: Registry) -> KnownProtocol:
+    protocols = await registry.known_protocols()
+    assert set(protocols) == {"demo"}
+    return protocols["demo"]
+
+
+# -- a handshake-era server ------------------------------------------------------------------------------------
+
+
+async def test_a_legacy_server_is_probed_once_then_never_again(registry: Registry, server: Server) -> None:
+    cfg = await registry.add_server(server.start("--legacy"))
+    d = await discovered(registry)
+    try:
+        first = server.methods()
+        assert first[:2] == ["POST server/discover", "POST initialize"]  # probed, refused, handshake
+        assert not d.servers["demo"].conn.remembered
+
+        # A reconnect in the same process: the handshake, but no probe.
+        d.servers["demo"].conn.drop("test: reconnect")
+        assert (await d.refresh())["demo"] is None
+        again = server.methods()
+        assert "POST server/discover" not in again and "POST initialize" in again
+        assert d.servers["demo"].conn.remembered
+    finally:
+        await d.aclose()
+
+    memory = await stored(registry)
+    assert (memory.era, memory.protocol_version, memory.discover) == ("legacy", "2025-11-25", None)
+    assert memory.fingerprint == fingerprint(cfg)
+
+    # A new session (a new dispatcher, as in a new process): remembered through the registry.
+    remembered, tools = await session(registry)
+    assert remembered and "echo" in tools
+    log = server.methods()
+    assert "POST server/discover" not in log and log.count("POST initialize") == 1
+
+
+async def test_the_memory_is_written_only_when_it_changes(registry: Registry, server: Server) -> None:
+    await registry.add_server(server.start("--legacy"))
+    await session(registry)
+    first = await seen_at(registry)
+    await session(registry)
+    await session(registry)
+    assert await seen_at(registry) == first  # the same protocol again: no write
+
+
+async def seen_at(registry: Registry) -> object:
+    async with registry.pool.connection() as conn:
+        row = await (await conn.execute("SELECT seen_at FROM mcp_server_protocol")).fetchone()
+    assert row is not None
+    return row["seen_at"]
+
+
+# -- a 2026-07-28 server ----------------------------------------------------------------------------------------
+
+
+async def test_a_modern_server_is_adopted_with_no_handshake_round_trip(registry: Registry, server: Server) -> None:
+    await registry.add_server(server.start())
+    remembered, _ = await session(registry)
+    assert not remembered
+    assert server.methods()[:2] == ["POST server/discover", "POST tools/list"]
+    memory = await stored(registry)
+    assert memory.era == "modern" and memory.protocol_version == "2026-07-28"
+    assert memory.discover is not None and "2026-07-28" in memory.discover["supportedVersions"]
+
+    d = await discovered(registry)
+    try:
+        conn = d.servers["demo"].conn
+        assert conn.remembered
+        assert server.methods() == ["POST tools/list"]  # the discovery itself, and nothing before it
+        assert conn.client.session.discover_result is not None
+        assert conn.client.session.discover_result.model_dump(mode="json", by_alias=True) == memory.discover
+        assert (await d.call("echo", {"text": "hi"})).text == "echo: hi"
+    finally:
+        await d.aclose()
+
+
+async def test_an_adopted_session_keeps_the_servers_extensions(registry: Registry, spawn: Callable[..., int]) -> None:
+    # The stored DiscoverResult carries the capabilities the tasks runtime reads (the 2026 tasks extension).
+    port = spawn("--transport", "streamable-http", "--port", "0", script=str(SERVERS / "task_server_2026.py"))
+    await registry.add_server(
+        ServerConfig(name="tasks", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp")
+    )
+    await (await discovered(registry)).aclose()
+    d = await discovered(registry)
+    try:
+        conn = d.servers["tasks"].conn
+        assert conn.remembered
+        extensions = conn.client.session.server_capabilities.extensions or {}
+        assert "io.modelcontextprotocol/tasks" in extensions
+        job = d.submit("report", {"seconds": 0.3})
+        assert (await job.wait(15)).text == "report ready after 0.3s"
+        assert job.kind == "task"
+    finally:
+        await d.aclose()
+
+
+# -- a server that changed protocol in place -------------------------------------------------------------------
+
+
+async def test_remembered_legacy_for_a_server_now_modern_only(
+    registry: Registry, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    await registry.add_server(server.start("--legacy-only"))
+    await session(registry)
+    assert (await stored(registry)).era == "legacy"
+
+    server.restart("--modern-only")
+    server.methods()
+    caplog.set_level(logging.INFO, logger="mcp_integration.connection")
+    remembered, tools = await session(registry)  # no error: forgotten, negotiated afresh at once
+    assert not remembered and "echo" in tools
+    assert server.methods()[:3] == ["POST initialize", "POST server/discover", "POST tools/list"]
+    assert sum(FORGOTTEN in m for m in caplog.messages) == 1
+    assert (await stored(registry)).era == "modern"
+
+    caplog.clear()
+    remembered, _ = await session(registry)
+    assert remembered and server.methods() == ["POST tools/list"]
+    assert not any(FORGOTTEN in m for m in caplog.messages)
+
+
+async def test_remembered_modern_for_a_server_now_legacy(
+    registry: Registry, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    await registry.add_server(server.start())
+    await session(registry)
+    assert (await stored(registry)).era == "modern"
+
+    server.restart("--legacy-only")
+    server.methods()
+    caplog.set_level(logging.INFO, logger="mcp_integration.connection")
+    remembered, tools = await session(registry)
+    assert not remembered and "echo" in tools
+    log = server.methods()
+    # The adopted session's first request is refused; then the probe (refused too) and the handshake.
+    assert log[:3] == ["POST tools/list", "POST server/discover", "POST initialize"]
+    assert sum(FORGOTTEN in m for m in caplog.messages) == 1
+    memory = await stored(registry)
+    assert (memory.era, memory.discover) == ("legacy", None)
+
+
+async def test_a_reconnect_negotiates_again(registry: Registry, server: Server) -> None:
+    # A reopening follows a loss: the server went away and may be back changed, so a modern memory is not adopted
+    # blind; the negotiation finds the change before the call is sent.
+    await registry.add_server(server.start())
+    d = await discovered(registry)
+    try:
+        server.restart("--legacy-only")
+        d.servers["demo"].conn.drop("test: the server restarted")
+        server.methods()
+        assert (await d.call("echo", {"text": "again"})).text == "echo: again"
+        log = server.methods()
+        assert log[:2] == ["POST server/discover", "POST initialize"] and log.count("POST tools/call") == 1
+    finally:
+        await d.aclose()
+    assert (await stored(registry)).era == "legacy"
+
+
+async def test_a_call_refused_on_an_adopted_session_may_be_sent_again(registry: Registry, server: Server) -> None:
+    # The first request of an adopted session is a call (no discovery before it): refused before it ran, by a
+    # server that is no longer 2026-07-28, it is the dispatcher's cue to send it once more on a fresh negotiation.
+    cfg = server.start()
+    await registry.add_server(cfg)
+    await session(registry)
+    memory = await stored(registry)
+    cfg = server.restart("--legacy-only")
+    server.methods()
+    conn = ServerConnection(cfg, known=memory)
+    try:
+        await conn.open()
+        assert conn.remembered and server.methods() == []  # adopted: nothing sent
+        generation = conn.generation
+        with pytest.raises(MCPError) as refused:
+            await conn.tasks.call_tool("echo", {"text": "x"}, tool_meta=None)
+        assert refused.value.error.code == INVALID_REQUEST
+        assert conn.forget_if_mismatch(refused.value, generation=generation, acted_on=True)
+        assert conn.known is None and not conn.is_open
+        await conn.open()
+        result = await conn.tasks.call_tool("echo", {"text": "x"}, tool_meta=None)
+        assert not isinstance(result, TaskHandle) and result.content[0].text == "echo: x"  # type: ignore[union-attr]
+        assert conn.known is not None and conn.known.era == "legacy"
+    finally:
+        await conn.close()
+    log = server.methods()
+    assert log[0] == "POST tools/call" and "POST initialize" in log and log.count("POST tools/call") == 2
+
+
+async def test_a_failed_health_ping_on_an_adopted_session_forgets(registry: Registry, server: Server) -> None:
+    # On 2026-07-28 the health check's ping is a tools/list: the same first request, the same evidence.
+    await registry.add_server(server.start())
+    await session(registry)
+    memory = await stored(registry)
+    conn = ServerConnection(server.restart("--legacy-only"), known=memory)
+    try:
+        await conn.open()
+        with pytest.raises(MCPError):
+            await conn.ping()
+        assert conn.known is None and not conn.is_open
+        await conn.open()
+        assert await conn.ping() > 0 and conn.known is not None and conn.known.era == "legacy"
+    finally:
+        await conn.close()
+
+
+async def test_an_answered_session_does_not_forget(registry: Registry, server: Server) -> None:
+    # Once the server has answered a request of the session, the protocol fits: a later error is the server's
+    # own (here an unknown method), not a reason to forget.
+    cfg = await registry.add_server(server.start())
+    await session(registry)
+    conn = ServerConnection(cfg, known=await stored(registry))
+    try:
+        await conn.open()
+        generation = conn.generation
+        await conn.list_tools()
+        with pytest.raises(MCPError) as unknown:
+            await send_raw_request(conn.client.session, "no/such/method", {})
+        assert not conn.forget_if_mismatch(unknown.value, generation=generation)
+        assert conn.known is not None and conn.is_open
+    finally:
+        await conn.close()
+
+
+async def test_an_unreachable_server_keeps_its_memory(registry: Registry, server: Server) -> None:
+    cfg = await registry.add_server(server.start())
+    await session(registry)
+    proc = server.spawn.procs[-1]  # type: ignore[attr-defined]
+    proc.kill()
+    proc.wait(5)
+    d = Dispatcher(registry, connect_timeout=5)
+    try:
+        await d.start(wait=True)
+        error = d.servers["demo"].error
+        # The adopted session's first contact failed; the reopening negotiated, and failed as a connect does.
+        assert error is not None and "tools/list failed" not in error, error
+        assert d.servers["demo"].conn.known is not None  # a refused connection says nothing of the protocol
+        with pytest.raises(Reconnecting):
+            await d.servers["demo"].conn.open()  # and the usual backoff holds
+    finally:
+        await d.aclose()
+    assert (await stored(registry)).fingerprint == fingerprint(cfg)
+
+
+# -- a registry row that moved ----------------------------------------------------------------------------------
+
+
+async def test_the_memory_is_ignored_when_the_servers_url_changes(
+    registry: Registry, server: Server, spawn: Callable[..., int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = await registry.add_server(server.start())
+    await session(registry)
+    assert (await stored(registry)).fingerprint == fingerprint(old)
+
+    elsewhere = Server(spawn, tmp_path / "elsewhere.log")
+    moved = elsewhere.start("--legacy-only")
+    new = await registry.add_server(moved, replace=True)
+    assert fingerprint(new) != fingerprint(old)
+    caplog.set_level(logging.INFO, logger="mcp_integration.connection")
+    remembered, tools = await session(registry)
+    assert not remembered and "echo" in tools
+    # Negotiated from scratch: the old memory was not even tried (no failed adopt, nothing forgotten).
+    assert elsewhere.methods()[:2] == ["POST server/discover", "POST initialize"]
+    assert not any(FORGOTTEN in m for m in caplog.messages)
+    memory = await stored(registry)
+    assert (memory.era, memory.fingerprint) == ("legacy", fingerprint(new))
+
+
+# -- where the memory travels -----------------------------------------------------------------------------------
+
+
+async def test_a_session_start_reads_tools_and_protocols_in_one_query(registry: Registry, server: Server) -> None:
+    await registry.add_server(server.start())
+    await session(registry)
+    tools, protocols = await registry.start_cache()
+    assert tools == await registry.cached_tools()
+    assert protocols == await registry.known_protocols()
+
+    d = Dispatcher(registry)
+    try:
+        await d.start(wait=False)  # the worker's way: the index from the cache, discovery behind it
+        assert d.servers["demo"].from_cache
+        await d.refreshed()
+        assert d.servers["demo"].conn.remembered and d.servers["demo"].error is None
+    finally:
+        await d.aclose()
+
+
+async def test_a_worker_session_starts_from_the_registry_with_its_memory(
+    registry: Registry, server: Server, tmp_path: Path
+) -> None:
+    # The voice worker's start (runtime.py): servers, tool cache and protocols loaded, the snapshot written.
+    await registry.add_server(server.start())
+    await session(registry)
+    server.methods()
+    path = tmp_path / "snapshot.json"
+    d = Dispatcher(registry, connect_timeout=15)
+    try:
+        start = await start_from_registry_or_snapshot(d, Health(d), path, Settings(db_start_timeout_s=3))
+        assert start.source == "database" and start.saved is not None
+        await d.refreshed()
+        assert d.servers["demo"].conn.remembered and d.servers["demo"].error is None
+        assert server.methods() == ["POST tools/list"]
+        assert await start.saved
+    finally:
+        await d.aclose()
+    snap = read_snapshot(path)
+    assert snap is not None and snap.protocols == await registry.known_protocols()
+
+
+async def test_the_snapshot_carries_the_protocols(registry: Registry, server: Server, tmp_path: Path) -> None:
+    cfg = await registry.add_server(server.start())
+    await session(registry)
+    servers = await registry.list_servers(enabled_only=True)
+    tools, protocols = await registry.start_cache()
+    path = tmp_path / "snapshot.json"
+    write_snapshot(path, servers, tools, protocols)
+    snap = read_snapshot(path)
+    assert snap is not None and snap.protocols == protocols
+
+    # Started from the snapshot (the database unreachable): the memory is used all the same.
+    server.methods()
+    d = Dispatcher(registry, connect_timeout=15)
+    try:
+        await d.start(wait=False, servers=snap.servers, cached=snap.tools, protocols=snap.protocols)
+        await d.refreshed()
+        assert d.servers[cfg.name].conn.remembered
+        assert server.methods() == ["POST tools/list"]
+    finally:
+        await d.aclose()
+
+    # A snapshot written before protocols were remembered still reads.
+    write_snapshot(path, servers, tools)
+    old = read_snapshot(path)
+    assert old is not None and old.protocols == {}
+
+
+async def test_an_unchanged_tool_list_is_marked_fresh_not_rewritten(registry: Registry, server: Server) -> None:
+    cfg = await registry.add_server(server.start())
+    async with registry.pool.connection() as conn:
+        # Counts the rows each discovery inserts into the tool cache (an UPDATE inserts none).
+        await conn.execute(
+            "CREATE TABLE inserted (n int);"
+            " CREATE FUNCTION count_insert() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN INSERT INTO inserted VALUES (1); RETURN NULL; END; $$;"
+            " CREATE TRIGGER counted AFTER INSERT ON mcp_tools FOR EACH ROW EXECUTE FUNCTION count_insert()"
+        )
+    await session(registry)
+    first = await cache_state(registry)
+    assert first[0] == 5
+    await session(registry)
+    again = await cache_state(registry)
+    assert again[0] == 5  # nothing rewritten ...
+    assert again[1] > first[1]  # ... but marked fresh
+
+    # A cache that no longer matches the server is rewritten by the next discovery.
+    assert cfg.id is not None
+    await registry.save_tools(cfg.id, [])
+    await session(registry)
+    assert (await cache_state(registry))[0] == 10
+    assert len((await registry.cached_tools())["demo"]) == 5
+
+
+async def cache_state(registry: Registry) -> tuple[int, object]:
+    """Rows inserted into the cache so far, and when it was last marked fresh."""
+    async with registry.pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "SELECT (SELECT count(*) FROM inserted) AS n, (SELECT max(discovered_at) FROM mcp_tools) AS at"
+            )
+        ).fetchone()
+    assert row is not None
+    return row["n"], row["at"]
+
+
+# -- which failures may mean the protocol changed ---------------------------------------------------------------
+
+
+def mcp_error(code: int, message: str = "no") -> MCPError:
+    return MCPError(code, message)
+
+
+class _Shape(BaseModel):
+    n: int
+
+
+def validation_error() -> ValidationError:
+    try:
+        _Shape.model_validate({"n": "x"})
+    except ValidationError as exc:
+        return exc
+    raise AssertionError("not reached")
+
+
+def test_which_failures_could_be_a_protocol_mismatch() -> None:
+    # Answers the server gave: any error, or one we cannot read.
+    assert could_be_mismatch(mcp_error(METHOD_NOT_FOUND))
+    assert could_be_mismatch(mcp_error(-32022))
+    assert could_be_mismatch(mcp_error(INVALID_REQUEST, "Bad Request: Missing session ID"))
+    assert could_be_mismatch(validation_error())
+    assert could_be_mismatch(RuntimeError("Unsupported protocol version from the server: 2026-07-28"))
+    assert could_be_mismatch(ExceptionGroup("task group", [mcp_error(METHOD_NOT_FOUND)]))
+    # No answer: unreachable, refused, slow, or gone.
+    assert not could_be_mismatch(ConnectionRefusedError(111, "Connection refused"))
+    assert not could_be_mismatch(TimeoutError())
+    assert not could_be_mismatch(mcp_error(CONNECTION_CLOSED, "Connection closed"))
+    assert not could_be_mismatch(ExceptionGroup("task group", [OSError("reset"), mcp_error(METHOD_NOT_FOUND)]))
+    # After a request with side effects, only errors a server gives before acting.
+    assert could_be_mismatch(mcp_error(INVALID_REQUEST), acted_on=True)
+    assert not could_be_mismatch(mcp_error(INTERNAL_ERROR), acted_on=True)
+    assert not could_be_mismatch(validation_error(), acted_on=True)
+
+
+def test_a_memory_this_sdk_cannot_use_negotiates() -> None:
+    assert KnownProtocol("f", "legacy", "2025-11-25").client_mode() == ("legacy", None)
+    assert KnownProtocol("f", "legacy", "1999-01-01").client_mode() == ("auto", None)
+    assert KnownProtocol("f", "modern", "2099-01-01", {"supportedVersions": ["2099-01-01"]}).client_mode() == (
+        "auto",
+        None,
+    )
+    assert KnownProtocol("f", "modern", "2026-07-28", {"capabilities": "not an object"}).client_mode() == ("auto", None)
+    assert KnownProtocol.from_json({"era": "medieval", "protocol_version": "x", "fingerprint": "f"}) is None
