@@ -11,6 +11,7 @@ timeline of what the caller said, the agent said, the fillers, and the jobs. In 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -75,8 +76,13 @@ class ScriptedLLM(llm.LLM):
                 return ("text", last.output)
             return ("text", _answer_from(last.output, is_error=last.is_error))
         if last.role == "system" and "New results arrived" in (last.text_content or ""):
+            # The results the instructions name (`call_ids: a, b`), not merely the newest output: a reply to
+            # another tool (an answer to the server's question) may have landed after them.
+            named = re.search(r"call_ids: ([^)]*)\)", last.text_content or "")
+            ids = set(re.findall(r"[\w.:-]+", named.group(1))) if named else set()  # LiveKit renders a list
             outputs = [i for i in items if i.type == "function_call_output"]
-            answer = outputs[-1].output if outputs else "Nothing new."
+            chosen = [o for o in outputs if o.call_id in ids] or outputs
+            answer = chosen[-1].output if chosen else "Nothing new."
             return ("text", f"About your earlier question: {answer}")
         text = last.text_content or ""
         if last.role == "user" and tool_choice != "none":
@@ -134,6 +140,10 @@ class Line:
     text: str
 
 
+# How long a caller's next line waits for a result that is on its way to being spoken.
+OWED_WAIT_S = 5.0
+
+
 class TextCall:
     """A real `AgentSession` in text mode (no STT, TTS, VAD or room) over the real toolbox and dispatcher."""
 
@@ -153,6 +163,11 @@ class TextCall:
         self.session: AgentSession | None = None
         self.lines: list[Line] = []
         self._t0 = 0.0
+        # Jobs whose call freed the caller's turn (their result comes as a reply), and those that asked a question.
+        self._freed: dict[Any, Job] = {}
+        self._asked: set[Any] = set()
+        self._owed = 0  # such jobs done and their answer not yet spoken
+        self._paid = asyncio.Event()  # set whenever none is owed
 
     async def start(self, greeting: str | None = "Hello, how can I help?") -> TextCall:
         from livekit.agents import Agent
@@ -177,12 +192,19 @@ class TextCall:
                     "tool", f"{job.tool}: {event.data.get('job_kind')} job started" + (f" ({ref})" if ref else "")
                 )
             elif event.kind == "done":
+                if self._freed.pop(job.id, None) is not None:  # its answer (or error) is on its way as a reply
+                    self._owed += 1
+                    self._paid.clear()
                 late = " (late)" if event.data.get("late") else ""
                 self._add("tool", f"{job.tool}: {event.data['state']}{late} after {job.duration:.1f} s")
 
         job.add_listener(on_event)
 
     def _on_voice(self, job: Job, kind: VoiceEventKind, data: dict[str, Any]) -> None:
+        if kind in ("released", "question"):
+            self._freed[job.id] = job
+        if kind == "question":
+            self._asked.add(job.id)
         if kind == "released":
             self._add("tool", f"{job.tool}: still waiting after {data['after_s']:g} s; the caller's turn is freed")
         elif kind == "question":
@@ -205,6 +227,10 @@ class TextCall:
         who = "caller" if item.role == "user" else "agent"
         if who == "agent" and any(text == f for f in self._filler_texts()):
             who = "filler"
+        elif who == "agent" and self._owed:
+            self._owed -= 1
+            if not self._owed:
+                self._paid.set()
         self._add(who, text)
 
     def _filler_texts(self) -> set[str]:
@@ -212,6 +238,20 @@ class TextCall:
 
     async def say(self, text: str) -> Any:
         assert self.session is not None
+        # A caller waits to hear an answer that is on its way (a released call's result, handed over as the
+        # caller answered something else): spoken into the new turn, LiveKit would drop it as interrupted.
+        # A call the caller just answered a question for usually ends at once: its answer is worth the wait.
+        answered = [j for j in self._freed.values() if j.id in self._asked and not j.asking and not j.done]
+        if answered:
+            waits = [asyncio.ensure_future(j.outcome()) for j in answered]
+            await asyncio.wait(waits, timeout=OWED_WAIT_S)
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if self._owed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._paid.wait(), OWED_WAIT_S)
+        self._owed = 0
         return await self.session.run(user_input=text)
 
     def spoken(self, who: str | None = None) -> list[Line]:
