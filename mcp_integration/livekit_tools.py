@@ -281,7 +281,9 @@ class McpToolbox(llm.Toolset):
     async def run_tool(self, entry: ToolEntry, arguments: Any, ctx: RunContext) -> str:
         label = self.label(entry.server)
         try:
-            freed = {"turn": False}  # the caller's turn was freed (by a question, or at the release point)
+            # The caller's turn was freed (by a question, or at the release point); `notes`: what the caller must
+            # hear with the answer (a browser step the call cannot do).
+            freed: dict[str, Any] = {"turn": False, "notes": []}
 
             async def ask(question: Question) -> Answer:
                 return await self.asking.ask(question, ctx, freed, job)  # `job`: assigned just below
@@ -335,7 +337,8 @@ class McpToolbox(llm.Toolset):
                 if not freed["turn"]:
                     freed["turn"] = True
                     self._voice(job, "released", after_s=round(job.duration, 3))
-                    await ctx.update(run.release_line())
+                    await ctx.update(" ".join([*freed["notes"], run.release_line()]))
+                    freed["notes"] = []
                 result = await job.outcome()
         except ToolCallError as exc:
             raise ToolError(error_sentence(exc, server_label=label)) from None
@@ -343,7 +346,7 @@ class McpToolbox(llm.Toolset):
             await job.cancel()
             raise
         spoken = await self._for_speech(result, label)
-        text = spoken.text
+        text = " ".join([*freed["notes"], spoken.text])
         if spoken.rest:
             self._rest[entry.name] = spoken.rest
             text += " (More is available: call more_details.)"
@@ -400,10 +403,15 @@ class VoiceQuestions:
     def tools(self) -> list[llm.Tool]:
         return list(self._tools) if self.open is not None else []
 
-    async def ask(self, question: Question, ctx: RunContext, freed: dict[str, bool], job: Job) -> Answer:
+    async def ask(self, question: Question, ctx: RunContext, freed: dict[str, Any], job: Job) -> Answer:
         label = self.toolbox.label(question.server)
         if question.mode == "url":
-            await self._update(ctx, freed, url_sentence(question, label))
+            # Said with the answer (or at the release point), not as an update of its own: declined at once, the
+            # call usually ends at once too, and an answer landing while an update is being spoken was dropped.
+            if freed["turn"]:
+                await ctx.update(url_sentence(question, label))
+            else:
+                freed["notes"].append(url_sentence(question, label))
             return Answer("decline", why="a browser step cannot be done on a call")
         async with self._turn:
             self.open, self._misfits = question, 0
@@ -416,7 +424,7 @@ class VoiceQuestions:
             finally:
                 self.open, self._answer, self._tools = None, None, []
 
-    async def _update(self, ctx: RunContext, freed: dict[str, bool], message: str) -> None:
+    async def _update(self, ctx: RunContext, freed: dict[str, Any], message: str) -> None:
         freed["turn"] = True
         await ctx.update(message)
 
