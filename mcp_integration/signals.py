@@ -67,12 +67,13 @@ Listener = Callable[[Signal], None]
 
 
 async def free_leases(conn: psycopg.AsyncConnection[Any]) -> list[int]:
-    """The ids of enabled servers whose health lease nobody holds; none before migration 010."""
+    """The ids of enabled servers whose health lease nobody holds; none before migration 010. `conn` returns
+    tuples (the listening connection, not the registry's pool)."""
     try:
         cur = await conn.execute(_FREE_LEASES_SQL)
     except psycopg.errors.UndefinedTable:
         return []
-    return [row[0] if isinstance(row, tuple) else row["id"] for row in await cur.fetchall()]
+    return [row[0] for row in await cur.fetchall()]
 
 
 class Signals:

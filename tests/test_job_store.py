@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import stdio_demo
+from conftest import eventually, stdio_demo
 from psycopg import AsyncConnection, pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
@@ -151,14 +151,6 @@ def answered(text: str, *, hold: asyncio.Event | None = None) -> Callable[[Job],
         return ToolResult(text=text)
 
     return submit
-
-
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g} s")
-        await asyncio.sleep(0.05)
 
 
 def round_trips(trace: Path) -> list[str]:
