@@ -151,7 +151,8 @@ class _Link:
     reason: str | None = None  # why it was lost, when known
     watching: int = 0  # requests waiting under `watch`
     watch_since: float = 0.0
-    keeper: asyncio.Task[None] | None = None
+    keeper: asyncio.TimerHandle | None = None  # when the watch next looks at the server's silence
+    judging: asyncio.Task[None] | None = None  # a watch probe whose verdict is awaited
     probe: asyncio.Task[str | None] | None = None
     refused: int | None = None  # the last HTTP answer was 401 or 403 (None once a request succeeds again)
     auth: httpx2.Auth | None = None  # the OAuth provider signing this opening's requests, if any
@@ -491,6 +492,8 @@ class ServerConnection:
             link.lost.set()
             if link.keeper is not None:
                 link.keeper.cancel()
+            if link.judging is not None:
+                link.judging.cancel()
 
     def _stream_ended(self, link: _Link) -> None:
         # The server's stream ended (process exited, socket closed): the one moment a dead connection can be
@@ -625,24 +628,31 @@ class ServerConnection:
         if delta > 0 and link.watching == 0:
             link.watch_since = time.monotonic()
         link.watching += delta
-        if link.watching > 0 and (link.keeper is None or link.keeper.done()) and not link.lost.is_set():
-            link.keeper = asyncio.create_task(self._keep_watch(link), context=outside_job())
-        elif link.watching == 0 and link.keeper is not None:
-            link.keeper.cancel()
-            link.keeper = None
+        if link.watching > 0 and link.keeper is None:
+            self._keep_watch(link)
 
-    async def _keep_watch(self, link: _Link) -> None:
-        """One per connection, however many requests wait: probe the server whenever it has been silent too long.
-        Only a probe that fails outright ends the connection; one left unanswered marks the server serial."""
-        while link.watching and not link.lost.is_set() and not self.serial:
-            due = max(link.heard_at, link.watch_since) + self.probe_after_s
-            delay = due - time.monotonic()
-            if delay > 0:
-                await first_set(link.lost, timeout=delay)
-                continue
-            # Shielded: the probe is shared (check_alive may wait on it too) and ends by itself within its timeout.
-            verdict = await asyncio.shield(self._probe(link))
-            self._judge(link, verdict)
+    def _keep_watch(self, link: _Link) -> None:
+        """One timer per connection, however many requests wait, and left to lapse when none does: probe the
+        server whenever it has been silent too long. A timer, not a task: calls that come one after another
+        each started and cancelled a task of their own. Only a probe that fails outright ends the connection;
+        one left unanswered marks the server serial."""
+        link.keeper = None
+        if not link.watching or link.lost.is_set() or self.serial:
+            return
+        if link.judging is not None and not link.judging.done():
+            return  # the probe in flight re-arms the timer when it has a verdict
+        delay = max(link.heard_at, link.watch_since) + self.probe_after_s - time.monotonic()
+        if delay > 0:
+            link.keeper = asyncio.get_running_loop().call_later(delay, self._keep_watch, link)
+        else:
+            link.judging = asyncio.create_task(self._probe_and_judge(link), context=outside_job())
+
+    async def _probe_and_judge(self, link: _Link) -> None:
+        # Shielded: the probe is shared (check_alive may wait on it too) and ends by itself within its timeout.
+        verdict = await asyncio.shield(self._probe(link))
+        self._judge(link, verdict)
+        link.judging = None
+        self._keep_watch(link)
 
     def _judge(self, link: _Link, verdict: str | None) -> None:
         if verdict is _SILENT:

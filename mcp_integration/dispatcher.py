@@ -40,7 +40,7 @@ from mcp_integration.jobs import Job, WaitPolicy
 from mcp_integration.limits import argument_problem, flat_schema_check
 from mcp_integration.naming import assign_names
 from mcp_integration.protocol_memory import KnownProtocol
-from mcp_integration.receipts import ReceiptPoller, default_http_client, looks_like_unpollable_ack, recognise
+from mcp_integration.receipts import ReceiptPoller, default_http_client, read_acknowledgment
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.results import ToolResult
 from mcp_integration.sampling import Sampled, Sampler, SamplingRequest
@@ -127,7 +127,11 @@ class Dispatcher:
         # that finds the same list only marks it fresh instead of rewriting it.
         self._stored: dict[str, list[ToolSpec]] = {}
         self._index: dict[str, ToolEntry] = {}
-        self._validators: dict[tuple[str, str], tuple[Any, Callable[[Any], bool] | None]] = {}
+        # The same entries by (server, original name) and (server, safe name): a call naming its server is found
+        # without a scan of every tool.
+        self._by_server: dict[tuple[str, str], ToolEntry] = {}
+        # Per tool: the schema it was compiled from, its validator, and the fast check for flat schemas.
+        self._validators: dict[tuple[str, str], tuple[Any, Any, Callable[[Any], bool] | None]] = {}
         self._policies: dict[tuple[int, int, float], WaitPolicy] = {}
         self._jobs: dict[uuid.UUID, Job] = {}
         self._keep_jobs = keep_jobs
@@ -362,7 +366,12 @@ class Dispatcher:
         specs = {(s.cfg.name, t.name): t for s in self._servers.values() for t in s.tools}
         names = assign_names(specs)
         self._index = {names[key]: ToolEntry(names[key], spec) for key, spec in specs.items()}
-        self._validators = {k: v for k, v in self._validators.items() if k in specs}
+        self._by_server = {(e.server, e.spec.name): e for e in self._index.values()}
+        for e in self._index.values():
+            self._by_server.setdefault((e.server, e.name), e)
+        # A validator stays only while its tool's schema is the one it was compiled from: a server may change a
+        # tool's schema under the same name.
+        self._validators = {k: v for k, v in self._validators.items() if k in specs and specs[k].input_schema == v[0]}
 
     @property
     def servers(self) -> dict[str, ServerState]:
@@ -378,6 +387,10 @@ class Dispatcher:
             server, tool = tool.split("/", 1)
         if server is None and tool in self._index:
             return self._index[tool]
+        if server is not None:
+            found = self._by_server.get((server, tool))
+            if found is not None:
+                return found
         matches = [
             e
             for e in self._index.values()
@@ -407,12 +420,10 @@ class Dispatcher:
         if compiled is None:
             # Once per tool (the index rebuild drops tools that went): the validator and, for the flat schemas
             # most tools have, a check that proves arguments valid without jsonschema's walk.
-            cls = validator_for(entry.spec.input_schema, default=Draft202012Validator)
-            compiled = self._validators[key] = (
-                cls(entry.spec.input_schema),
-                flat_schema_check(entry.spec.input_schema),
-            )
-        validator, surely_valid = compiled
+            schema = entry.spec.input_schema
+            cls = validator_for(schema, default=Draft202012Validator)
+            compiled = self._validators[key] = (schema, cls(schema), flat_schema_check(schema))
+        _, validator, surely_valid = compiled
         if surely_valid is not None and surely_valid(arguments):
             return
         try:
@@ -537,13 +548,13 @@ class Dispatcher:
             plain = ToolResult.from_mcp(outcome)
             if outcome.is_error:
                 raise ToolCallError(cfg.name, job.tool, plain.text or "the tool reported an error", "tool_error")
-            receipt = recognise(plain, poll_profile=cfg.poll_profile)
+            receipt, bare_ack = read_acknowledgment(plain, poll_profile=cfg.poll_profile)
             if receipt is not None:
                 slots = self._poll_slots.setdefault(cfg.name, asyncio.Semaphore(MAX_POLLS_IN_FLIGHT))
                 result = await wait_receipt(
                     job, self._poller(cfg), receipt, floor_s=floor, expected_s=expected, poll_slots=slots
                 )
-            elif cfg.poll_profile != "none" and looks_like_unpollable_ack(plain):
+            elif bare_ack:
                 reason = "the server only acknowledged the request and gave no way to fetch the answer"
                 raise ToolCallError(cfg.name, job.tool, reason, "tool_error")
             else:

@@ -1,8 +1,9 @@
 """Write-behind for `mcp_jobs`: job rows queued in memory and written in batches, one statement per flush.
 
 A job's record costs its call a dictionary insert: `put()` is synchronous and starts nothing. One flusher task per
-queue (per `Registry`, so per pool) waits FLUSH_WINDOW_S after the first queued record and FLUSH_INTERVAL_S after
-the previous flush (not at all once FLUSH_ROWS are queued), then writes every pending record in one statement, on
+queue (per `Registry`, so per pool) waits for a lull of FLUSH_QUIET_S after the last new record, FLUSH_MAX_WAIT_S at
+most after the first, and FLUSH_INTERVAL_S after the previous flush (not at all once FLUSH_ROWS are queued), then
+writes every pending record in one statement, on
 one connection, in one round trip (prepared by psycopg after a few uses: its text never changes). Records are
 coalesced per job and built when flushed, so a row always carries its job's latest state: a job that started and
 ended within one window is a single INSERT of its final state.
@@ -13,8 +14,8 @@ backoff; a record still failing after RECORD_RETRY_S, or whose job no longer ret
 dropped with one warning that counts them. A statement failing for any other reason (a bad row) is retried row
 by row, so that row alone is dropped. `aclose()` drains what is queued once, within a bounded time.
 
-A crash (the process killed) loses at most the records of the last flush window (queued, not yet written: some
-25 ms of them), or, while the database is unreachable, every record still waiting for it.
+A crash (the process killed) loses at most the records of the last flush window (queued, not yet written: at most
+FLUSH_MAX_WAIT_S, 0.1 s, of them), or, while the database is unreachable, every record still waiting for it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 __all__ = [
     "FINAL_DRAIN_S",
     "FLUSH_INTERVAL_S",
+    "FLUSH_MAX_WAIT_S",
+    "FLUSH_QUIET_S",
     "FLUSH_ROWS",
-    "FLUSH_WINDOW_S",
     "RECORD_BACKOFF_S",
     "RECORD_RETRY_S",
     "JobQueue",
@@ -49,9 +51,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# A flush waits this long after the first record queued: long enough to batch a burst of calls (a hundred calls
-# started together queue their rows within a few ms), short enough that a row is visible at once to a person.
-FLUSH_WINDOW_S = 0.005
+# A flush waits for this long a lull in new records: a burst of calls (a hundred started together, or answered
+# one after another as their answers arrive) is one flush after it, not several amid it, where each flush held up
+# the answers still being read. A lull comes within a few ms of a burst's end.
+FLUSH_QUIET_S = 0.005
+# ...but not longer than this after the first record queued: a row is visible to a person at once, and this is
+# what a crash may lose.
+FLUSH_MAX_WAIT_S = 0.1
 # ...and starts at least this long after the previous one: under a steady stream of calls, whose records come one
 # by one, flushes (each a connection checkout and a statement) stay at a bounded rate, whatever the call rate.
 FLUSH_INTERVAL_S = 0.025
@@ -137,6 +143,7 @@ class JobQueue:
         self._pending: dict[RowSource, _Entry] = {}
         self._in_flight: dict[RowSource, _Entry] = {}
         self._first_at = 0.0  # when the oldest pending record was queued
+        self._last_at = 0.0  # when the newest was
         self._flushed_at = 0.0  # when the last flush started
         self._wake = asyncio.Event()  # a first record queued, FLUSH_ROWS reached, or closing
         self._interrupt = asyncio.Event()  # cuts a backoff short: closing, or a job stopped retrying
@@ -157,8 +164,9 @@ class JobQueue:
             return
         self._pending[source] = _Entry(source)
         n = len(self._pending)
+        self._last_at = time.monotonic()
         if n == 1:
-            self._first_at = time.monotonic()
+            self._first_at = self._last_at
             if self._flusher is None or self._flusher.done():
                 self._flusher = spawn(self._run(), self._tasks)
             self._wake.set()
@@ -219,12 +227,13 @@ class JobQueue:
                 if self._closing:
                     return
                 continue
-            if not self._closing and len(self._pending) < FLUSH_ROWS:
-                due = max(self._first_at + FLUSH_WINDOW_S, self._flushed_at + FLUSH_INTERVAL_S)
-                left = due - time.monotonic()
-                if left > 0:
-                    await wait_event(self._wake, left)
-                    self._wake.clear()
+            while not self._closing and len(self._pending) < FLUSH_ROWS:
+                lull = min(self._last_at + FLUSH_QUIET_S, self._first_at + FLUSH_MAX_WAIT_S)
+                left = max(lull, self._flushed_at + FLUSH_INTERVAL_S) - time.monotonic()
+                if left <= 0:
+                    break
+                await wait_event(self._wake, left)
+                self._wake.clear()
             self._flushed_at = time.monotonic()
             retry_in = await self._flush()
             if retry_in is None:
@@ -348,7 +357,7 @@ class JobQueue:
                 newer.failing_since, newer.announced = entry.failing_since, entry.announced
                 newer.waiters = [*(entry.waiters or ()), *(newer.waiters or ())]
         if entries:
-            self._first_at = 0.0  # their window is long past: the next attempt writes at once
+            self._first_at = self._last_at = 0.0  # their window is long past: the next attempt writes at once
 
     def _lost(self, entries: list[_Entry], why: str) -> None:
         self.stats.lost += len(entries)

@@ -17,10 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from mcp_integration.aio import wait_event
 from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Asker, Question, answer_within, decline_all
 from mcp_integration.errors import ToolCallError
-from mcp_integration.logs import log_context
+from mcp_integration.logs import context_with
 from mcp_integration.results import ToolResult
 from mcp_integration.sampling import Sampled, SamplingRequest
 
@@ -130,6 +129,10 @@ class Job:
         self._listeners: list[Callable[[JobEvent], None]] = []
         self._done = asyncio.Event()
         self._is_done = False  # `_done` as a plain flag: `done` is read on every event and every row
+        # Futures of waits with a timeout (`wait(timeout)`), resolved when the job ends: a future and a timer
+        # each, where asyncio.timeout around the event cost a call more than its dispatch did.
+        self._waiters: list[asyncio.Future[bool]] = []
+        self._expired = False  # the background limit cancelled the job's task
         # Made by the first idle wait that needs it (`_wait_idle`): most callers wait with a timeout, or not at
         # all, and an Event per job was one of the things a call cost for nothing.
         self._activity: asyncio.Event | None = None
@@ -141,26 +144,35 @@ class Job:
     def start(self, submit: Submit) -> Job:
         # The task copies the context as it is created: every line logged for this job, by any module and by
         # the tasks it starts, names the job, its server and its tool.
-        with log_context(job_id=str(self.id), server=self.server, tool=self.tool):
-            self._task = asyncio.create_task(self._run(submit), name=f"job-{self.id}")
+        jid = str(self.id)
+        context = context_with(job_id=jid, server=self.server, tool=self.tool)
+        self._task = asyncio.create_task(self._run(submit), name=f"job-{jid}", context=context)
         return self
 
     async def _run(self, submit: Submit) -> None:
         # The row is written beside the call, not before it: a slow database never delays the server's work.
         if self.recorder is not None:
             self.recorder.begin()
+        task = asyncio.current_task()
+        assert task is not None
+        # The background limit as a timer that cancels this task, told apart from any other cancel as
+        # asyncio.timeout does (by the task's cancel count), which cost a call twice this. Not wait_for: on
+        # Python 3.11 wait_for can return a result that lands together with a cancel, and the cancel is lost
+        # (issue 12 counted 6 in 65); a cancelled job must end cancelled.
+        expiry = asyncio.get_running_loop().call_later(self.policy.background_s, self._expire, task)
         try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can return a result that lands together with
-            # a cancel, and the cancel is lost (issue 12 counted 6 in 65); a cancelled job must end cancelled.
-            async with asyncio.timeout(self.policy.background_s):
+            try:
                 result = await submit(self)
+            finally:
+                expiry.cancel()
         except asyncio.CancelledError:
-            self._finish(
-                "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
-            )
-        except TimeoutError:
-            reason = f"no result within {self.policy.background_s:g} s; stopped waiting"
-            self._finish("timed_out", error=ToolCallError(self.server, self.tool, reason, "timeout"))
+            if self._expired and task.uncancel() == 0:
+                reason = f"no result within {self.policy.background_s:g} s; stopped waiting"
+                self._finish("timed_out", error=ToolCallError(self.server, self.tool, reason, "timeout"))
+            else:
+                self._finish(
+                    "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
+                )
         except ToolCallError as exc:
             self._finish("timed_out" if exc.kind == "timeout" else "failed", error=exc)
         except Exception as exc:  # the last resort: a job never dies without a final state
@@ -172,6 +184,10 @@ class Job:
         if self.recorder is not None:
             await self.recorder.finish()
 
+    def _expire(self, task: asyncio.Task[None]) -> None:
+        if task.cancel():
+            self._expired = True
+
     def _finish(self, state: JobState, *, result: ToolResult | None = None, error: ToolCallError | None = None) -> None:
         self.state = state
         self.result = result
@@ -181,6 +197,10 @@ class Job:
         self.emit("done", state=state, error=error.reason if error else None, late=self.late)
         self._is_done = True
         self._done.set()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(True)
+        self._waiters.clear()
 
     @property
     def done(self) -> bool:
@@ -220,7 +240,7 @@ class Job:
         ends this wait only: the job goes on and may still deliver late."""
         if not self.done:
             if timeout is not None:
-                expired = not await wait_event(self._done, timeout)
+                expired = not await self._wait_done(timeout)
             else:
                 limit = None if release_after is None else time.monotonic() + release_after
                 expired = not await self._wait_idle(limit)
@@ -232,6 +252,20 @@ class Job:
             raise self.error
         assert self.result is not None
         return self.result
+
+    async def _wait_done(self, timeout: float) -> bool:
+        """Whether the job ended within `timeout`. A cancel of the waiting task is never lost: it ends this wait
+        with CancelledError whether or not the job ended in the same moment."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(timeout, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            if not self._is_done:  # timed out or cancelled: the job goes on without this waiter
+                self._waiters.remove(waiter)
 
     async def _wait_idle(self, limit: float | None = None) -> bool:
         if self._activity is None:
@@ -376,3 +410,8 @@ class Job:
     def _changed(self) -> None:
         if self.recorder is not None:
             self.recorder.changed()
+
+
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)

@@ -25,6 +25,7 @@ __all__ = [
     "flat_schema_check",
     "json_too_deep",
     "storable",
+    "texts_fit",
 ]
 
 
@@ -120,6 +121,8 @@ def bounded(value: Any, budget: int = MAX_RESULT_CHARS) -> tuple[Any, bool]:
 
     A value that fits comes back equal (only made storable); bounding a bounded value changes nothing.
     """
+    if _fits_as_is(value, budget):
+        return value, False
     walker = _Bounder(budget)
     out = walker.walk(value, 0)
     if walker.over:
@@ -127,6 +130,43 @@ def bounded(value: Any, budget: int = MAX_RESULT_CHARS) -> tuple[Any, bool]:
         walker = _Bounder(max(budget - _RESERVE, 0))
         out = walker.walk(value, 0)
     return out, walker.over or walker.too_deep
+
+
+def texts_fit(texts: list[str], items: int, budget: int = MAX_RESULT_CHARS) -> bool:
+    """Whether `items` text content items (`{"type": "text", "text": ...}`) holding these texts fit the budget
+    as they are, storable: what bounding them would find, told from the texts alone."""
+    joined = "".join(texts)
+    return 6 * len(joined) + 40 * items + 2 <= budget and _UNSTORABLE.search(joined) is None
+
+
+def _fits_as_is(value: Any, budget: int) -> bool:
+    """Whether the walk would give `value` back unchanged, told without copying it: an object, or a list of
+    objects, of text, small integers, booleans and nulls, whose JSON surely fits (a character escapes to six at
+    most), with text PostgreSQL stores. Most answers are this (`{"result": "..."}`, text items): the walk cost
+    them more than the rest of their keeping."""
+    rows = (value,) if type(value) is dict else value if type(value) is list else None
+    if rows is None or len(rows) > 64:
+        return False
+    texts: list[str] = []
+    pairs = 0
+    for row in rows:
+        if type(row) is not dict or len(row) > 64:
+            return False
+        pairs += len(row)
+        for key, item in row.items():
+            kind = type(item)
+            if type(key) is not str or (kind is not str and kind not in _SMALL):
+                return False
+            texts.append(key)
+            if kind is str:
+                texts.append(item)
+            elif kind is int and not -(2**63) <= item < 2**63:
+                return False
+    joined = "".join(texts)
+    return 6 * len(joined) + 34 * pairs + 4 * len(rows) + 2 <= budget and _UNSTORABLE.search(joined) is None
+
+
+_SMALL = frozenset({int, bool, type(None)})
 
 
 # The longest "… (cut: N more characters)" marker; markers added past a budget stay within _RESERVE in all

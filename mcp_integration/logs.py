@@ -30,6 +30,7 @@ __all__ = [
     "JsonFormatter",
     "TextFormatter",
     "bind",
+    "context_with",
     "formatter",
     "install_context_filter",
     "log_context",
@@ -56,9 +57,12 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 
 def bind(**fields: Any) -> Token[Mapping[str, Any]]:
     """Add fields to the current context (None values are left out). Returns a token for `unbind`."""
-    merged = {**_fields.get(), **{k: v for k, v in fields.items() if v is not None}}
+    return _fields.set(_merged(fields))
+
+
+def _merged(fields: dict[str, Any]) -> Mapping[str, Any]:
     # Read-only: a context copied into a task shares this mapping with its parent.
-    return _fields.set(MappingProxyType(merged))
+    return MappingProxyType({**_fields.get(), **{k: v for k, v in fields.items() if v is not None}})
 
 
 def unbind(token: Token[Mapping[str, Any]]) -> None:
@@ -73,6 +77,14 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         unbind(token)
+
+
+def context_with(**fields: Any) -> contextvars.Context:
+    """A copy of the current context with these fields added, for a task to run in (`create_task(context=)`):
+    what `log_context` around the task's creation gives, without binding and unbinding them here."""
+    ctx = contextvars.copy_context()
+    ctx.run(_fields.set, _merged(fields))
+    return ctx
 
 
 def outside_job() -> contextvars.Context:

@@ -50,6 +50,7 @@ __all__ = [
     "looks_like_unpollable_ack",
     "parse_generic_status",
     "parse_n8n_execution",
+    "read_acknowledgment",
     "recognise",
 ]
 
@@ -215,13 +216,7 @@ def recognise(result: ToolResult, *, poll_profile: str) -> Receipt | None:
         raise ValueError(f"unknown poll profile {poll_profile!r}")
     if poll_profile in ("none", "mcp-task"):
         return None
-    for payload in _payloads(result):
-        record = _single_record(payload)
-        if record is not None:
-            receipt = _match(record, payload, poll_profile)
-            if receipt is not None:
-                return receipt
-    return None
+    return _receipt_in(_records(result), poll_profile)
 
 
 def looks_like_unpollable_ack(result: ToolResult, *, poll_profile: str = "auto") -> bool:
@@ -233,11 +228,47 @@ def looks_like_unpollable_ack(result: ToolResult, *, poll_profile: str = "auto")
     """
     if poll_profile == "none":
         return False
-    if _clean_phrase(result.text) in _UNPOLLABLE_TEXTS:
-        return True
+    return _unpollable(result, _records(result))
+
+
+def read_acknowledgment(result: ToolResult, *, poll_profile: str) -> tuple[Receipt | None, bool]:
+    """`recognise`, and for a result with no receipt `looks_like_unpollable_ack`, from one reading of the
+    result: what the job layer asks of every answer, whose text each would parse on its own."""
+    if poll_profile not in POLL_PROFILES:
+        raise ValueError(f"unknown poll profile {poll_profile!r}")
+    if poll_profile == "none":
+        return None, False
+    records = _records(result)
+    if poll_profile != "mcp-task":
+        receipt = _receipt_in(records, poll_profile)
+        if receipt is not None:
+            return receipt, False
+    return None, _unpollable(result, records)
+
+
+def _records(result: ToolResult) -> list[tuple[dict[str, Any], Any]]:
+    """Each JSON object the result stands for, with the payload it came from."""
+    out = []
     for payload in _payloads(result):
         record = _single_record(payload)
-        if record is None or not set(record) <= _ACK_BOOKKEEPING:
+        if record is not None:
+            out.append((record, payload))
+    return out
+
+
+def _receipt_in(records: list[tuple[dict[str, Any], Any]], poll_profile: str) -> Receipt | None:
+    for record, payload in records:
+        receipt = _match(record, payload, poll_profile)
+        if receipt is not None:
+            return receipt
+    return None
+
+
+def _unpollable(result: ToolResult, records: list[tuple[dict[str, Any], Any]]) -> bool:
+    if _clean_phrase(result.text) in _UNPOLLABLE_TEXTS:
+        return True
+    for record, _ in records:
+        if not set(record) <= _ACK_BOOKKEEPING:
             continue
         message = record.get("message")
         if isinstance(message, str) and _clean_phrase(message) == _N8N_STARTED:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import select
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,6 +48,7 @@ __all__ = [
     "StatusRows",
     "ToolSpec",
     "Transport",
+    "check_pooled",
     "connect_defaults",
     "url_problem",
 ]
@@ -396,6 +398,21 @@ def _params(cfg: ServerConfig) -> list[Any]:
     return values
 
 
+async def check_pooled(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's check before it lends a connection: a round trip only when the connection has something to say.
+
+    An idle connection's socket has nothing to read unless the server wrote to it, and a server that restarts or
+    ends the session writes its goodbye there (or the kernel its reset): a readable socket gets the full check
+    (a round trip, which raises on a dead connection), a quiet one is lent at once. The full check on every
+    loan doubled the round trips of a job-record flush. What neither check can tell, a network gone silent, the
+    statement's own error and the callers' retries handle."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        await AsyncConnectionPool.check_connection(conn)
+
+
 class Registry:
     """All database access of the project, over one `AsyncConnectionPool`."""
 
@@ -426,7 +443,7 @@ class Registry:
             max_idle=max_idle,
             open=False,
             # A connection broken by a server restart is noticed and replaced before use.
-            check=AsyncConnectionPool.check_connection,
+            check=check_pooled,
             # A call waits at most this long for a connection: an unreachable database fails fast.
             timeout=POOL_TIMEOUT_S,
             # The pool's reconnect backoff doubles (1, 2, 4 s...) without a cap until it gives up; giving up at

@@ -8,7 +8,7 @@ from typing import Any
 
 import mcp_types as types
 
-from mcp_integration.limits import bounded, cut_text
+from mcp_integration.limits import bounded, cut_text, texts_fit
 from mcp_integration.scrubber import scrub_known
 
 __all__ = ["ToolResult"]
@@ -39,6 +39,7 @@ class ToolResult:
     def from_mcp(cls, result: types.CallToolResult) -> ToolResult:
         parts: list[str] = []
         raw: list[dict[str, Any]] = []
+        plain = True  # only bare text items so far
         for item in result.content:
             if type(item) is types.TextContent and item.annotations is None and item.meta is None:
                 # What model_dump gives for a bare text item, without pydantic's serializer: most answers are
@@ -46,6 +47,7 @@ class ToolResult:
                 raw.append({"type": item.type, "text": item.text})
                 parts.append(item.text)
                 continue
+            plain = False
             raw.append(item.model_dump(by_alias=True, mode="json", exclude_none=True))
             if isinstance(item, types.TextContent):
                 parts.append(item.text)
@@ -65,8 +67,12 @@ class ToolResult:
         # Built past __post_init__, which would bound the structured content a second time (a whole walk of it
         # for nothing: bounding a bounded value changes nothing). The same limits hold: text cut, content
         # without payloads and bounded, everything scrubbed, in `_settle`.
+        if plain and texts_fit(parts, len(raw)):
+            content = raw  # bare text items that fit as they are: nothing to take out, nothing to cut
+        else:
+            content = bounded([_without_payload(c) for c in raw])[0] if raw else raw
         out = object.__new__(cls)
-        _settle(out, text, structured, bounded([_without_payload(c) for c in raw])[0] if raw else raw)
+        _settle(out, text, structured, content)
         return out
 
     def as_record(self) -> dict[str, Any]:
@@ -82,7 +88,7 @@ def _settle(result: ToolResult, text: str, structured: Any, content: list[dict[s
 
 def _without_payload(item: Any) -> Any:
     """A content item for keeping: base64 data (images, audio, blobs) replaced by its size."""
-    if not isinstance(item, dict):
+    if not isinstance(item, dict) or not ("data" in item or "blob" in item or "resource" in item):
         return item
     out = dict(item)
     for key in ("data", "blob"):

@@ -59,14 +59,19 @@ class DurationStats:
         self.tight_ratio = tight_ratio
         self._samples: dict[tuple[str, str], deque[float]] = {}
         self.seeded: set[tuple[str, str]] = set()
+        # What `expected` last said per tool, until its samples change: every call asks (its kind is known only
+        # from the answer), and quantiles of fifty samples cost a quick call more than its dispatch.
+        self._expected: dict[tuple[str, str], float | None] = {}
 
     def seed(self, key: tuple[str, str], durations: list[float]) -> None:
         d = self._samples.setdefault(key, deque(maxlen=self.keep))
         d.extendleft(reversed(durations[: self.keep - len(d)]))
         self.seeded.add(key)
+        self._expected.pop(key, None)
 
     def add(self, key: tuple[str, str], duration_s: float) -> None:
         self._samples.setdefault(key, deque(maxlen=self.keep)).append(duration_s)
+        self._expected.pop(key, None)
 
     def expected(self, key: tuple[str, str]) -> float | None:
         """When the first poll should come: the point before which few of this tool's jobs finish.
@@ -74,9 +79,12 @@ class DurationStats:
         Near the median when the tool's durations are tight (its p10 at least half its median); with widely
         spread durations, skipping early polls would find quick jobs late, so there is no expectation then.
         """
+        if key in self._expected:
+            return self._expected[key]
         d = self._samples.get(key)
         if d is None or len(d) < self.min_samples:
             return None
         median = statistics.median(d)
         low = statistics.quantiles(d, n=10, method="inclusive")[0] if len(d) >= 2 else median
-        return low if low >= self.tight_ratio * median else None
+        found = self._expected[key] = low if low >= self.tight_ratio * median else None
+        return found

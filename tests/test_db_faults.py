@@ -214,6 +214,27 @@ async def test_pool_and_watcher_survive_a_restart(registry: Registry, pg: PgCont
         await dispatcher.aclose()
 
 
+async def test_a_pooled_connection_whose_session_ended_is_never_lent(registry: Registry, pg_url: str) -> None:
+    """The pool's check spends no round trip on a quiet connection, yet never lends one whose server session
+    ended while it sat idle (ended by an administrator or a restart: the server's goodbye waits on its socket)."""
+    async with registry.pool.connection() as a, registry.pool.connection() as b:
+        pids = [a.info.backend_pid, b.info.backend_pid]
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+        for pid in pids:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        async def ended() -> bool:
+            cur = await admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+            row = await cur.fetchone()
+            return row is not None and row[0] == 0
+
+        await eventually(ended, 10, "the sessions to end")
+    for _ in range(6):  # more than the pool held: each ended connection was offered and refused
+        async with registry.pool.connection() as conn:
+            assert conn.info.backend_pid not in pids
+            await conn.execute("SELECT 1")
+
+
 async def test_jobs_are_answered_and_recorded_across_an_outage(
     registry: Registry, pg: PgControl, caplog: pytest.LogCaptureFixture
 ) -> None:

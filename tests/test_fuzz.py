@@ -24,7 +24,16 @@ from hypothesis import strategies as st
 
 from mcp_integration.dispatcher import Dispatcher, ToolEntry
 from mcp_integration.errors import ToolCallError
-from mcp_integration.limits import MAX_ARGUMENT_BYTES, MAX_DEPTH, MAX_RESULT_CHARS, bounded, deeper_than
+from mcp_integration.limits import (
+    MAX_ARGUMENT_BYTES,
+    MAX_DEPTH,
+    MAX_RESULT_CHARS,
+    _Bounder,
+    _fits_as_is,
+    bounded,
+    deeper_than,
+    texts_fit,
+)
 from mcp_integration.livekit_text import ScriptedLLM, TextCall
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.results import ToolResult
@@ -435,6 +444,41 @@ def test_any_result_is_bounded_storable_and_stable(text: str, structured: Any, d
     assert not deeper_than(result.structured, MAX_DEPTH)
     assert ToolResult(text=result.text, structured=result.structured) == result  # bounding is stable
     assert bounded(result.structured)[0] == result.structured
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    rows=st.lists(
+        st.dictionaries(st.text(max_size=8) | st.integers(), json_values, max_size=5) | json_values, max_size=5
+    )
+    | st.dictionaries(st.text(max_size=8), json_values, max_size=8),
+    budget=st.integers(0, 400) | st.just(MAX_RESULT_CHARS),
+)
+@example(rows={"k": "a" * 60}, budget=62)
+@example(rows=[{"x": 2**64}], budget=MAX_RESULT_CHARS)
+@example(rows={"s": "\ud800"}, budget=MAX_RESULT_CHARS)
+def test_bounding_without_a_walk_gives_what_the_walk_gives(rows: Any, budget: int) -> None:
+    """`bounded` skips its walk for small flat values (most answers): only where the walk would change nothing."""
+    walker = _Bounder(budget)
+    walked = walker.walk(rows, 0)
+    got, cut = bounded(rows, budget)
+    if _fits_as_is(rows, budget):
+        assert got is rows and not cut
+        assert walked == rows and not walker.over and not walker.too_deep
+    elif not walker.over:
+        assert got == walked  # the walk's own answer, as before the shortcut
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(texts=st.lists(st.text(max_size=40), max_size=6), budget=st.integers(0, 600) | st.just(MAX_RESULT_CHARS))
+@example(texts=["\x00"], budget=MAX_RESULT_CHARS)
+@example(texts=['"' * 50], budget=150)
+def test_text_items_said_to_fit_come_back_unchanged(texts: list[str], budget: int) -> None:
+    """`texts_fit` lets a tool result keep its text items without bounding them: only where bounding would
+    give them back unchanged."""
+    items = [{"type": "text", "text": t} for t in texts]
+    if texts_fit(texts, len(items), budget):
+        assert bounded(items, budget) == (items, False)
 
 
 # -- arguments ---------------------------------------------------------------------------------------------------

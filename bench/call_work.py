@@ -1,0 +1,148 @@
+"""Interpreter work per call: Python bytecodes executed by this process, bare SDK against our dispatcher.
+
+    python bench/call_work.py [--calls 240] [--at-once 24]
+
+CPU time on a shared two-core machine drifts by more than the gap it is meant to show (bench/load.py's rounds
+spread over 0.9-1.6x); the bytecodes a call executes do not. One real demo server over Streamable HTTP, its
+instant `echo` tool, and `--calls` calls, `--at-once` at a time, made three ways after a warm-up: the bare MCP SDK
+(`mcp.Client`, the same progress callback), our Dispatcher without a registry (no job records), and our
+Dispatcher over a registry in Postgres (a fresh schema, dropped at the end). A `sys.settrace` tracer counts every
+bytecode of this process while the calls run (tasks included; C code such as pydantic-core and the JSON encoder
+counts as the one bytecode that calls it). It slows everything about fifty-fold, which spreads a burst's job
+records over more flushes than at full speed: the recorded figure is an upper bound. Prints bytecodes per call,
+the ratios to the SDK, and, with --top N, where our dispatcher's extra bytecodes go. Uses DATABASE_URL if set,
+else an embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import types
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from _common import bench_database, bench_registry, bench_schema, spawn, stop  # noqa: E402
+from mcp import Client  # noqa: E402
+
+from mcp_integration.dispatcher import Dispatcher  # noqa: E402
+from mcp_integration.registry import ServerConfig  # noqa: E402
+
+
+class Bytecodes:
+    """Counts the bytecodes each code object executes while armed."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[types.CodeType] = Counter()
+
+    def _local(self, frame: types.FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            self.counts[frame.f_code] += 1
+        return self._local
+
+    def _global(self, frame: types.FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return self._local
+
+    def __enter__(self) -> Bytecodes:
+        self.counts.clear()
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(None)
+
+
+def where(code: types.CodeType) -> str:
+    name = re.sub(r".*/lib/python3\.\d+/", "", code.co_filename.split("site-packages/")[-1])
+    return f"{name.removeprefix(f'{ROOT}/')}:{code.co_firstlineno} {code.co_qualname}"
+
+
+async def measure(call: Callable[[int], Awaitable[Any]], calls: int, at_once: int) -> Counter[str]:
+    for i in range(20):  # warm-up: connections, caches, first-use imports
+        await call(i)
+    with Bytecodes() as counter:
+        for start in range(0, calls, at_once):
+            await asyncio.gather(*(call(i) for i in range(start, min(start + at_once, calls))))
+    return Counter({where(code): n for code, n in counter.counts.items()})
+
+
+async def run(args: argparse.Namespace, url: str) -> dict[str, Counter[str]]:
+    cfg = ServerConfig(name="demo", transport="streamable-http", url=url)
+
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        return None
+
+    found: dict[str, Counter[str]] = {}
+    async with Client(url) as client:
+        await client.list_tools()
+        found["bare SDK"] = await measure(
+            lambda i: client.call_tool("echo", {"text": f"hi {i}"}, progress_callback=progress),
+            args.calls,
+            args.at_once,
+        )
+    bare = Dispatcher(None)
+    await bare.start(wait=True, servers=[cfg])
+    try:
+        found["ours, no job records"] = await measure(
+            lambda i: bare.call("echo", {"text": f"hi {i}"}, server="demo", timeout=60), args.calls, args.at_once
+        )
+    finally:
+        await bare.aclose()
+    async with bench_database() as base, bench_schema(base) as conninfo, bench_registry(conninfo) as registry:
+        await registry.add_server(cfg)
+        ours = Dispatcher(registry)
+        await ours.start(wait=True)
+        try:
+
+            async def recorded(i: int) -> None:
+                job = ours.submit("echo", {"text": f"hi {i}"}, server="demo")
+                await job.wait(60)
+                await job.settled()  # its row written: the record's whole cost is counted
+
+            found["ours, recorded"] = await measure(recorded, args.calls, args.at_once)
+        finally:
+            await ours.aclose()
+    return found
+
+
+def report(found: dict[str, Counter[str]], calls: int, top: int) -> None:
+    per_call = {who: sum(c.values()) / calls for who, c in found.items()}
+    sdk = per_call["bare SDK"]
+    print(f"\nbytecodes per call ({calls} calls)")
+    for who, n in per_call.items():
+        print(f"  {who:<24}{n:>10,.0f}   x{n / sdk:.3f}")
+    if top:
+        base, ours = found["bare SDK"], found["ours, no job records"]
+        extra = Counter({k: (ours[k] - base[k]) / calls for k in set(base) | set(ours)})
+        print(f"\nwhere ours (no records) does more than the SDK, per call (top {top})")
+        for name, n in extra.most_common(top):
+            print(f"  {n:>8.1f}  {name}")
+    print(f"\nbytecodes ours / bare SDK, no job records: {per_call['ours, no job records'] / sdk:.3f}")
+    print(f"bytecodes ours / bare SDK, recorded: {per_call['ours, recorded'] / sdk:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=240)
+    parser.add_argument("--at-once", type=int, default=24)
+    parser.add_argument("--top", type=int, default=0, help="list where our extra bytecodes go")
+    args = parser.parse_args()
+    procs: list[Any] = []
+    try:
+        port = spawn("demo_server.py", ["--transport", "streamable-http", "--name", "work"], procs)
+        found = asyncio.run(run(args, f"http://127.0.0.1:{port}/mcp"))
+    finally:
+        stop(procs)
+    report(found, args.calls, args.top)
+
+
+if __name__ == "__main__":
+    main()
