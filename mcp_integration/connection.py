@@ -26,11 +26,10 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import httpx2
 import mcp_types as types
@@ -47,7 +46,6 @@ from mcp_integration.errors import Busy, ConnectError, ConnectionLost, NeedsLogi
 from mcp_integration.explain import describe, refused_status
 from mcp_integration.limits import storable
 from mcp_integration.logs import outside_job
-from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.protocol_memory import KnownProtocol, could_be_mismatch, fingerprint, learned
 from mcp_integration.registry import ServerConfig, ToolSpec
 from mcp_integration.sampling import Sampled
@@ -159,6 +157,12 @@ class _Link:
     remembered: bool = False  # opened with a remembered protocol instead of negotiating one
     adopted: bool = False  # ... a 2026-07-28 one, adopted with no round trip (nothing was sent at open)
     proven: bool = False  # the server has answered a request of this opening with a result
+
+    def heard(self, item: Any) -> None:
+        """Every item the server's stream gives: silence is what triggers a probe."""
+        self.heard_at = time.monotonic()
+        if not self.proven and isinstance(getattr(item, "message", None), types.JSONRPCResponse):
+            self.proven = True  # a result: the protocol this opening speaks is one the server speaks
 
     def saw_status(self, status: int) -> None:
         if status in (401, 403):
@@ -450,8 +454,9 @@ class ServerConnection:
             opened = open_transport(
                 self.cfg, connect_timeout=self.connect_timeout, on_status=link.saw_status, auth=link.auth
             )
-            transport = _heard(opened, link)
-            link.guard = ToolListGuard(transport, self.cfg.name, on_closed=lambda: self._stream_ended(link))
+            link.guard = ToolListGuard(
+                opened, self.cfg.name, on_closed=lambda: self._stream_ended(link), on_heard=link.heard
+            )
             # cache=None: a stale cached tools/list would hide a server's changes from a refresh.
             # extensions: declares the tasks extension (2026) and routes task status pushes to self.tasks.
             # mode/prior: "auto" negotiates (the discover probe, the handshake as fallback); a remembered protocol
@@ -838,28 +843,3 @@ def _forget(task: asyncio.Future[Any]) -> None:
     _abandoned.discard(task)
     if not task.cancelled():
         task.exception()  # an abandoned request's late failure is expected; keep asyncio from logging it
-
-
-class _Heard:
-    """The transport's read stream, noting the time of every message: silence is what triggers a probe."""
-
-    def __init__(self, inner: Any, link: _Link) -> None:
-        self._inner = inner.__aiter__()
-        self._link = link
-
-    def __aiter__(self) -> _Heard:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = await self._inner.__anext__()
-        link = self._link
-        link.heard_at = time.monotonic()
-        if not link.proven and isinstance(getattr(item, "message", None), types.JSONRPCResponse):
-            link.proven = True  # a result: the protocol this opening speaks is one the server speaks
-        return item
-
-
-@asynccontextmanager
-async def _heard(inner: Transport, link: _Link) -> AsyncIterator[TransportStreams]:
-    async with inner as (read, write):
-        yield cast(Any, _Heard(read, link)), write

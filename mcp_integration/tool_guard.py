@@ -86,10 +86,19 @@ class ToolListGuard:
     # Requests remembered for their answers; a server that never answers some of them cannot grow this forever.
     MAX_PENDING = 10_000
 
-    def __init__(self, inner: Transport, server: str, on_closed: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        inner: Transport,
+        server: str,
+        on_closed: Callable[[], None] | None = None,
+        on_heard: Callable[[Any], None] | None = None,
+    ) -> None:
         self._inner = inner
         self._server = server
         self._on_closed = on_closed
+        # Told of every item the transport reads, before it is checked (the connection's liveness clock): here,
+        # not in a wrapper of its own, which cost every message one more hop.
+        self._on_heard = on_heard
         self.skipped: list[str] = []
         self.ending: str | None = None  # why the stream is about to end, when the transport said so first
         self._pending: dict[Any, str] = {}  # request id -> method, until its answer arrives
@@ -211,6 +220,8 @@ class _GuardedReader:
             except (StopAsyncIteration, anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
                 self.ended()
                 raise StopAsyncIteration from None
+            if self._guard._on_heard is not None:
+                self._guard._on_heard(item)
             self._queued.extend(self._guard._received(item))
         return self._queued.popleft()
 
