@@ -408,9 +408,17 @@ async def check_pooled(conn: psycopg.AsyncConnection[Any]) -> None:
     statement's own error and the callers' retries handle."""
     if conn.closed or conn.broken:
         raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+    if _readable(conn.fileno()) or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         await AsyncConnectionPool.check_connection(conn)
+
+
+def _readable(fd: int) -> bool:
+    # poll, not select: a busy agent process has sockets past select's limit of 1024 descriptors.
+    if not hasattr(select, "poll"):
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class Registry:
