@@ -23,6 +23,7 @@ from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProc
 from livekit.plugins import deepgram, openai, silero
 
 from mcp_integration import transports
+from mcp_integration.aio import spawn
 from mcp_integration.config import PROJECT_ROOT, Settings
 from mcp_integration.embedded_db import EmbeddedPostgres
 from mcp_integration.fleet import Fleet
@@ -80,11 +81,12 @@ def start_relay() -> None:
         return  # an embedded database lives in the job processes: each listens on its own
     relay = Relay(SETTINGS.database_url, path)
     _relays.append(relay)
-    asyncio.get_running_loop().create_task(relay.start())
+    spawn(relay.start(), _starting)
     atexit.register(lambda: os.path.exists(path) and os.unlink(path))  # the worker's loop is gone by then
 
 
 _relays: list[Relay] = []  # the main process's relay, kept alive for the worker's life
+_starting: set[asyncio.Task[object]] = set()  # its start, held until done (the loop holds tasks only weakly)
 
 
 server = AgentServer(

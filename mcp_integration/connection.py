@@ -407,9 +407,7 @@ class ServerConnection:
             return False
         self._forget(describe(exc))
         # Quietly: nothing was lost but a wrong guess, so no warning, no backoff.
-        if not link.lost.is_set():
-            link.reason = "the remembered protocol did not fit"
-            link.lost.set()
+        self._lose(link, "the remembered protocol did not fit", quiet=True)
         return True
 
     async def open_and_list_tools(self) -> list[ToolSpec]:
@@ -435,10 +433,8 @@ class ServerConnection:
         closed = isinstance(exc, ConnectionLost) or (isinstance(exc, MCPError) and exc.error.code == CONNECTION_CLOSED)
         if not (closed or link.lost.is_set()):
             return False
-        if not link.lost.is_set():
-            # Before the transport's own word of it: the reason is the same, the warning is the connect's.
-            link.reason = _STREAM_ENDED.get(self.cfg.transport, "the connection was lost")
-            link.lost.set()
+        # Before the transport's own word of it: the reason is the same, the warning is the connect's.
+        self._lose(link, _STREAM_ENDED.get(self.cfg.transport, "the connection was lost"), quiet=True)
         return True
 
     def _failed(self, reason: str) -> ConnectError:
@@ -509,12 +505,15 @@ class ServerConnection:
             said = link.guard.ending if link.guard is not None else None
             self._lose(link, said or _STREAM_ENDED.get(self.cfg.transport, "the connection was lost"))
 
-    def _lose(self, link: _Link, reason: str) -> None:
+    def _lose(self, link: _Link, reason: str, *, quiet: bool = False) -> None:
+        """End the opening. `quiet`: no warning and no `last_error` (nothing was lost but a guess, or the
+        connect's own failure says it)."""
         if link.lost.is_set():
             return
         link.reason = reason
-        self.last_error = reason
-        log.warning("server %s: connection lost: %s", self.cfg.name, reason)
+        if not quiet:
+            self.last_error = reason
+            log.warning("server %s: connection lost: %s", self.cfg.name, reason)
         link.lost.set()
 
     def drop(self, reason: str, *, generation: int | None = None) -> None:

@@ -528,10 +528,9 @@ class Dispatcher:
         if limit is None:  # not setdefault: that built a Semaphore on every call to throw it away
             limit = self._limits[cfg.name] = asyncio.Semaphore(self._max_calls)
         key = (cfg.name, spec.name)
-        if self.registry is None or key in self._stats.seeded:
-            expected = self._stats.expected(key)  # nothing to load: no coroutine to await
-        else:
-            expected = await self._expected_duration(key)
+        if self.registry is not None and key not in self._stats.seeded:
+            await self._seeded(key)  # awaited only until loaded: most calls have no coroutine to await here
+        expected = self._stats.expected(key)
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             job.progress(progress, total, message)
@@ -631,15 +630,14 @@ class Dispatcher:
                         state.cfg.name, job.tool, f"cannot reach the server: {exc}", "unreachable"
                     ) from None
 
-    async def _expected_duration(self, key: tuple[str, str]) -> float | None:
-        if self.registry is not None and key not in self._stats.seeded:
-            # One query per tool per process; jobs submitted meanwhile wait for it rather than poll blind.
-            seeding = self._seeding.get(key)
-            if seeding is None:
-                seeding = self._seeding[key] = asyncio.ensure_future(self._seed(key))
-            # Bounded: with the database down, the call goes now and polls blind rather than wait for the pool.
-            await asyncio.wait([seeding], timeout=SEED_WAIT_S)
-        return self._stats.expected(key)
+    async def _seeded(self, key: tuple[str, str]) -> None:
+        """Until the tool's past durations are loaded. One query per tool per process; jobs submitted meanwhile
+        wait for it rather than poll blind."""
+        seeding = self._seeding.get(key)
+        if seeding is None:
+            seeding = self._seeding[key] = asyncio.ensure_future(self._seed(key))
+        # Bounded: with the database down, the call goes now and polls blind rather than wait for the pool.
+        await asyncio.wait([seeding], timeout=SEED_WAIT_S)
 
     async def _seed(self, key: tuple[str, str]) -> None:
         assert self.registry is not None

@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from mcp_integration.aio import spawn
 from mcp_integration.registry import connect_defaults
 from mcp_integration.signals import Signal, Signals
 
@@ -112,9 +113,7 @@ class Leases:
         # One monitor claims for the process (the first: the longest-lived session); a resync asks it to claim
         # whatever it knows, as leases may have been freed while nobody listened.
         claimant = next(iter(self._claimants.values()))
-        task = asyncio.get_running_loop().create_task(claimant(ids))
-        self._offers.add(task)
-        task.add_done_callback(self._offers.discard)
+        spawn(claimant(ids), self._offers)
 
     # -- the database ---------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import psycopg
 from psycopg_pool import PoolClosed
 
 from mcp_integration.aio import Backoff, spawn, wait_event
+from mcp_integration.explain import describe
 
 if TYPE_CHECKING:
     from mcp_integration.registry import Registry
@@ -265,7 +266,7 @@ class JobQueue:
             try:
                 rows.append((entry, entry.source.row()))
             except Exception as exc:  # a record that cannot even be built must not hold up the others
-                log.warning("%s not recorded in mcp_jobs: %s", entry.source.label(), _reason(exc))
+                log.warning("%s not recorded in mcp_jobs: %s", entry.source.label(), describe(exc))
                 entry.settle()
         if not rows:
             return None
@@ -284,7 +285,7 @@ class JobQueue:
                     raise
                 except Exception as exc:
                     # One bad row fails the statement: the rest are written one by one, and only it is dropped.
-                    log.info("a batch of %d job records failed (%s); writing them one by one", len(rows), _reason(exc))
+                    log.info("a batch of %d job records failed (%s); writing them one by one", len(rows), describe(exc))
                     for i, (entry, row) in enumerate(rows):
                         left = rows[i:]
                         try:
@@ -293,7 +294,7 @@ class JobQueue:
                         except psycopg.OperationalError:
                             raise
                         except Exception as exc:
-                            log.warning("%s not recorded in mcp_jobs: %s", entry.source.label(), _reason(exc))
+                            log.warning("%s not recorded in mcp_jobs: %s", entry.source.label(), describe(exc))
                             entry.settle()
                         else:
                             written.append(entry)
@@ -339,11 +340,11 @@ class JobQueue:
             log.warning(
                 "%d job record(s) not recorded yet (%s); retrying until the database is back: %s",
                 len(new),
-                _reason(exc),
+                describe(exc),
                 _names(new),
             )
         if lost:
-            self._lost(lost, _reason(exc))
+            self._lost(lost, describe(exc))
         return delay
 
     def _requeue(self, entries: list[_Entry]) -> None:
@@ -370,8 +371,3 @@ def _names(entries: Iterable[_Entry]) -> str:
     entries = list(entries)
     named = ", ".join(e.source.label() for e in entries[:_NAMED])
     return named + (f" and {len(entries) - _NAMED} more" if len(entries) > _NAMED else "")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

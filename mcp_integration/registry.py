@@ -652,8 +652,7 @@ class Registry:
 
     async def start_cache(self) -> tuple[dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
         """`cached_tools()` and `known_protocols()` in one query: what a session starts from."""
-        async with self.pool.connection() as conn:
-            rows = await (await conn.execute(_START_CACHE_SQL)).fetchall()
+        rows = await self._fetch(_START_CACHE_SQL)
         tools: dict[str, list[ToolSpec]] = {}
         protocols: dict[str, KnownProtocol] = {}
         for r in rows:

@@ -74,15 +74,13 @@ class Relay:
             writer.close()
 
     def _pass_on(self, signal: Signal) -> None:
-        if signal.kind == "resync":
-            # Our own reconnect: the processes missed what we missed.
-            targets = list(self._clients)
-        elif signal.kind == "leases":
+        if signal.kind == "leases":
             if not self._clients:
                 return
             self._turn = (self._turn + 1) % len(self._clients)
             targets = [self._clients[self._turn]]
         else:
+            # Every process hears the rest; a resync is our own reconnect: they missed what we missed.
             targets = list(self._clients)
         line = signal.line()
         for writer in targets:

@@ -199,17 +199,21 @@ async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> Ses
     return SessionStart("snapshot", age_s=age, reason=reason)
 
 
-def dispatcher_state(dispatcher: Dispatcher) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]]]:
-    """What the registry holds once the dispatcher's discoveries are saved: its servers and their tool lists."""
+def dispatcher_state(
+    dispatcher: Dispatcher,
+) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
+    """What the registry holds once the dispatcher's discoveries are saved: its servers, their tool lists and
+    what each negotiated."""
     states = dispatcher.servers
-    return [s.cfg for s in states.values()], {name: s.tools for name, s in states.items() if s.tools}
+    tools = {name: s.tools for name, s in states.items() if s.tools}
+    return [s.cfg for s in states.values()], tools, dispatcher.protocols
 
 
 def save_soon(dispatcher: Dispatcher, path: Path) -> None:
     """Save the dispatcher's servers and tools in the background (a registry watcher's `on_change`)."""
-    spawn(save(path, *dispatcher_state(dispatcher), dispatcher.protocols), _saving)
+    spawn(save(path, *dispatcher_state(dispatcher)), _saving)
 
 
 async def _save_after_discovery(dispatcher: Dispatcher, path: Path) -> bool:
     await dispatcher.refreshed()
-    return await save(path, *dispatcher_state(dispatcher), dispatcher.protocols)
+    return await save(path, *dispatcher_state(dispatcher))

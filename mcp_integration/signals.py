@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import psycopg
 
@@ -56,7 +56,7 @@ class Signal:
     def parse(cls, line: bytes) -> Signal | None:
         try:
             msg = json.loads(line)
-            if msg["kind"] in ("servers", "health", "leases", "resync") and isinstance(msg["data"], dict):
+            if msg["kind"] in get_args(SignalKind) and isinstance(msg["data"], dict):
                 return cls(msg["kind"], msg["data"])
         except (ValueError, KeyError, TypeError):
             pass
