@@ -47,6 +47,7 @@ import psutil  # noqa: E402
 from _common import bench_database, bench_registry, bench_schema, die_with_parent, spawn, stop  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
 
+from mcp_integration.job_queue import JobRow  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -185,15 +186,18 @@ async def full_render(base: str, loads: int) -> dict[str, list[float]]:
 async def job_writer(registry: Registry, names: list[str], rate: float, stop_at: asyncio.Event) -> int:
     """Traffic like an agent's: a job submitted now, one submitted two seconds ago completed."""
     ids = {s.name: s.id for s in await registry.list_servers()}
-    pending: list[uuid.UUID] = []
+    pending: list[JobRow] = []
     written = 0
     while not stop_at.is_set():
-        job_id = uuid.uuid4()
         name = random.choice(names)
-        await registry.insert_job(job_id, ids[name], name, "echo", "plain")
-        pending.append(job_id)
+        rows = [JobRow(uuid.uuid4(), ids[name], name, "echo", "plain", "submitted", time.time())]
+        pending.append(rows[0])
         if len(pending) > max(1, int(2 * rate)):
-            await registry.update_job(pending.pop(0), state="completed", result={"text": "ok"}, finished=True)
+            done = pending.pop(0)
+            done.state, done.result, done.finished_at = "completed", {"text": "ok"}, time.time()
+            rows.append(done)
+        async with registry.pool.connection() as conn:
+            await registry.write_jobs(conn, rows)
         written += 1
         await asyncio.sleep(1 / rate)
     return written

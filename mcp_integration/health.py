@@ -450,12 +450,13 @@ class HealthMonitor:
         if self.leases is not None:
             await self._claim([])
         while True:
+            holding: list[str] = []  # asked once a tick: in a fleet it reads the lease table's cache
             try:
-                await self._round()
+                holding = await self._round()
                 # Pruned by the processes that write the history (the status page, a fleet's checker), at start
                 # and hourly.
                 writes_history = self.health.record_every_check and self.dispatcher.registry is not None
-                if writes_history and self.holding and (last_prune == 0.0 or time.monotonic() - last_prune > 3600):
+                if writes_history and holding and (last_prune == 0.0 or time.monotonic() - last_prune > 3600):
                     last_prune = time.monotonic()
                     assert self.dispatcher.registry is not None
                     await self.dispatcher.registry.prune_health_checks(self.keep_history_h)
@@ -463,18 +464,20 @@ class HealthMonitor:
                 raise
             except Exception as exc:  # the monitor outlives any one bad round (a database restart, say)
                 log.warning("health monitor: round failed: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(self._until_due(tick))
+            await asyncio.sleep(self._until_due(holding, tick))
 
-    def _until_due(self, tick: float) -> float:
-        """Until the next check is due, so checks keep their interval, or `tick` at most."""
+    def _until_due(self, holding: list[str], tick: float) -> float:
+        """Until the next check of `holding` is due, so checks keep their interval, or `tick` at most."""
         now = time.monotonic()
-        due = [self._next.get(n, now) for n in self.holding if self.health.breaker(n).status != "down"]
+        due = [self._next.get(n, now) for n in holding if self.health.breaker(n).status != "down"]
         return max(0.01, min([tick, *(d - now for d in due)]))
 
-    async def _round(self) -> None:
+    async def _round(self) -> list[str]:
+        """Check the servers due; returns those this monitor holds."""
         now = time.monotonic()
+        holding = self.holding
         due = []
-        for name in self.holding:
+        for name in holding:
             breaker = self.health.breaker(name)
             if breaker.status == "down":
                 if breaker.probe_due:
@@ -484,8 +487,9 @@ class HealthMonitor:
         if due:
             await asyncio.gather(*(self.check_now(n) for n in due), return_exceptions=True)
             self.rounds += 1
-        for gone in set(self._next) - set(self.holding):
+        for gone in set(self._next) - set(holding):
             del self._next[gone]
+        return holding
 
     async def aclose(self) -> None:
         if self._task is not None:

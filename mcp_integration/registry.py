@@ -780,54 +780,6 @@ ON CONFLICT (id) DO UPDATE SET
         ]
         await conn.execute(self._WRITE_JOBS_SQL, (Jsonb(doc),))
 
-    async def insert_job(
-        self, job_id: uuid.UUID, server_id: int | None, server: str, tool: str, kind: str, state: str = "submitted"
-    ) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                "INSERT INTO mcp_jobs (id, server_id, server_name, tool, kind, state) VALUES (%s, %s, %s, %s, %s, %s)",
-                (job_id, server_id, server, tool, kind, state),
-            )
-
-    async def update_job(
-        self,
-        job_id: uuid.UUID,
-        *,
-        state: str,
-        kind: str | None = None,
-        receipt: Any = None,
-        result: Any = None,
-        error: str | None = None,
-        polls: int | None = None,
-        finished: bool = False,
-        delivered_late: bool | None = None,
-        elicitations: list[dict[str, Any]] | None = None,
-        samplings: list[dict[str, Any]] | None = None,
-    ) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                "UPDATE mcp_jobs SET state = %s, updated_at = now(),"
-                " kind = COALESCE(%s, kind), receipt = COALESCE(%s, receipt), result = COALESCE(%s, result),"
-                " error = COALESCE(%s, error), polls = COALESCE(%s, polls),"
-                " delivered_late = COALESCE(%s, delivered_late),"
-                " elicitations = COALESCE(%s, elicitations), samplings = COALESCE(%s, samplings),"
-                " finished_at = CASE WHEN %s THEN now() ELSE finished_at END"
-                " WHERE id = %s",
-                (
-                    state,
-                    kind,
-                    None if receipt is None else Jsonb(receipt),
-                    None if result is None else Jsonb(result),
-                    None if error is None else known.scrub(error),
-                    polls,
-                    delivered_late,
-                    None if elicitations is None else Jsonb(elicitations),
-                    None if samplings is None else Jsonb(samplings),
-                    finished,
-                    job_id,
-                ),
-            )
-
     async def recent_durations(self, server: str, tool: str, *, limit: int = 50) -> list[float]:
         """Seconds from submit to finish of a tool's recent completed jobs, newest first (for learned timing)."""
         async with self.pool.connection() as conn:

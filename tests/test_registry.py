@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import psycopg
 import pytest
 
 from mcp_integration.errors import RegistryError
+from mcp_integration.job_queue import JobRow
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.secrets import redact
 
@@ -113,9 +115,13 @@ async def test_health_and_jobs(registry: Registry) -> None:
     assert health["s"].status == "up" and health["s"].latency_ms == 12.5 and health["s"].consecutive_failures == 0
 
     jid = uuid.uuid4()
-    await registry.insert_job(jid, cfg.id, "s", "echo", "plain")
-    await registry.update_job(jid, state="working")
-    await registry.update_job(jid, state="completed", result={"text": "hi"}, finished=True)
+    job = JobRow(jid, cfg.id, "s", "echo", "plain", "submitted", time.time())
+    async with registry.pool.connection() as conn:
+        await registry.write_jobs(conn, [job])
+        job.state = "working"
+        await registry.write_jobs(conn, [job])
+        job.state, job.result, job.finished_at = "completed", {"text": "hi"}, time.time()
+        await registry.write_jobs(conn, [job])
     row = await registry.get_job(jid)
     assert row is not None
     assert row["state"] == "completed" and row["result"] == {"text": "hi"} and row["finished_at"] is not None

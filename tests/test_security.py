@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from mcp_integration.cli import main as cli_main
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import ToolCallError
 from mcp_integration.health import Health
+from mcp_integration.job_queue import JobRow
 from mcp_integration.receipts import Receipt, endpoint_for
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.speech import error_sentence
@@ -320,15 +322,10 @@ async def test_any_text_is_stored_and_read_back_as_data_never_as_sql(
     row = await registry.add_server(ServerConfig(name=f"s{uuid.uuid4().hex[:8]}", transport="stdio", command="x"))
     assert row.id is not None
     job_id = uuid.uuid4()
-    await registry.insert_job(job_id, row.id, server, tool, "plain")
-    await registry.update_job(
-        job_id,
-        state="failed",
-        result={"text": text, tool: [server]},
-        receipt={"job_id": text},
-        error=error,
-        finished=True,
-    )
+    job = JobRow(job_id, row.id, server, tool, "plain", "failed", time.time(), finished_at=time.time())
+    job.result, job.receipt, job.error = {"text": text, tool: [server]}, {"job_id": text}, error
+    async with registry.pool.connection() as conn:
+        await registry.write_jobs(conn, [job])
     await registry.save_tools(row.id, [ToolSpec(row.name, tool or "t", text, {"type": "object", "title": error}, {})])
     await registry.record_health(row.id, "down", None, 1, error)
     got = await registry.get_job(job_id)
