@@ -1,21 +1,27 @@
-"""Small asyncio helpers the package shares: background tasks kept alive, waiting on events, jittered backoff.
+"""Small asyncio helpers the package shares: background tasks kept alive, waiting on events, jittered backoff,
+long timers of one delay kept as one.
 
 Hand-written because each is a few lines that `tenacity`/`backoff` would wrap in decorators built for retrying
 one call, while ours drive loops (reconnects, record writes, a watcher, a breaker's pauses) that also sleep,
-give up or reset on their own terms.
+give up or reset on their own terms. `Deadlines` because asyncio keeps each timer, cancelled ones too, in one
+heap until it comes due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mcp_integration.logs import outside_job
 
-__all__ = ["Backoff", "first_set", "spawn", "wait_event"]
+__all__ = ["Backoff", "Deadline", "Deadlines", "first_set", "spawn", "wait_event"]
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -48,6 +54,91 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+class Deadline:
+    """One deadline of a `Deadlines`: `cancel()` it when it is no longer wanted (a no-op once it fired)."""
+
+    __slots__ = ("callback", "owner", "when")
+
+    def __init__(self, owner: Deadlines, when: float, callback: Callable[[], object]) -> None:
+        self.owner = owner
+        self.when = when
+        self.callback: Callable[[], object] | None = callback
+
+    def cancel(self) -> None:
+        if self.callback is not None:
+            self.callback = None
+            self.owner._cancelled()
+
+
+class Deadlines:
+    """Deadlines of one delay on one event loop (each job's background limit: minutes long, nearly always
+    cancelled within seconds), kept as one loop timer.
+
+    An asyncio timer is a handle in the loop's heap, and a cancelled one stays there until it would have come
+    due: each call's limit cost it a handle and heap pushes and pops among every other call's dead limits
+    (`bench/call_work.py` counted them). Deadlines of one delay are set in the order they fall due, so a deque
+    holds them sorted; a cancel only marks its entry (the deque is compacted when most of it is cancelled), and
+    the one loop timer waits for the oldest deadline still wanted.
+    """
+
+    _COMPACT_AT = 1024  # cancelled entries, at least, before the deque is rebuilt without them
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._queue: deque[Deadline] = deque()
+        self._cancelled_n = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        """Deadlines still wanted."""
+        return len(self._queue) - self._cancelled_n
+
+    def add(self, callback: Callable[[], object]) -> Deadline:
+        """Call `callback` in `delay` seconds, unless the returned deadline is cancelled first."""
+        loop = asyncio.get_running_loop()
+        entry = Deadline(self, loop.time() + self.delay, callback)
+        self._queue.append(entry)
+        if self._timer is None:
+            self._timer = loop.call_at(entry.when, self._fire, loop)
+        return entry
+
+    def close(self) -> None:
+        """Drop every deadline unfired (the owner is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for entry in self._queue:
+            entry.callback = None
+        self._queue.clear()
+        self._cancelled_n = 0
+
+    def _cancelled(self) -> None:
+        self._cancelled_n += 1
+        if self._cancelled_n >= self._COMPACT_AT and 2 * self._cancelled_n > len(self._queue):
+            self._queue = deque(e for e in self._queue if e.callback is not None)
+            self._cancelled_n = 0
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            callback = head.callback
+            if callback is not None and head.when > now:
+                self._timer = loop.call_at(head.when, self._fire, loop)
+                return
+            queue.popleft()
+            if callback is None:
+                self._cancelled_n -= 1
+                continue
+            head.callback = None
+            try:
+                callback()
+            except Exception:  # one deadline's failure must not keep the others from firing
+                log.exception("deadline callback failed")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from jsonschema.validators import validator_for
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
-from mcp_integration.aio import spawn
+from mcp_integration.aio import Deadlines, spawn
 from mcp_integration.connection import AuthFor, ProgressCallback, ServerConnection
 from mcp_integration.elicitation import Answer, Asker, Question, decline_all
 from mcp_integration.errors import (
@@ -133,6 +133,9 @@ class Dispatcher:
         # Per tool: the schema it was compiled from, its validator, and the fast check for flat schemas.
         self._validators: dict[tuple[str, str], tuple[Any, Any, Callable[[Any], bool] | None]] = {}
         self._policies: dict[tuple[int, int, float], WaitPolicy] = {}
+        # Every job's background limit, as one loop timer (see aio.Deadlines); a job of a policy with another
+        # limit (background_s changed meanwhile) keeps a timer of its own.
+        self._deadlines = Deadlines(self.background_s)
         self._jobs: dict[uuid.UUID, Job] = {}
         self._keep_jobs = keep_jobs
         self._limits: dict[str, asyncio.Semaphore] = {}
@@ -458,6 +461,7 @@ class Dispatcher:
             tool=entry.spec.name,
             arguments=arguments,
             policy=self._policy(cfg),
+            limits=self._deadlines,
         )
         job.asker = asker or self.asker
         if self.registry is not None:
@@ -672,7 +676,13 @@ class Dispatcher:
         jobs = list(self._jobs.values())
         for job in jobs:
             job.stop_retrying()
-        ending = [asyncio.ensure_future(j.cancel() if not j.done else j.settled()) for j in jobs]
+
+        async def end(job: Job) -> None:
+            if not job.done:
+                await job.cancel()
+            await job.settled()
+
+        ending = [asyncio.ensure_future(end(j)) for j in jobs]
         if self.registry is not None:
             # Records queued for jobs no longer held (the oldest are forgotten) are written too, in the same bound.
             ending.append(asyncio.ensure_future(self.registry.jobs_flushed()))
@@ -680,6 +690,7 @@ class Dispatcher:
             _, late = await asyncio.wait(ending, timeout=5.0)
             for fut in late:
                 fut.cancel()
+        self._deadlines.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

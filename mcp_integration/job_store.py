@@ -3,8 +3,9 @@
 `JobRecord` only queues (`job_queue.JobQueue`, one per registry), synchronously: a call never waits for the
 database, and no task is started per write. The row is built when its batch is flushed, from the job as it is
 then, so every flush writes the job's latest state and the secrets we know never reach the table. `finish()`
-waits until the final state is written (or given up): it runs after the answer is out (`Job._run`), so
-`Job.settled()` still means "done and recorded", and nothing on the answer's path waits for it.
+queues the final state after the answer is out (`Job._run`), and the job's task ends there; `written()` waits
+until it is in the table (or given up), so `Job.settled()` means "done and recorded", and nothing on the
+answer's path waits for the database.
 
 Retries (the database unreachable), dropping, and what a crash may lose: see `job_queue.py`.
 """
@@ -39,8 +40,10 @@ class JobRecord:
     def changed(self) -> None:
         self.queue.put(self)
 
-    async def finish(self) -> None:
+    def finish(self) -> None:
         self.queue.put(self)
+
+    async def written(self) -> None:
         await self.queue.written(self)
 
     def stop_retrying(self) -> None:

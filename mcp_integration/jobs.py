@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from mcp_integration.aio import Deadline, Deadlines
 from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Asker, Question, answer_within, decline_all
 from mcp_integration.errors import ToolCallError
 from mcp_integration.logs import context_with
@@ -64,7 +65,8 @@ class Recorder(Protocol):
 
     def begin(self) -> None: ...
     def changed(self) -> None: ...
-    async def finish(self) -> None: ...
+    def finish(self) -> None: ...
+    async def written(self) -> None: ...  # until the latest state is in the table (or given up, logged)
     def stop_retrying(self) -> None: ...
 
 
@@ -93,6 +95,7 @@ class Job:
         tool: str,
         arguments: dict[str, Any],
         policy: WaitPolicy | None = None,
+        limits: Deadlines | None = None,
     ) -> None:
         self.id = uuid.uuid4()
         self.server = server
@@ -138,6 +141,9 @@ class Job:
         self._activity: asyncio.Event | None = None
         self._waiter_gave_up = False
         self._task: asyncio.Task[None] | None = None
+        # Where the background limit is kept: the dispatcher's one timer for all its jobs of this policy (else a
+        # loop timer of the job's own).
+        self._limits = limits if limits is not None and limits.delay == self.policy.background_s else None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -159,7 +165,11 @@ class Job:
         # asyncio.timeout does (by the task's cancel count), which cost a call twice this. Not wait_for: on
         # Python 3.11 wait_for can return a result that lands together with a cancel, and the cancel is lost
         # (issue 12 counted 6 in 65); a cancelled job must end cancelled.
-        expiry = asyncio.get_running_loop().call_later(self.policy.background_s, self._expire, task)
+        expiry: Deadline | asyncio.TimerHandle
+        if self._limits is not None:
+            expiry = self._limits.add(self._expire)
+        else:
+            expiry = asyncio.get_running_loop().call_later(self.policy.background_s, self._expire)
         try:
             try:
                 result = await submit(self)
@@ -180,12 +190,14 @@ class Job:
             self._finish("failed", error=ToolCallError(self.server, self.tool, f"internal error: {type(exc).__name__}"))
         else:
             self._finish("completed", result=result)
-        # After the answer is out (done is set): the final row never delays the caller.
+        # After the answer is out (done is set): the final row never delays the caller. Queued, not awaited: a
+        # job's task ends with its answer instead of waiting for the flush (a future and a wakeup per call);
+        # `settled()` waits for the write.
         if self.recorder is not None:
-            await self.recorder.finish()
+            self.recorder.finish()
 
-    def _expire(self, task: asyncio.Task[None]) -> None:
-        if task.cancel():
+    def _expire(self) -> None:
+        if self._task is not None and self._task.cancel():
             self._expired = True
 
     def _finish(self, state: JobState, *, result: ToolResult | None = None, error: ToolCallError | None = None) -> None:
@@ -308,8 +320,10 @@ class Job:
 
     async def settled(self) -> None:
         """Wait until the job is done *and* its final state is written to mcp_jobs (the answer comes first)."""
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+        if self.recorder is not None:
+            await self.recorder.written()
 
     def stop_retrying(self) -> None:
         """From now on a record write that fails is logged, not retried (the process is closing)."""

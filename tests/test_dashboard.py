@@ -225,6 +225,9 @@ async def test_off_loopback_needs_the_token_on_every_request(registry: Registry,
             assert (await http.get("/static/dashboard.js")).status_code == 401
             assert (await http.get("/healthz", headers={"Authorization": "Bearer wrong"})).status_code == 401
             bearer = {"Authorization": f"Bearer {TOKEN}"}
+            # The token is accepted: 200 once the database ping answers (within its 2 s; on a machine busy with
+            # other tests a ping can miss that, so this waits for "ok" rather than take the first answer).
+            await wait_for(lambda: _status(http, "/healthz", 200, headers=bearer))
             assert (await http.get("/healthz", headers=bearer)).json()["status"] == "ok"
             enabled = await http.post("/servers/beta/enable", headers=bearer)
             assert enabled.status_code == 200 and enabled.json()["enabled"] is True
@@ -357,6 +360,7 @@ async def test_healthz_follows_the_database_and_the_monitor_and_metrics_render(p
             await job.settled()
             await agent.aclose()
             async with dashboard(registry) as (base, svc, _app), httpx.AsyncClient(base_url=base, timeout=15) as http:
+                await wait_for(lambda: _status(http, "/healthz", 200))  # its ping has 2 s: a busy machine can miss it
                 ok = await http.get("/healthz")
                 assert ok.status_code == 200 and ok.json() == {
                     "status": "ok",
@@ -390,8 +394,8 @@ async def test_healthz_follows_the_database_and_the_monitor_and_metrics_render(p
             await registry.close()
 
 
-async def _status(http: httpx.AsyncClient, path: str, expected: int) -> bool:
-    return (await http.get(path)).status_code == expected
+async def _status(http: httpx.AsyncClient, path: str, expected: int, headers: dict[str, str] | None = None) -> bool:
+    return (await http.get(path, headers=headers)).status_code == expected
 
 
 def test_targets_and_errors_lose_their_secrets() -> None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from conftest import SERVERS, stdio_demo
 
+from mcp_integration.aio import Deadlines
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import ToolCallError
 from mcp_integration.jobs import Job
@@ -186,6 +187,37 @@ async def test_background_bound_ends_a_job_as_timed_out(registry: Registry) -> N
         assert r["state"] == "timed_out" and r["finished_at"] is not None
     finally:
         await d.aclose()
+
+
+async def test_background_limits_share_one_timer_and_fire_only_the_wanted() -> None:
+    """The dispatcher's background limits (aio.Deadlines): each fires once, in order, at or after its delay; a
+    cancelled one never fires; cancelling most of a long queue compacts it; close drops the rest."""
+    loop = asyncio.get_running_loop()
+    limits = Deadlines(0.2)
+    fired: list[tuple[int, float]] = []
+    began = loop.time()
+    entries = [limits.add(lambda i=i: fired.append((i, loop.time()))) for i in range(5)]
+    entries[1].cancel()
+    entries[3].cancel()
+    entries[3].cancel()  # twice: counted once
+    assert len(limits) == 3
+    await asyncio.sleep(0.5)
+    assert [i for i, _ in fired] == [0, 2, 4] and all(at >= began + 0.2 - 0.01 for _, at in fired)
+    assert len(limits) == 0 and limits._timer is None
+    entries[0].cancel()  # after it fired: nothing happens
+    assert len(limits) == 0
+
+    many = [limits.add(lambda: fired.append((-1, loop.time()))) for _ in range(3000)]
+    for entry in many[:-1]:
+        entry.cancel()
+    assert len(limits) == 1 and len(limits._queue) < 1500  # compacted, not 3000 dead entries held
+    await asyncio.sleep(0.4)
+    assert [i for i, _ in fired].count(-1) == 1
+
+    limits.add(lambda: fired.append((99, loop.time())))
+    limits.close()
+    await asyncio.sleep(0.4)
+    assert 99 not in [i for i, _ in fired] and len(limits) == 0
 
 
 async def test_cancel_stops_waiting_promptly(registry: Registry, spawn: Callable[..., int]) -> None:
