@@ -6,12 +6,12 @@ Modes: one server alone (baseline), N servers one after another, N servers concu
 from the Postgres tool cache (`start(wait=False)`). Each is a worker's steady state: a new dispatcher per run,
 as per session, over a registry that already holds the tool cache and each server's remembered protocol (from
 the untimed warm-up run), so a connect skips the `server/discover` probe, or on these 2026-07-28 servers adopts
-the stored DiscoverResult with no handshake round trip. One more mode, for comparison, starts concurrently with
-the memory withheld (every connect negotiates afresh, as the first session of a new server does). After the
-warm-up, the process freezes what it holds from the collector (`gc.freeze()`), as agent.py's prewarm does in each
-job process, and the one-server and concurrent runs alternate. Uses
-DATABASE_URL if set, else an embedded PostgreSQL. `--legacy`: servers that refuse `server/discover`, so every
-connect is a 2025-11-25 handshake, which a remembered protocol spares only the probe.
+the stored DiscoverResult with no handshake round trip (they let clients reuse it for an hour: `ttlMs`). One
+more mode, for comparison, starts concurrently with the memory withheld (every connect negotiates afresh, as the
+first session of a new server does). After the warm-up, the process freezes what it holds from the collector
+(`gc.freeze()`), as agent.py's prewarm does in each job process, and the one-server and concurrent runs
+alternate. Uses DATABASE_URL if set, else an embedded PostgreSQL. `--legacy`: servers that refuse
+`server/discover`, so every connect is a 2025-11-25 handshake, which a remembered protocol spares only the probe.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def start_servers(n: int, delay_ms: int, procs: list[subprocess.Popen[str]], *, 
     for i in range(n):
         cmd = [sys.executable, str(DEMO), "--transport", "streamable-http", "--port", "0"]
         cmd += ["--list-delay-ms", str(delay_ms), "--name", f"s{i}", *(["--legacy"] if legacy else [])]
+        cmd += ["--discover-ttl-ms", "3600000"]  # its DiscoverResult reusable for an hour (the SDK's default: not)
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT))
     ports = []
     for proc in procs:

@@ -330,11 +330,13 @@ class Dispatcher:
 
     def _learned(self, cfg: ServerConfig, memory: KnownProtocol) -> None:
         """A connect negotiated `memory`: stored in the background when it is news (a first meeting, a server
-        that changed), never on the connect's path."""
+        that changed, a DiscoverResult asked again because the one remembered had gone stale), never on the
+        connect's path."""
         state = self._servers.get(cfg.name)
         if state is not None and state.cfg is not cfg:
             return  # a replaced server's old connection
-        if self._protocols.get(cfg.name) == memory:
+        known = self._protocols.get(cfg.name)
+        if known == memory and known is not None and known.fresh():
             return
         self._protocols[cfg.name] = memory
         if self.registry is not None and cfg.id is not None:

@@ -4,7 +4,10 @@
 the handshake era, falls back to `initialize`: one round trip (and both sides' CPU) on every connect, to learn
 what rarely changes. Remembered, a handshake-era server is opened with `mode="legacy"` (no probe; `initialize`
 is still needed, it creates the session), and a 2026-07-28 server with its version and its stored
-`DiscoverResult` (`prior_discover=`), which adopts the session with no round trip at all.
+`DiscoverResult` (`prior_discover=`), which adopts the session with no round trip at all — while that result is
+fresh: a DiscoverResult is a cacheable result, and its `ttlMs` says how long a client may reuse it (0, the SDK
+servers' default, means not at all; capped at 24 hours, as the SDK's own response cache caps it). A stale one is
+asked again (`server/discover`, one round trip, no fallback), and the new answer stored with its time.
 
 A memory is keyed by a fingerprint of where the server is (transport, URL, command, arguments): a registry row
 that moves somewhere else is a new server, and its old memory is ignored. A memory can still be wrong (the server
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import mcp_types as types
@@ -32,10 +36,13 @@ if TYPE_CHECKING:
 
     from mcp_integration.registry import ServerConfig
 
-__all__ = ["ERAS", "Era", "KnownProtocol", "could_be_mismatch", "fingerprint", "learned"]
+__all__ = ["ERAS", "MAX_TTL_S", "Era", "KnownProtocol", "could_be_mismatch", "fingerprint", "learned"]
 
 Era = Literal["legacy", "modern"]
 ERAS: tuple[Era, ...] = ("legacy", "modern")
+
+# The longest a remembered DiscoverResult is reused, whatever its ttlMs says (the SDK caps its cache so).
+MAX_TTL_S = 24 * 60 * 60
 
 # Errors a server gives before it acts on a request: a method it does not know, a protocol version it does not
 # speak, a request it cannot take as one (a pre-2026 server asked without a session: "Bad Request: Missing
@@ -45,19 +52,32 @@ _NOT_ACTED = frozenset({METHOD_NOT_FOUND, UNSUPPORTED_PROTOCOL_VERSION, INVALID_
 
 @dataclass(frozen=True)
 class KnownProtocol:
-    """What a server negotiated: its era, the protocol version, and (modern) its `DiscoverResult` as JSON."""
+    """What a server negotiated: its era, the protocol version, (modern) its `DiscoverResult` as JSON, and when
+    (seconds since the epoch; not part of equality: the same answer learned again is the same memory)."""
 
     fingerprint: str
     era: Era
     protocol_version: str
     discover: dict[str, Any] | None = None
+    seen_at: float | None = field(default=None, compare=False)
+
+    def fresh(self, now: float | None = None) -> bool:
+        """Whether this memory may be used as it is: a handshake-era memory always (it only spares the probe,
+        and `initialize` still runs); a DiscoverResult within its `ttlMs` of when it was learned."""
+        if self.era == "legacy":
+            return True
+        ttl = (self.discover or {}).get("ttlMs")
+        if self.seen_at is None or not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+            return False
+        return (time.time() if now is None else now) < self.seen_at + min(ttl / 1000, MAX_TTL_S)
 
     def client_mode(self) -> tuple[str, types.DiscoverResult | None]:
         """`mode=` and `prior_discover=` for `mcp.Client`; ("auto", None) when this SDK cannot use the memory
         (a version it does not speak, a result it cannot read): negotiating costs a round trip, failing a connect."""
         if self.era == "legacy" and self.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS:
             return "legacy", None
-        if self.era == "modern" and self.protocol_version in MODERN_PROTOCOL_VERSIONS and self.discover:
+        modern = self.era == "modern" and self.protocol_version in MODERN_PROTOCOL_VERSIONS
+        if modern and self.discover and self.fresh():
             try:
                 return self.protocol_version, types.DiscoverResult.model_validate(self.discover)
             except ValidationError:
@@ -70,6 +90,7 @@ class KnownProtocol:
             "era": self.era,
             "protocol_version": self.protocol_version,
             "discover": self.discover,
+            "seen_at": self.seen_at,
         }
 
     @classmethod
@@ -83,7 +104,9 @@ class KnownProtocol:
             return None
         if discover is not None and not isinstance(discover, dict):
             return None
-        return cls(mark, era, version, discover if era == "modern" else None)
+        seen = raw.get("seen_at")
+        seen_at = float(seen) if isinstance(seen, int | float) and not isinstance(seen, bool) else None
+        return cls(mark, era, version, discover if era == "modern" else None, seen_at)
 
 
 def fingerprint(cfg: ServerConfig) -> str:
@@ -101,9 +124,10 @@ def learned(session: ClientSession, mark: str) -> KnownProtocol | None:
     discovered = session.discover_result
     if discovered is not None:
         # Storable as jsonb (no NUL, no lone surrogates), however the server wrote its instructions.
-        return KnownProtocol(mark, "modern", version, storable(discovered.model_dump(mode="json", by_alias=True)))
+        discover = storable(discovered.model_dump(mode="json", by_alias=True))
+        return KnownProtocol(mark, "modern", version, discover, time.time())
     if session.initialize_result is not None:
-        return KnownProtocol(mark, "legacy", version)
+        return KnownProtocol(mark, "legacy", version, seen_at=time.time())
     return None
 
 

@@ -341,7 +341,8 @@ FROM mcp_servers s CROSS JOIN LATERAL (
 # A session's start in one read (`Registry.start_cache`): per enabled server, its cached tools (in the order
 # `cached_tools()` gives them) and its remembered protocol.
 _START_CACHE_SQL = """
-SELECT s.name, p.fingerprint, p.era, p.protocol_version, p.discover, t.tools
+SELECT s.name, p.fingerprint, p.era, p.protocol_version, p.discover, extract(epoch FROM p.seen_at)::float8 AS seen_at,
+       t.tools
 FROM mcp_servers s
 LEFT JOIN mcp_server_protocol p ON p.server_id = s.id
 LEFT JOIN LATERAL (
@@ -622,7 +623,8 @@ class Registry:
     async def known_protocols(self) -> dict[str, KnownProtocol]:
         """What each enabled server negotiated when it last connected, by server name."""
         rows = await self._fetch(
-            "SELECT s.name, p.fingerprint, p.era, p.protocol_version, p.discover"
+            "SELECT s.name, p.fingerprint, p.era, p.protocol_version, p.discover,"
+            " extract(epoch FROM p.seen_at)::float8 AS seen_at"
             " FROM mcp_server_protocol p JOIN mcp_servers s ON s.id = p.server_id WHERE s.enabled"
         )
         return {r["name"]: memory for r in rows if (memory := KnownProtocol.from_json(r)) is not None}
@@ -633,15 +635,17 @@ class Registry:
         async with self.pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO mcp_server_protocol (server_id, fingerprint, era, protocol_version, discover, seen_at)"
-                " VALUES (%s, %s, %s, %s, %s, now())"
+                " VALUES (%s, %s, %s, %s, %s, COALESCE(to_timestamp(%s), now()))"
                 " ON CONFLICT (server_id) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, era = EXCLUDED.era,"
-                " protocol_version = EXCLUDED.protocol_version, discover = EXCLUDED.discover, seen_at = now()",
+                " protocol_version = EXCLUDED.protocol_version, discover = EXCLUDED.discover,"
+                " seen_at = EXCLUDED.seen_at",
                 (
                     server_id,
                     memory.fingerprint,
                     memory.era,
                     memory.protocol_version,
                     None if memory.discover is None else Jsonb(memory.discover),
+                    memory.seen_at,  # when it was learned: a DiscoverResult's ttlMs counts from then
                 ),
             )
 

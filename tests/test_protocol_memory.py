@@ -7,6 +7,7 @@ handshake" are counted where they would be sent, not inferred from our side.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import Reconnecting
 from mcp_integration.health import Health
 from mcp_integration.mcp_compat import send_raw_request
-from mcp_integration.protocol_memory import KnownProtocol, could_be_mismatch, fingerprint
+from mcp_integration.protocol_memory import MAX_TTL_S, KnownProtocol, could_be_mismatch, fingerprint
 from mcp_integration.registry import Registry, ServerConfig
 from mcp_integration.runtime import start_from_registry_or_snapshot
 from mcp_integration.snapshot import read_snapshot, write_snapshot
@@ -41,8 +42,10 @@ class Server:
         self.port = 0
 
     def start(self, *flags: str) -> ServerConfig:
+        # A server that lets clients reuse its DiscoverResult for an hour, unless the flags say otherwise.
+        ttl = () if any(f.startswith("--discover-ttl-ms") for f in flags) else ("--discover-ttl-ms", "3600000")
         self.port = self.spawn(
-            "--transport", "streamable-http", "--port", str(self.port), "--method-log", str(self.log), *flags
+            "--transport", "streamable-http", "--port", str(self.port), "--method-log", str(self.log), *ttl, *flags
         )
         return ServerConfig(name="demo", transport="streamable-http", url=f"http://127.0.0.1:{self.port}/mcp")
 
@@ -162,8 +165,17 @@ async def test_a_modern_server_is_adopted_with_no_handshake_round_trip(registry:
 
 
 async def test_an_adopted_session_keeps_the_servers_extensions(registry: Registry, spawn: Callable[..., int]) -> None:
-    # The stored DiscoverResult carries the capabilities the tasks runtime reads (the 2026 tasks extension).
-    port = spawn("--transport", "streamable-http", "--port", "0", script=str(SERVERS / "task_server_2026.py"))
+    # The stored DiscoverResult carries the capabilities the tasks runtime reads (the 2026 tasks extension). The
+    # server lets clients reuse its results for an hour (FastMCP's cache_ttl).
+    port = spawn(
+        "--transport",
+        "streamable-http",
+        "--port",
+        "0",
+        "--cache-ttl-s",
+        "3600",
+        script=str(SERVERS / "task_server_2026.py"),
+    )
     await registry.add_server(
         ServerConfig(name="tasks", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp")
     )
@@ -179,6 +191,57 @@ async def test_an_adopted_session_keeps_the_servers_extensions(registry: Registr
         assert job.kind == "task"
     finally:
         await d.aclose()
+
+
+async def test_a_discover_result_is_reused_only_within_its_ttl(registry: Registry, server: Server) -> None:
+    """A DiscoverResult is a cacheable result: its ttlMs (0 by the SDK's default) says how long a client may
+    reuse it. Stale, it is asked again (one `server/discover`, no handshake fallback), and the new answer is
+    stored with its own time, so the session after that adopts it again."""
+    await registry.add_server(server.start("--discover-ttl-ms", "0"))
+    for _ in range(2):  # never reusable: every session asks
+        remembered, tools = await session(registry)
+        assert not remembered and "echo" in tools
+        assert server.methods()[:2] == ["POST server/discover", "POST tools/list"]
+    assert not (await stored(registry)).fresh()
+
+    server.restart("--discover-ttl-ms", "1500")
+    await session(registry)  # learns the 1.5 s one
+    server.methods()
+    first = await stored(registry)
+    assert first.fresh() and first.discover is not None and first.discover["ttlMs"] == 1500
+    remembered, _ = await session(registry)
+    assert remembered and server.methods() == ["POST tools/list"]  # adopted: no round trip before discovery
+    assert (await stored(registry)).seen_at == first.seen_at  # adopting is not learning: the clock keeps running
+
+    await asyncio.sleep(1.6)
+    assert not (await stored(registry)).fresh()
+    remembered, _ = await session(registry)
+    assert not remembered and server.methods()[:2] == ["POST server/discover", "POST tools/list"]
+    again = await stored(registry)
+    assert again.fresh() and first.seen_at is not None and again.seen_at is not None and again.seen_at > first.seen_at
+    remembered, _ = await session(registry)
+    assert remembered and server.methods() == ["POST tools/list"]
+
+
+def test_freshness_follows_ttl_and_caps_it() -> None:
+    discover = {"supportedVersions": ["2026-07-28"], "ttlMs": 60_000}
+    now = 1_000_000.0
+    assert KnownProtocol("f", "modern", "2026-07-28", discover, now).fresh(now + 59)
+    assert not KnownProtocol("f", "modern", "2026-07-28", discover, now).fresh(now + 61)
+    assert not KnownProtocol("f", "modern", "2026-07-28", discover).fresh(now)  # learned when: unknown
+    year = {**discover, "ttlMs": 365 * 24 * 3600 * 1000}
+    assert not KnownProtocol("f", "modern", "2026-07-28", year, now).fresh(now + MAX_TTL_S + 1)
+    for odd in (0, -5, "60000", True, None):
+        assert not KnownProtocol("f", "modern", "2026-07-28", {**discover, "ttlMs": odd}, now).fresh(now)
+    assert KnownProtocol("f", "legacy", "2025-11-25").fresh()  # nothing to expire: initialize still runs
+    # The time is not part of what was learned: the same answer learned later is the same memory.
+    assert KnownProtocol("f", "modern", "2026-07-28", discover, now) == KnownProtocol(
+        "f", "modern", "2026-07-28", discover, now + 5
+    )
+    assert KnownProtocol.from_json(KnownProtocol("f", "modern", "2026-07-28", discover, now).to_json()) is not None
+    assert KnownProtocol.from_json({**KnownProtocol("f", "legacy", "2025-11-25").to_json(), "seen_at": "x"}) == (
+        KnownProtocol("f", "legacy", "2025-11-25")
+    )
 
 
 # -- a server that changed protocol in place -------------------------------------------------------------------

@@ -13,6 +13,7 @@ Streamable HTTP only, for the protocol-memory tests: --method-log PATH appends o
 ("POST tools/list", "GET", "DELETE"); --legacy-only answers as a server written before 2026-07-28 does (an SDK
 1.x server: anything sent at a 2026 version, `server/discover` included, is refused with HTTP 400 and JSON-RPC
 -32600); --modern-only refuses the `initialize` handshake with -32022, naming only 2026-07-28.
+--discover-ttl-ms N: the `ttlMs` of its `server/discover` result (the SDK's default, 0, lets no client reuse it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from mcp.server.caching import CacheHint
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -243,6 +245,12 @@ def main() -> None:
     parser.add_argument("--sse-close-on-signal", action="store_true", help="end every event stream on SIGUSR1")
     parser.add_argument("--pid-file", default="")
     parser.add_argument("--method-log", default="", help="streamable-http: append each request's method here")
+    parser.add_argument(
+        "--discover-ttl-ms",
+        type=int,
+        default=0,
+        help="ttlMs of the server/discover result: how long a client may reuse it (0, the SDK's default: not at all)",
+    )
     era = parser.add_mutually_exclusive_group()
     era.add_argument("--legacy-only", action="store_true", help="streamable-http: refuse every 2026 request")
     era.add_argument("--modern-only", action="store_true", help="streamable-http: refuse the initialize handshake")
@@ -250,7 +258,8 @@ def main() -> None:
     if args.pid_file:
         with open(args.pid_file, "w") as f:
             f.write(str(os.getpid()))
-    mcp = build(args.name, list_delay_ms=args.list_delay_ms)
+    hints = {"server/discover": CacheHint(ttl_ms=args.discover_ttl_ms)} if args.discover_ttl_ms else None
+    mcp = build(args.name, list_delay_ms=args.list_delay_ms, cache_hints=hints)
     if args.ping_delay_ms or args.legacy:
         mcp.middleware.append(Quirks(ping_delay_ms=args.ping_delay_ms, legacy=args.legacy))
     if args.transport == "stdio":

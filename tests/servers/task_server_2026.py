@@ -51,8 +51,8 @@ SEEN: list[dict[str, Any]] = []
 FINISHED: dict[str, float] = {}
 
 
-def build(poll_interval_ms: int) -> FastMCP:
-    mcp = FastMCP("tasks-2026")
+def build(poll_interval_ms: int, cache_ttl_s: int | None = None) -> FastMCP:
+    mcp = FastMCP("tasks-2026", cache_ttl=cache_ttl_s)
     mcp.add_extension(TasksExtension())
     task_cfg = TaskConfig(mode="optional", poll_interval=timedelta(milliseconds=poll_interval_ms))
 
@@ -214,8 +214,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--poll-interval-ms", type=int, default=200)
     parser.add_argument("--push", action="store_true", help="push task status on subscriptions/listen (taskIds)")
+    parser.add_argument("--cache-ttl-s", type=int, default=None, help="FastMCP's cache_ttl: ttlMs of its results")
     args = parser.parse_args()
-    mcp = build(args.poll_interval_ms)
+    mcp = build(args.poll_interval_ms, args.cache_ttl_s)
     if args.push:
         install_task_push(mcp)
     if args.transport == "stdio":
