@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from _common import bench_database, bench_registry, bench_schema, die_with_parent, profiled, spawn, stop  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
-from mcp_integration.job_queue import JobRow  # noqa: E402
+from mcp_integration.job_queue import job_row  # noqa: E402
 from mcp_integration.jobs import Job  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
 
@@ -126,10 +126,9 @@ def server_for(mode: str, args: argparse.Namespace, procs: list[subprocess.Popen
 async def seed_durations(registry: Registry, cfg: ServerConfig, tool: str, seconds: float, n: int = 5) -> None:
     """Past completed jobs of `tool` that lasted `seconds`, as learned timing reads them from mcp_jobs."""
     now = time.time()
-    rows = [
-        JobRow(uuid.uuid4(), cfg.id, cfg.name, tool, "receipt", "completed", now - seconds, finished_at=now)
-        for _ in range(n)
-    ]
+    rows = [job_row(uuid.uuid4(), cfg.id, cfg.name, tool, "receipt", "completed", now - seconds) for _ in range(n)]
+    for row in rows:
+        row["finished_at"] = now
     async with registry.pool.connection() as conn:
         await registry.write_jobs(conn, rows)
 

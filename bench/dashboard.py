@@ -47,7 +47,7 @@ import psutil  # noqa: E402
 from _common import bench_database, bench_registry, bench_schema, die_with_parent, spawn, stop  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
 
-from mcp_integration.job_queue import JobRow  # noqa: E402
+from mcp_integration.job_queue import JobRow, job_row  # noqa: E402
 from mcp_integration.registry import Registry, ServerConfig  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -190,11 +190,11 @@ async def job_writer(registry: Registry, names: list[str], rate: float, stop_at:
     written = 0
     while not stop_at.is_set():
         name = random.choice(names)
-        rows = [JobRow(uuid.uuid4(), ids[name], name, "echo", "plain", "submitted", time.time())]
+        rows = [job_row(uuid.uuid4(), ids[name], name, "echo", "plain", "submitted", time.time())]
         pending.append(rows[0])
         if len(pending) > max(1, int(2 * rate)):
             done = pending.pop(0)
-            done.state, done.result, done.finished_at = "completed", {"text": "ok"}, time.time()
+            done.update(state="completed", result={"text": "ok"}, finished_at=time.time())
             rows.append(done)
         async with registry.pool.connection() as conn:
             await registry.write_jobs(conn, rows)

@@ -24,9 +24,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import psycopg
 from psycopg_pool import PoolClosed
@@ -48,6 +48,7 @@ __all__ = [
     "JobQueue",
     "JobRow",
     "RowSource",
+    "job_row",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,26 +75,52 @@ FINAL_DRAIN_S = 5.0
 _NAMED = 10
 
 
-@dataclass(slots=True)
-class JobRow:
-    """A job's row in `mcp_jobs` as it is now. Times are seconds since the epoch (`time.time()`)."""
+class JobRow(TypedDict):
+    """A job's row in `mcp_jobs` as it is now, as `Registry.write_jobs` sends it (one element of a jsonb array):
+    the id as text, times in seconds since the epoch (`time.time()`), `error` already scrubbed of the secrets we
+    know. A dict built in one literal when its batch is flushed (`job_store.JobRecord.row`): the dataclass it
+    replaced, copied into such a dict at the write, was a fifth of what a record cost (bench/call_work.py)."""
 
-    id: uuid.UUID
+    id: str
     server_id: int | None
     server_name: str
     tool: str
     kind: str
     state: str
     submitted_at: float
+    finished_at: float | None
     # What the job has gathered so far; the last write carries all of it.
-    polls: int = 0
-    delivered_late: bool = False
-    finished_at: float | None = None
-    receipt: Any = None
-    result: Any = None
-    error: str | None = None
-    elicitations: list[dict[str, Any]] | None = None
-    samplings: list[dict[str, Any]] | None = None
+    polls: int
+    delivered_late: bool
+    receipt: Any
+    result: Any
+    error: str | None
+    elicitations: list[dict[str, Any]] | None
+    samplings: list[dict[str, Any]] | None
+
+
+def job_row(
+    job_id: uuid.UUID, server_id: int | None, server_name: str, tool: str, kind: str, state: str, submitted_at: float
+) -> JobRow:
+    """A whole row as a job just submitted has it, for rows written by hand (tests, benchmarks): set the rest
+    on the dict."""
+    return {
+        "id": str(job_id),
+        "server_id": server_id,
+        "server_name": server_name,
+        "tool": tool,
+        "kind": kind,
+        "state": state,
+        "submitted_at": submitted_at,
+        "finished_at": None,
+        "polls": 0,
+        "delivered_late": False,
+        "receipt": None,
+        "result": None,
+        "error": None,
+        "elicitations": None,
+        "samplings": None,
+    }
 
 
 class RowSource(Protocol):
@@ -111,14 +138,22 @@ class _Entry:
     source: RowSource
     failing_since: float | None = None  # when a write of it first failed (database unreachable)
     announced: bool = False  # its "not recorded yet" warning was logged
-    waiters: list[asyncio.Future[None]] | None = None  # `written()` calls waiting for it
+    # Called once it is written or given up: `written()` and `flushed()` waiting for it (callbacks, not a
+    # future per waiter and entry: `flushed()` over a hundred records is one future, not a hundred tasks).
+    waiters: list[Callable[[], None]] | None = None
     settled: bool = False  # written, or given up
 
+    def wait(self, done: Callable[[], None]) -> None:
+        if self.waiters is None:
+            self.waiters = []
+        self.waiters.append(done)
+
     def settle(self) -> None:
+        if self.settled:
+            return
         self.settled = True
-        for fut in self.waiters or ():
-            if not fut.done():
-                fut.set_result(None)
+        for done in self.waiters or ():
+            done()
 
 
 @dataclass
@@ -177,18 +212,12 @@ class JobQueue:
     async def written(self, source: RowSource) -> None:
         """Until `source`'s latest queued state is written to mcp_jobs, or given up (logged)."""
         entry = self._pending.get(source) or self._in_flight.get(source)
-        if entry is None:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        if entry.waiters is None:
-            entry.waiters = []
-        entry.waiters.append(fut)
-        await fut
+        if entry is not None:
+            await _all_settled([entry])
 
     async def flushed(self) -> None:
         """Until every record queued so far is written (or given up)."""
-        sources = {*self._in_flight, *self._pending}
-        await asyncio.gather(*(self.written(s) for s in sources))
+        await _all_settled([*self._in_flight.values(), *self._pending.values()])
 
     def retry_now(self) -> None:
         """Cut a backoff short: the next attempt comes at once (a job stopped retrying: its record is tried once
@@ -365,6 +394,25 @@ class JobQueue:
         log.warning("%d job record(s) lost, not recorded in mcp_jobs (%s): %s", len(entries), why, _names(entries))
         for entry in entries:
             entry.settle()
+
+
+async def _all_settled(entries: list[_Entry]) -> None:
+    """Until each of these entries is written or given up (or, requeued, the entry it was merged into is)."""
+    entries = [e for e in entries if not e.settled]  # one settled mid-batch is still in flight: nothing to wait
+    left = len(entries)
+    if not left:
+        return
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def one() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not fut.done():
+            fut.set_result(None)
+
+    for entry in entries:
+        entry.wait(one)
+    await fut
 
 
 def _names(entries: Iterable[_Entry]) -> str:

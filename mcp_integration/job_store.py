@@ -16,7 +16,7 @@ import time
 
 from mcp_integration.job_queue import RECORD_RETRY_S, JobQueue, JobRow
 from mcp_integration.jobs import Job
-from mcp_integration.scrubber import scrub_known
+from mcp_integration.scrubber import known, scrub_known
 
 __all__ = ["RECORD_RETRY_S", "JobRecord"]
 
@@ -56,21 +56,21 @@ class JobRecord:
 
     def row(self) -> JobRow:
         job = self.job
-        done = job.done
-        return JobRow(
-            id=job.id,
-            server_id=job.server_id,
-            server_name=job.server,
-            tool=job.tool,
-            kind=job.kind,
-            state=job.state,
-            submitted_at=self._submitted,
-            finished_at=self._submitted + (job.finished_at - job.submitted_at) if job.finished_at is not None else None,
-            receipt=scrub_known(job.receipt),
-            result=job.result.as_record() if job.result else None,
-            error=job.error.reason if job.error else None,
-            polls=job.polls,
-            delivered_late=job.late if done else False,
-            elicitations=scrub_known(job.elicitations) if job.elicitations else None,
-            samplings=job.samplings or None,
-        )
+        finished = job.finished_at
+        return {
+            "id": job.key,
+            "server_id": job.server_id,
+            "server_name": job.server,
+            "tool": job.tool,
+            "kind": job.kind,
+            "state": job.state,
+            "submitted_at": self._submitted,
+            "finished_at": None if finished is None else self._submitted + (finished - job.submitted_at),
+            "polls": job.polls,
+            "delivered_late": job.late if job.done else False,
+            "receipt": scrub_known(job.receipt),
+            "result": job.result.as_record() if job.result else None,
+            "error": known.scrub(job.error.reason) if job.error else None,
+            "elicitations": scrub_known(job.elicitations) if job.elicitations else None,
+            "samplings": job.samplings or None,
+        }

@@ -98,6 +98,7 @@ class Job:
         limits: Deadlines | None = None,
     ) -> None:
         self.id = uuid.uuid4()
+        self.key = str(self.id)  # the id as text, made once: the log context and every row of the job use it
         self.server = server
         self.server_id = server_id
         self.tool = tool
@@ -150,9 +151,8 @@ class Job:
     def start(self, submit: Submit) -> Job:
         # The task copies the context as it is created: every line logged for this job, by any module and by
         # the tasks it starts, names the job, its server and its tool.
-        jid = str(self.id)
-        context = context_with(job_id=jid, server=self.server, tool=self.tool)
-        self._task = asyncio.create_task(self._run(submit), name=f"job-{jid}", context=context)
+        context = context_with(job_id=self.key, server=self.server, tool=self.tool)
+        self._task = asyncio.create_task(self._run(submit), name=f"job-{self.key}", context=context)
         return self
 
     async def _run(self, submit: Submit) -> None:

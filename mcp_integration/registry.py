@@ -762,27 +762,7 @@ ON CONFLICT (id) DO UPDATE SET
 
     async def write_jobs(self, conn: psycopg.AsyncConnection[Any], rows: list[JobRow]) -> None:
         """Insert or update these job rows (each as it is now, whole) in one statement on `conn`."""
-        doc = [
-            {
-                "id": str(r.id),
-                "server_id": r.server_id,
-                "server_name": r.server_name,
-                "tool": r.tool,
-                "kind": r.kind,
-                "state": r.state,
-                "receipt": r.receipt,
-                "submitted_at": r.submitted_at,
-                "finished_at": r.finished_at,
-                "result": r.result,
-                "error": None if r.error is None else known.scrub(r.error),
-                "polls": r.polls,
-                "delivered_late": r.delivered_late,
-                "elicitations": r.elicitations,
-                "samplings": r.samplings,
-            }
-            for r in rows
-        ]
-        await conn.execute(self._WRITE_JOBS_SQL, (Jsonb(doc),))
+        await conn.execute(self._WRITE_JOBS_SQL, (Jsonb(rows),))
 
     async def recent_durations(self, server: str, tool: str, *, limit: int = 50) -> list[float]:
         """Seconds from submit to finish of a tool's recent completed jobs, newest first (for learned timing)."""

@@ -401,6 +401,25 @@ async def test_a_bad_record_does_not_block_the_others(registry: Registry, caplog
     assert registry.job_queue.stats.statements == statements + 1
 
 
+async def test_waiting_for_the_queue_ends_whenever_it_is_asked(registry: Registry) -> None:
+    """`jobs_flushed()` (one future for all that is queued, not one per record) ends whether it is asked before,
+    during or after a flush, also when the batch holds a record settled mid-write (a bad row, dropped)."""
+
+    async def bad(job: Job) -> ToolResult:
+        job.samplings.append({"note": "a\x00b"})  # refused by PostgreSQL: dropped on its own, mid-batch
+        return ToolResult(text="bad")
+
+    for delay in (0.0, 0.001, 0.003, 0.006, 0.012, 0.025):
+        jobs = [new_job(registry).start(answered(f"ok {i}")) for i in range(30)]
+        jobs.append(new_job(registry).start(bad))
+        await asyncio.gather(*(j.wait(10) for j in jobs))
+        await asyncio.sleep(delay)
+        await asyncio.wait_for(registry.jobs_flushed(), 10)
+        assert registry.job_queue.pending == 0
+        assert len(await rows_of(registry, jobs)) == 30
+    await asyncio.wait_for(registry.jobs_flushed(), 1)  # nothing queued: at once
+
+
 # -- closing ------------------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from mcp_integration.errors import RegistryError
-from mcp_integration.job_queue import JobRow
+from mcp_integration.job_queue import job_row
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.secrets import redact
 
@@ -115,12 +115,12 @@ async def test_health_and_jobs(registry: Registry) -> None:
     assert health["s"].status == "up" and health["s"].latency_ms == 12.5 and health["s"].consecutive_failures == 0
 
     jid = uuid.uuid4()
-    job = JobRow(jid, cfg.id, "s", "echo", "plain", "submitted", time.time())
+    job = job_row(jid, cfg.id, "s", "echo", "plain", "submitted", time.time())
     async with registry.pool.connection() as conn:
         await registry.write_jobs(conn, [job])
-        job.state = "working"
+        job["state"] = "working"
         await registry.write_jobs(conn, [job])
-        job.state, job.result, job.finished_at = "completed", {"text": "hi"}, time.time()
+        job.update(state="completed", result={"text": "hi"}, finished_at=time.time())
         await registry.write_jobs(conn, [job])
     row = await registry.get_job(jid)
     assert row is not None

@@ -30,7 +30,7 @@ from mcp_integration.cli import main as cli_main
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import ToolCallError
 from mcp_integration.health import Health
-from mcp_integration.job_queue import JobRow
+from mcp_integration.job_queue import job_row
 from mcp_integration.receipts import Receipt, endpoint_for
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.speech import error_sentence
@@ -322,8 +322,8 @@ async def test_any_text_is_stored_and_read_back_as_data_never_as_sql(
     row = await registry.add_server(ServerConfig(name=f"s{uuid.uuid4().hex[:8]}", transport="stdio", command="x"))
     assert row.id is not None
     job_id = uuid.uuid4()
-    job = JobRow(job_id, row.id, server, tool, "plain", "failed", time.time(), finished_at=time.time())
-    job.result, job.receipt, job.error = {"text": text, tool: [server]}, {"job_id": text}, error
+    job = job_row(job_id, row.id, server, tool, "plain", "failed", time.time())
+    job.update(finished_at=time.time(), result={"text": text, tool: [server]}, receipt={"job_id": text}, error=error)
     async with registry.pool.connection() as conn:
         await registry.write_jobs(conn, [job])
     await registry.save_tools(row.id, [ToolSpec(row.name, tool or "t", text, {"type": "object", "title": error}, {})])
