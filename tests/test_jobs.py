@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from conftest import SERVERS, stdio_demo
+from conftest import SERVERS, eventually, stdio_demo
 
 from mcp_integration.aio import Deadlines
 from mcp_integration.dispatcher import Dispatcher
@@ -201,7 +201,8 @@ async def test_background_limits_share_one_timer_and_fire_only_the_wanted() -> N
     entries[3].cancel()
     entries[3].cancel()  # twice: counted once
     assert len(limits) == 3
-    await asyncio.sleep(0.5)
+    await eventually(lambda: len(fired) >= 3, 10, "three limits fired")
+    await asyncio.sleep(0.05)  # nothing more comes
     assert [i for i, _ in fired] == [0, 2, 4] and all(at >= began + 0.2 - 0.01 for _, at in fired)
     assert len(limits) == 0 and limits._timer is None
     entries[0].cancel()  # after it fired: nothing happens
@@ -211,7 +212,8 @@ async def test_background_limits_share_one_timer_and_fire_only_the_wanted() -> N
     for entry in many[:-1]:
         entry.cancel()
     assert len(limits) == 1 and len(limits._queue) < 1500  # compacted, not 3000 dead entries held
-    await asyncio.sleep(0.4)
+    await eventually(lambda: [i for i, _ in fired].count(-1) >= 1, 10, "the last limit fired")
+    await asyncio.sleep(0.05)
     assert [i for i, _ in fired].count(-1) == 1
 
     limits.add(lambda: fired.append((99, loop.time())))
