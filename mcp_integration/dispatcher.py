@@ -133,9 +133,9 @@ class Dispatcher:
         # Per tool: the schema it was compiled from, its validator, and the fast check for flat schemas.
         self._validators: dict[tuple[str, str], tuple[Any, Any, Callable[[Any], bool] | None]] = {}
         self._policies: dict[tuple[int, int, float], WaitPolicy] = {}
-        # Every job's background limit, as one loop timer (see aio.Deadlines); a job of a policy with another
-        # limit (background_s changed meanwhile) keeps a timer of its own.
-        self._deadlines = Deadlines(self.background_s)
+        # Every job's background limit, as one loop timer per limit (see aio.Deadlines): one, unless
+        # background_s is changed while jobs run.
+        self._deadlines: dict[float, Deadlines] = {}
         self._jobs: dict[uuid.UUID, Job] = {}
         self._keep_jobs = keep_jobs
         self._limits: dict[str, asyncio.Semaphore] = {}
@@ -457,13 +457,17 @@ class Dispatcher:
         self.validate_arguments(entry, arguments)
         state = self._servers[entry.server]
         cfg = state.cfg
+        policy = self._policy(cfg)
+        limits = self._deadlines.get(policy.background_s)
+        if limits is None:
+            limits = self._deadlines[policy.background_s] = Deadlines(policy.background_s)
         job = Job(
             server=entry.server,
             server_id=cfg.id,
             tool=entry.spec.name,
             arguments=arguments,
-            policy=self._policy(cfg),
-            limits=self._deadlines,
+            policy=policy,
+            limits=limits,
         )
         job.asker = asker or self.asker
         if self.registry is not None:
@@ -692,7 +696,8 @@ class Dispatcher:
             _, late = await asyncio.wait(ending, timeout=5.0)
             for fut in late:
                 fut.cancel()
-        self._deadlines.close()
+        for limits in self._deadlines.values():
+            limits.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from mcp_integration.aio import Deadline, Deadlines
+from mcp_integration.aio import Deadlines
 from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Asker, Question, answer_within, decline_all
 from mcp_integration.errors import ToolCallError
 from mcp_integration.logs import context_with
@@ -142,9 +142,10 @@ class Job:
         self._activity: asyncio.Event | None = None
         self._waiter_gave_up = False
         self._task: asyncio.Task[None] | None = None
-        # Where the background limit is kept: the dispatcher's one timer for all its jobs of this policy (else a
-        # loop timer of the job's own).
-        self._limits = limits if limits is not None and limits.delay == self.policy.background_s else None
+        # Where the background limit is kept: the dispatcher's one timer for all its jobs of this limit, or (a
+        # job made on its own) a timer of the job's own.
+        self._limits = limits if limits is not None else Deadlines(self.policy.background_s)
+        assert self._limits.delay == self.policy.background_s, "the limits' delay is the policy's background_s"
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -165,11 +166,7 @@ class Job:
         # asyncio.timeout does (by the task's cancel count), which cost a call twice this. Not wait_for: on
         # Python 3.11 wait_for can return a result that lands together with a cancel, and the cancel is lost
         # (issue 12 counted 6 in 65); a cancelled job must end cancelled.
-        expiry: Deadline | asyncio.TimerHandle
-        if self._limits is not None:
-            expiry = self._limits.add(self._expire)
-        else:
-            expiry = asyncio.get_running_loop().call_later(self.policy.background_s, self._expire)
+        expiry = self._limits.add(self._expire)
         try:
             try:
                 result = await submit(self)
