@@ -3,15 +3,19 @@
     python bench/call_work.py [--calls 240] [--at-once 24]
 
 CPU time on a shared two-core machine drifts by more than the gap it is meant to show (bench/load.py's rounds
-spread over 0.9-1.6x); the bytecodes a call executes do not. One real demo server over Streamable HTTP, its
-instant `echo` tool, and `--calls` calls, `--at-once` at a time, made three ways after a warm-up: the bare MCP SDK
-(`mcp.Client`, the same progress callback), our Dispatcher without a registry (no job records), and our
-Dispatcher over a registry in Postgres (a fresh schema, dropped at the end). A `sys.settrace` tracer counts every
-bytecode of this process while the calls run (tasks included; C code such as pydantic-core and the JSON encoder
-counts as the one bytecode that calls it). It slows everything about fifty-fold; the job queue's flush windows
-are stretched by the slowdown measured on the same calls untraced, so that records are written in the batches
-they would be at full speed. Prints bytecodes per call, the ratios to the SDK, and, with --top N, where our
-dispatcher's extra bytecodes go and where the records' go. Uses DATABASE_URL if set, else an embedded PostgreSQL.
+spread over 0.9-1.6x); the bytecodes a call executes nearly do not. One real demo server over Streamable HTTP,
+its instant `echo` tool, and `--calls` calls, `--at-once` at a time, made three ways after a warm-up: the bare MCP
+SDK (`mcp.Client`, the same progress callback), our Dispatcher without a registry (no job records), and our
+Dispatcher over a registry in Postgres (a fresh schema, dropped at the end). Ours are waited on as the voice layer
+waits (`Job.wait(release_after=...)`: the idle timeout, its cap, a release point). A `sys.settrace` tracer counts
+every bytecode of this process while the calls run (tasks included; C code such as pydantic-core and the JSON
+encoder counts as the one bytecode that calls it). It slows everything about fifty-fold; the job queue's flush
+windows are stretched by the slowdown measured on the same calls untraced, so that records are written in the
+batches they would be at full speed. Prints bytecodes per call, the ratios to the SDK, the part run in our package
+and in asyncio (the HTTP client's pool, which checks each idle connection per request, varies by a thousand
+bytecodes a call with how many connections a pass happened to open; ours and asyncio's do not), and, with --top N,
+where our dispatcher's extra bytecodes go and where the records' go. Uses DATABASE_URL if set, else an embedded
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -126,7 +130,9 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Counter[str]]:
     await bare.start(wait=True, servers=[cfg])
     try:
         found["ours, no job records"], slowdown = await measure(
-            lambda i: bare.call("echo", {"text": f"hi {i}"}, server="demo", timeout=60), args.calls, args.at_once
+            lambda i: bare.submit("echo", {"text": f"hi {i}"}, server="demo").wait(release_after=60),
+            args.calls,
+            args.at_once,
         )
     finally:
         await bare.aclose()
@@ -137,7 +143,7 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Counter[str]]:
         try:
 
             async def recorded(i: int) -> None:
-                await ours.submit("echo", {"text": f"hi {i}"}, server="demo").wait(60)
+                await ours.submit("echo", {"text": f"hi {i}"}, server="demo").wait(release_after=60)
 
             stats = registry.job_queue.stats
             with stretched(slowdown):
@@ -157,9 +163,11 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Counter[str]]:
 def report(found: dict[str, Counter[str]], calls: int, top: int) -> None:
     per_call = {who: sum(c.values()) / calls for who, c in found.items()}
     sdk = per_call["bare SDK"]
-    print(f"\nbytecodes per call ({calls} calls)")
+    print(f"\nbytecodes per call ({calls} calls)            in mcp_integration   in asyncio")
     for who, n in per_call.items():
-        print(f"  {who:<24}{n:>10,.0f}   x{n / sdk:.3f}")
+        ours = sum(v for k, v in found[who].items() if k.startswith("mcp_integration/")) / calls
+        loop = sum(v for k, v in found[who].items() if k.startswith("asyncio/")) / calls
+        print(f"  {who:<24}{n:>10,.0f}   x{n / sdk:.3f}{ours:>14,.0f}{loop:>16,.0f}")
     if top:
         base, ours = found["bare SDK"], found["ours, no job records"]
         extra = Counter({k: (ours[k] - base[k]) / calls for k in set(base) | set(ours)})

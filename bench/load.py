@@ -8,12 +8,12 @@ nine real MCP servers:
   task     task_server_2025.py `long_report` (status pushed) and task_server_2026.py `report` (polled)
   receipt  generic_receipt_server.py `submit_report` and n8n_like_server.py `start_workflow` (both polled)
 The calls are split 60 % sync, 20 % task, 20 % receipt, round-robin over the servers of each kind, and all
-started at once. Overhead = our end-to-end latency of a call minus the server's own latency (the sync tool's
-sleep, a job's configured duration). For tasks and receipts it includes noticing the end: within one poll
-interval (--poll-ms, both the rows' poll_interval and the 2026 server's pollInterval) when polled, at once
-when pushed; from round 2 on, learned timing places the first poll near the durations seen in round 1. For
-the servers that tell when each job really ended (`GET /_finished`), the part of the overhead after that end
-(noticing it) is shown too.
+started at once; ours are waited on as the voice layer waits (`Job.wait(release_after=...)`). Overhead = our
+end-to-end latency of a call minus the server's own latency (the sync tool's sleep, a job's configured
+duration). For tasks and receipts it includes noticing the end: within one poll interval (--poll-ms, both the
+rows' poll_interval and the 2026 server's pollInterval) when polled, at once when pushed; from round 2 on,
+learned timing places the first poll near the durations seen in round 1. For the servers that tell when each
+job really ended (`GET /_finished`), the part of the overhead after that end (noticing it) is shown too.
 
 Baseline, in the same run: the same sync calls made with the bare MCP SDK (`mcp.Client`, one session per
 server, the same progress token), interleaved with the same sync-only load through our Dispatcher, and through
@@ -253,7 +253,8 @@ async def call_ours(d: Dispatcher, target: Target, i: int, jobs: list[Job]) -> S
     try:
         job = d.submit(target.tool, target.arguments(i), server=target.cfg.name)
         jobs.append(job)
-        await job.wait(target.own_s + 60)
+        # As the voice layer waits: the idle timeout (35 s), its cap, and a release point.
+        await job.wait(release_after=target.own_s + 60)
     except ToolCallError as exc:
         error = str(exc)
     ended = time.perf_counter()

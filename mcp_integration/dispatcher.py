@@ -136,7 +136,7 @@ class Dispatcher:
         # Every job's background limit, as one loop timer per limit (see aio.Deadlines): one, unless
         # background_s is changed while jobs run.
         self._deadlines: dict[float, Deadlines] = {}
-        self._jobs: dict[uuid.UUID, Job] = {}
+        self._jobs: dict[str, Job] = {}  # by Job.key
         self._keep_jobs = keep_jobs
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._max_calls = max_calls_per_server
@@ -448,7 +448,7 @@ class Dispatcher:
     async def execute_tool(self, tool: str, arguments: dict[str, Any], *, server: str | None = None) -> str:
         """Submit a call and return its job id at once. Bad tool names and arguments raise ToolCallError here."""
         job = self.submit(tool, arguments, server=server)
-        return str(job.id)
+        return job.key
 
     def submit(
         self, tool: str, arguments: dict[str, Any], *, server: str | None = None, asker: Asker | None = None
@@ -484,7 +484,7 @@ class Dispatcher:
     async def get_result(self, job_id: str | uuid.UUID, timeout: float | None = None) -> ToolResult:
         """Wait for a job's result (a timeout ends this wait, not the job); read a finished one from mcp_jobs."""
         jid = uuid.UUID(str(job_id))
-        job = self._jobs.get(jid)
+        job = self._jobs.get(str(jid))
         if job is not None:
             return await job.wait(timeout)
         row = await self.registry.get_job(jid) if self.registry else None
@@ -508,7 +508,7 @@ class Dispatcher:
         return await self.submit(tool, arguments, server=server, asker=asker).wait(timeout)
 
     def job(self, job_id: str | uuid.UUID) -> Job | None:
-        return self._jobs.get(uuid.UUID(str(job_id)))
+        return self._jobs.get(str(uuid.UUID(str(job_id))))
 
     def _policy(self, cfg: ServerConfig) -> WaitPolicy:
         """The wait policy of calls to this server: one (frozen) per set of limits, not one per call."""
@@ -521,7 +521,7 @@ class Dispatcher:
         return policy
 
     def _remember(self, job: Job) -> None:
-        self._jobs[job.id] = job
+        self._jobs[job.key] = job
         # Forget the oldest finished jobs (their outcome stays readable from mcp_jobs), a batch at a time: a scan
         # on every submit once the history is full cost each call more than its job record.
         if len(self._jobs) > self._keep_jobs + max(16, self._keep_jobs // 8):

@@ -9,13 +9,15 @@ database hiccup never costs the caller its answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from mcp_integration.aio import Deadlines
 from mcp_integration.elicitation import ASK_TIMEOUT_S, Answer, Asker, Question, answer_within, decline_all
@@ -50,8 +52,11 @@ EventKind = Literal[
 _ACTIVITY = frozenset({"progress", "status", "accepted", "answered"})
 
 
-@dataclass(frozen=True)
-class JobEvent:
+class JobEvent(NamedTuple):
+    """One thing that happened to a job. A named tuple, not a frozen dataclass: a job makes three or more per
+    call, and a frozen dataclass's __init__ (a Python setattr per field) cost more than the tuple's whole
+    construction (bench/call_work.py)."""
+
     kind: EventKind
     data: dict[str, Any]
     at: float
@@ -87,6 +92,33 @@ class Job:
     (up to `policy.background_s`), and if it then completes, `late` is set and the `done` event says so.
     """
 
+    # What a job starts with, as class attributes: an instance sets its own only when it changes (most calls
+    # never get a receipt, a task, a queue or a question), and each of these assignments in __init__ was paid by
+    # every call (bench/call_work.py).
+    kind: JobKind = "plain"
+    state: JobState = "submitted"
+    receipt: dict[str, Any] | None = None
+    task_id: str | None = None
+    polls = 0
+    late = False
+    result: ToolResult | None = None
+    error: ToolCallError | None = None
+    last_pending_at: float | None = None  # when a poll or push last said "not done yet"
+    # Waiting for a free slot behind the server's other calls (since when): not the server's silence, so the
+    # idle timeout does not run meanwhile; the total cap still does.
+    queued_since: float | None = None
+    # Waiting for the caller to answer a server's question (since when): the server waits on us, so neither its
+    # silence nor ours counts against the idle timeout, and fillers pause.
+    asking_since: float | None = None
+    asker: Asker = staticmethod(decline_all)  # who answers the server's questions during this call
+    ask_timeout_s = ASK_TIMEOUT_S
+    finished_at: float | None = None
+    recorder: Recorder | None = None  # keeps the job in mcp_jobs, when set (before start)
+    _is_done = False
+    _expired = False  # the background limit cancelled the job's task
+    _waiter_gave_up = False
+    _task: asyncio.Task[None] | None = None
+
     def __init__(
         self,
         *,
@@ -97,55 +129,31 @@ class Job:
         policy: WaitPolicy | None = None,
         limits: Deadlines | None = None,
     ) -> None:
-        self.id = uuid.uuid4()
-        self.key = str(self.id)  # the id as text, made once: the log context and every row of the job use it
+        # The id as text, made once: the log context, every row of the job and the dispatcher's index use it.
+        self.key = _new_id()
         self.server = server
         self.server_id = server_id
         self.tool = tool
         self.arguments = arguments
         self.policy = policy or WaitPolicy()
-        self.kind: JobKind = "plain"
-        self.state: JobState = "submitted"
-        self.receipt: dict[str, Any] | None = None
-        self.task_id: str | None = None
-        self.polls = 0
-        self.late = False
-        self.result: ToolResult | None = None
-        self.error: ToolCallError | None = None
         # Bounded: a chatty server can push thousands of status messages over a long job.
         self.events: deque[JobEvent] = deque(maxlen=200)
-        self.submitted_at = time.monotonic()
-        self.last_activity = self.submitted_at
-        self.last_pending_at: float | None = None  # when a poll or push last said "not done yet"
-        # Waiting for a free slot behind the server's other calls (since when): not the server's silence, so the
-        # idle timeout does not run meanwhile; the total cap still does.
-        self.queued_since: float | None = None
-        # Waiting for the caller to answer a server's question (since when): the server waits on us, so neither
-        # its silence nor ours counts against the idle timeout, and fillers pause.
-        self.asking_since: float | None = None
-        self.asker: Asker = decline_all  # who answers the server's questions during this call
-        self.ask_timeout_s = ASK_TIMEOUT_S
+        self.submitted_at = self.last_activity = time.monotonic()
         self.elicitations: list[dict[str, Any]] = []  # each question and its outcome, as recorded
         self.samplings: list[dict[str, Any]] = []  # each completion served to the server, as recorded
-        self.finished_at: float | None = None
-        # Kept in mcp_jobs by this, when set (before start).
-        self.recorder: Recorder | None = None
         self._listeners: list[Callable[[JobEvent], None]] = []
-        self._done = asyncio.Event()
-        self._is_done = False  # `_done` as a plain flag: `done` is read on every event and every row
-        # Futures of waits with a timeout (`wait(timeout)`), resolved when the job ends: a future and a timer
-        # each, where asyncio.timeout around the event cost a call more than its dispatch did.
+        # Futures of the waits for the end (`wait`, `outcome`), resolved when the job ends: a future (and a timer
+        # for a bounded wait) each, where an Event per job and asyncio.timeout around it cost a call more than
+        # its dispatch did.
         self._waiters: list[asyncio.Future[bool]] = []
-        self._expired = False  # the background limit cancelled the job's task
-        # Made by the first idle wait that needs it (`_wait_idle`): most callers wait with a timeout, or not at
-        # all, and an Event per job was one of the things a call cost for nothing.
-        self._activity: asyncio.Event | None = None
-        self._waiter_gave_up = False
-        self._task: asyncio.Task[None] | None = None
         # Where the background limit is kept: the dispatcher's one timer for all its jobs of this limit, or (a
         # job made on its own) a timer of the job's own.
         self._limits = limits if limits is not None else Deadlines(self.policy.background_s)
         assert self._limits.delay == self.policy.background_s, "the limits' delay is the policy's background_s"
+
+    @functools.cached_property
+    def id(self) -> uuid.UUID:
+        return uuid.UUID(self.key)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -205,7 +213,6 @@ class Job:
         self.late = self._waiter_gave_up
         self.emit("done", state=state, error=error.reason if error else None, late=self.late)
         self._is_done = True
-        self._done.set()
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(True)
@@ -231,8 +238,6 @@ class Job:
     def touch(self) -> None:
         """Activity (progress, a status change): the caller's idle timeout starts again."""
         self.last_activity = time.monotonic()
-        if self._activity is not None:
-            self._activity.set()
 
     def queue(self, waiting: bool, *, ahead: int = 0) -> None:
         """The call waits for (or has just got) one of its server's call slots."""
@@ -262,40 +267,40 @@ class Job:
         assert self.result is not None
         return self.result
 
-    async def _wait_done(self, timeout: float) -> bool:
-        """Whether the job ended within `timeout`. A cancel of the waiting task is never lost: it ends this wait
-        with CancelledError whether or not the job ended in the same moment."""
+    async def _wait_done(self, timeout: float | None) -> bool:
+        """Whether the job ended within `timeout` (None: however long it takes). A cancel of the waiting task is
+        never lost: it ends this wait with CancelledError whether or not the job ended in the same moment."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
-        timer = loop.call_later(timeout, _resolve, waiter, False)
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter, False)
         try:
             return await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if not self._is_done:  # timed out or cancelled: the job goes on without this waiter
                 self._waiters.remove(waiter)
 
     async def _wait_idle(self, limit: float | None = None) -> bool:
-        if self._activity is None:
-            self._activity = asyncio.Event()
-        while not self.done:
+        """Whether the job ended before its idle timeout (or its cap, or `limit`). Activity only ever moves the
+        idle deadline later, so this sleeps to the deadline it knows and looks again, rather than waking at each
+        progress notification: one future and one timer per look, where an Event and two tasks per wake-up
+        made the voice layer's wait cost more than the call's dispatch. While the timeout is paused (queued, or
+        asking the caller) it looks again every `idle_s`: the pause's end starts a full idle period then."""
+        while not self._is_done:
             now = time.monotonic()
             cap = self.submitted_at + self.policy.cap_s
-            paused = self.queued_since is not None or self.asking_since is not None
-            deadline = cap if paused else min(self.last_activity + self.policy.idle_s, cap)
+            if self.queued_since is not None or self.asking_since is not None:
+                deadline = min(now + self.policy.idle_s, cap)
+            else:
+                deadline = min(self.last_activity + self.policy.idle_s, cap)
             if limit is not None:
                 deadline = min(deadline, limit)
             if now >= deadline:
                 return False
-            self._activity.clear()
-            done_wait = asyncio.ensure_future(self._done.wait())
-            act_wait = asyncio.ensure_future(self._activity.wait())
-            try:
-                await asyncio.wait({done_wait, act_wait}, timeout=deadline - now, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                done_wait.cancel()
-                act_wait.cancel()
+            if await self._wait_done(deadline - now):
+                return True
         return True
 
     def _timeout_reason(self, timeout: float | None) -> str:
@@ -312,7 +317,8 @@ class Job:
 
     async def outcome(self) -> ToolResult:
         """The final result or error, however long the job takes (it is bounded by `policy.background_s`)."""
-        await self._done.wait()
+        if not self._is_done:
+            await self._wait_done(None)
         return await self.wait(0)
 
     async def settled(self) -> None:
@@ -421,6 +427,16 @@ class Job:
     def _changed(self) -> None:
         if self.recorder is not None:
             self.recorder.changed()
+
+
+def _new_id() -> str:
+    """A random (version 4) UUID as text, as str(uuid.uuid4()) gives it, without a uuid.UUID: its validating
+    __init__ and __str__ were a twentieth of what our side of a call cost (bench/call_work.py)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:

@@ -87,6 +87,8 @@ def json_too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
 
 def argument_problem(arguments: Any) -> str | None:
     """Why these arguments cannot be sent (too deep, too large, not JSON), or None when they can."""
+    if _surely_sendable(arguments):
+        return None
     if deeper_than(arguments):
         return f"arguments nest deeper than {MAX_DEPTH} levels"
     try:
@@ -97,6 +99,33 @@ def argument_problem(arguments: Any) -> str | None:
     if size > MAX_ARGUMENT_BYTES:
         return f"arguments are {size:,} bytes of JSON; the limit is {MAX_ARGUMENT_BYTES:,}"
     return None
+
+
+def _surely_sendable(arguments: Any) -> bool:
+    """Whether arguments are surely fine, told without encoding them: a flat object of text (no lone
+    surrogates), 64-bit integers, booleans and nulls, whose JSON surely fits (a character is six bytes at most,
+    escaped or in UTF-8). What a language model writes for most tools; the encoding cost a call more than
+    checking them against the tool's schema did (bench/call_work.py)."""
+    if type(arguments) is not dict or len(arguments) > 64:
+        return False
+    texts: list[str] = []
+    for key, value in arguments.items():
+        kind = type(value)
+        if type(key) is not str:
+            return False
+        texts.append(key)
+        if kind is str:
+            texts.append(value)
+        elif kind is int:
+            if not -(2**63) <= value < 2**63:
+                return False
+        elif kind is not bool and value is not None:
+            return False
+    joined = "".join(texts)
+    return 6 * len(joined) + 28 * len(arguments) + 2 <= MAX_ARGUMENT_BYTES and _SURROGATE.search(joined) is None
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def cut_text(text: str, limit: int = MAX_RESULT_CHARS) -> str:

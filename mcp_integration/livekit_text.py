@@ -164,8 +164,8 @@ class TextCall:
         self.lines: list[Line] = []
         self._t0 = 0.0
         # Jobs whose call freed the caller's turn (their result comes as a reply), and those that asked a question.
-        self._freed: dict[Any, Job] = {}
-        self._asked: set[Any] = set()
+        self._freed: dict[str, Job] = {}  # by Job.key
+        self._asked: set[str] = set()
         self._owed = 0  # such jobs done and their answer not yet spoken
         self._paid = asyncio.Event()  # set whenever none is owed
 
@@ -192,7 +192,7 @@ class TextCall:
                     "tool", f"{job.tool}: {event.data.get('job_kind')} job started" + (f" ({ref})" if ref else "")
                 )
             elif event.kind == "done":
-                if self._freed.pop(job.id, None) is not None:  # its answer (or error) is on its way as a reply
+                if self._freed.pop(job.key, None) is not None:  # its answer (or error) is on its way as a reply
                     self._owed += 1
                     self._paid.clear()
                 late = " (late)" if event.data.get("late") else ""
@@ -202,9 +202,9 @@ class TextCall:
 
     def _on_voice(self, job: Job, kind: VoiceEventKind, data: dict[str, Any]) -> None:
         if kind in ("released", "question"):
-            self._freed[job.id] = job
+            self._freed[job.key] = job
         if kind == "question":
-            self._asked.add(job.id)
+            self._asked.add(job.key)
         if kind == "released":
             self._add("tool", f"{job.tool}: still waiting after {data['after_s']:g} s; the caller's turn is freed")
         elif kind == "question":
@@ -241,7 +241,7 @@ class TextCall:
         # A caller waits to hear an answer that is on its way (a released call's result, handed over as the
         # caller answered something else): spoken into the new turn, LiveKit would drop it as interrupted.
         # A call the caller just answered a question for usually ends at once: its answer is worth the wait.
-        answered = [j for j in self._freed.values() if j.id in self._asked and not j.asking and not j.done]
+        answered = [j for j in self._freed.values() if j.key in self._asked and not j.asking and not j.done]
         if answered:
             waits = [asyncio.ensure_future(j.outcome()) for j in answered]
             await asyncio.wait(waits, timeout=OWED_WAIT_S)

@@ -30,6 +30,7 @@ from mcp_integration.limits import (
     MAX_RESULT_CHARS,
     _Bounder,
     _fits_as_is,
+    _surely_sendable,
     bounded,
     deeper_than,
     texts_fit,
@@ -482,6 +483,27 @@ def test_text_items_said_to_fit_come_back_unchanged(texts: list[str], budget: in
 
 
 # -- arguments ---------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    arguments=st.dictionaries(
+        st.text(max_size=8) | st.integers(),
+        st.text(max_size=30) | st.integers() | st.booleans() | st.none() | st.floats() | json_values,
+        max_size=6,
+    )
+    | json_values
+)
+@example(arguments={"text": "\ud800"})
+@example(arguments={"n": 2**63})
+@example(arguments={"text": '"\x01' * 200_000})
+def test_arguments_passed_without_encoding_would_pass_the_encoding(arguments: Any) -> None:
+    """`argument_problem` skips encoding flat arguments (most calls): only those the encoding would pass."""
+    if _surely_sendable(arguments):
+        encoded = json.dumps(arguments, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        assert len(encoded) <= MAX_ARGUMENT_BYTES
+        assert not deeper_than(arguments)
+
 
 ENTRY = ToolEntry("echo", ToolSpec("s", "echo", "", {"type": "object", "properties": {"text": {"type": "string"}}}))
 RECURSIVE = ToolEntry("tree", ToolSpec("s", "tree", "", {"type": "object", "properties": {"a": {"$ref": "#"}}}))

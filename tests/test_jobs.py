@@ -16,8 +16,9 @@ from conftest import SERVERS, eventually, stdio_demo
 from mcp_integration.aio import Deadlines
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import ToolCallError
-from mcp_integration.jobs import Job
+from mcp_integration.jobs import Job, WaitPolicy
 from mcp_integration.registry import Registry, ServerConfig
+from mcp_integration.results import ToolResult
 
 
 async def started(registry: Registry, *cfgs: ServerConfig, **kwargs) -> Dispatcher:
@@ -152,6 +153,65 @@ async def test_progress_resets_the_idle_timeout(registry: Registry) -> None:
         assert not job.late
     finally:
         await d.aclose()
+
+
+async def test_the_idle_wait_follows_activity_pauses_and_the_cap() -> None:
+    """The voice layer's wait (`wait(release_after=...)`), driven by hand: activity keeps it going past the idle
+    timeout; a pause (queued for a slot) holds it however long, and its end starts a full idle period; the cap
+    and the release point end it whatever the activity; the job's end ends it at once."""
+    gate = asyncio.Event()
+
+    async def work(job: Job) -> ToolResult:
+        await gate.wait()
+        return ToolResult(text="ok")
+
+    def job(idle_s: float = 0.3, cap_s: float = 30.0) -> Job:
+        policy = WaitPolicy(idle_s=idle_s, cap_s=cap_s, background_s=60.0)
+        return Job(server="s", server_id=None, tool="t", arguments={}, policy=policy).start(work)
+
+    async def kept_busy(j: Job, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            j.touch()
+            await asyncio.sleep(0.05)
+
+    # Activity every 50 ms for a second, idle timeout 0.3 s: still waiting; then the answer.
+    busy = job()
+    waiting = asyncio.ensure_future(busy.wait())
+    await kept_busy(busy, 1.0)
+    assert not waiting.done()
+    gate.set()
+    assert (await asyncio.wait_for(waiting, 5)).text == "ok"
+    gate.clear()
+
+    # Queued for 1 s (three idle timeouts): still waiting; after the queue, a whole idle period, then the timeout.
+    queued = job()
+    queued.queue(True, ahead=1)
+    waiting = asyncio.ensure_future(queued.wait())
+    await asyncio.sleep(1.0)
+    assert not waiting.done()
+    queued.queue(False)
+    freed_at = time.monotonic()
+    with pytest.raises(ToolCallError) as info:
+        await asyncio.wait_for(waiting, 5)
+    assert info.value.kind == "timeout" and time.monotonic() - freed_at >= 0.3
+
+    # The cap and the release point end a busy wait.
+    capped = job(cap_s=0.6)
+    began = time.monotonic()
+    waiting = asyncio.ensure_future(capped.wait())
+    await kept_busy(capped, 1.2)
+    assert waiting.done() and 0.6 <= time.monotonic() - began
+    assert isinstance(waiting.exception(), ToolCallError) and "limit" in waiting.exception().reason
+    released = job()
+    began = time.monotonic()
+    waiting = asyncio.ensure_future(released.wait(release_after=0.5))
+    await kept_busy(released, 1.0)
+    assert waiting.done() and isinstance(waiting.exception(), ToolCallError)
+    # None of those waits ended its job: they all finish, and their waits leave nothing behind.
+    gate.set()
+    for j in (queued, capped, released):
+        assert (await j.outcome()).text == "ok" and j.late and not j._waiters
 
 
 async def test_timeout_ends_the_wait_and_the_late_result_still_arrives(registry: Registry) -> None:
