@@ -10,16 +10,24 @@ the stored DiscoverResult with no handshake round trip (they let clients reuse i
 more mode, for comparison, starts concurrently with the memory withheld (every connect negotiates afresh, as the
 first session of a new server does). After the warm-up, the process freezes what it holds from the collector
 (`gc.freeze()`), as agent.py's prewarm does in each job process, and the one-server and concurrent runs
-alternate. Uses DATABASE_URL if set, else an embedded PostgreSQL. `--legacy`: servers that refuse
-`server/discover`, so every connect is a 2025-11-25 handshake, which a remembered protocol spares only the probe.
+alternate. Baseline, in the same runs: the bare MCP SDK (`mcp.Client`, connected and `list_tools()` answered) on
+one server and on all of them concurrently, at its best (one TLS context for all its HTTP clients, and the protocol
+version given, `mode="2026-07-28"`, so it sends no `server/discover`: what our remembered protocol does), and as
+`Client(url)` is documented (a TLS context per client, negotiation first). Concurrent starts on one event loop
+are bound by CPU per connect times N: the SDK's best ratio is that bound on this machine, with none of our work
+(validation, tool checks, registry) in it. Uses DATABASE_URL if set, else an embedded PostgreSQL. `--legacy`:
+servers that refuse `server/discover`, so every connect is a 2025-11-25 handshake, which a remembered protocol
+spares only the probe (the SDK at its best is then given `mode="legacy"`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import ssl
 import statistics
 import subprocess
 import sys
@@ -32,7 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "servers"))
 
+import httpx2  # noqa: E402
 from _common import bench_database, bench_registry, bench_schema  # noqa: E402
+from mcp import Client  # noqa: E402
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from mcp_integration.dispatcher import Dispatcher  # noqa: E402
 from mcp_integration.protocol_memory import KnownProtocol  # noqa: E402
@@ -99,7 +110,9 @@ def check_index(d: Dispatcher, names: list[str]) -> None:
     assert len(d.tools) == TOOLS_PER_SERVER * len(names), f"index holds {len(d.tools)} tools"
 
 
-async def bench(base_url: str, ports: list[int], runs: int) -> tuple[dict[str, list[float]], dict[str, Remembered]]:
+async def bench(
+    base_url: str, ports: list[int], runs: int, legacy: bool
+) -> tuple[dict[str, list[float]], dict[str, Remembered]]:
     async with bench_schema(base_url) as conninfo, bench_registry(conninfo) as registry:
         cfgs = [
             await registry.add_server(
@@ -172,12 +185,43 @@ async def bench(base_url: str, ports: list[int], runs: int) -> tuple[dict[str, l
         # collector's full passes (90 ms each here, one in four starts) do not walk it.
         gc.collect()
         gc.freeze()
-        # One server and all of them, alternately: the two figures of the ratio see the same machine.
+        urls = [c.url for c in cfgs if c.url]
+
+        tls = ssl.create_default_context()
+        mode = "legacy" if legacy else "2026-07-28"
+
+        async def sdk_listed(url: str, best: bool) -> float:
+            """Seconds until the bare SDK has connected and listed the tools (its close not counted)."""
+            t0 = time.perf_counter()
+            async with contextlib.AsyncExitStack() as stack:
+                if best:
+                    http = await stack.enter_async_context(httpx2.AsyncClient(verify=tls))
+                    client = Client(streamable_http_client(url, http_client=http), mode=mode)
+                else:
+                    client = Client(url)
+                await stack.enter_async_context(client)
+                tools = await client.list_tools()
+                elapsed = time.perf_counter() - t0
+            assert len(tools.tools) == TOOLS_PER_SERVER
+            return elapsed
+
+        async def sdk_one(best: bool = True) -> float:
+            return await sdk_listed(urls[0], best) * 1000
+
+        async def sdk_concurrent(best: bool = True) -> float:
+            return max(await asyncio.gather(*(sdk_listed(u, best) for u in urls))) * 1000
+
+        await sdk_concurrent()  # warm-up
+        # One server and all of them, ours and the SDK's, in turn: the figures of both ratios see the same machine.
         alone: list[float] = []
         together: list[float] = []
+        sdk_alone: list[float] = []
+        sdk_together: list[float] = []
         for _ in range(runs):
             alone.append(await one())
             together.append(await concurrent())
+            sdk_alone.append(await sdk_one())
+            sdk_together.append(await sdk_concurrent())
         results = {
             "one server (baseline)": alone,
             f"sequential x{len(cfgs)}": await timed(runs, sequential),
@@ -185,13 +229,17 @@ async def bench(base_url: str, ports: list[int], runs: int) -> tuple[dict[str, l
             "warm cache (wait=False)": await timed(runs, warm),
             "  aclose after warm start": closes,
             f"concurrent x{len(cfgs)}, afresh": await timed(runs, lambda: concurrent(afresh=True)),
+            "bare SDK as documented, one": await timed(runs, lambda: sdk_one(best=False)),
+            f"bare SDK as documented, x{len(cfgs)}": await timed(runs, lambda: sdk_concurrent(best=False)),
+            "bare SDK at its best, one": sdk_alone,
+            f"bare SDK at its best, x{len(cfgs)}": sdk_together,
         }
         return results, memory
 
 
-async def run(ports: list[int], runs: int) -> tuple[dict[str, list[float]], dict[str, Remembered]]:
+async def run(ports: list[int], runs: int, legacy: bool) -> tuple[dict[str, list[float]], dict[str, Remembered]]:
     async with bench_database() as url:
-        return await bench(url, ports, runs)
+        return await bench(url, ports, runs, legacy)
 
 
 def p90(xs: list[float]) -> float:
@@ -204,6 +252,7 @@ def report(results: dict[str, list[float]], memory: dict[str, Remembered], n: in
     for mode, xs in results.items():
         print(f"{mode:<30}{statistics.median(xs):>11.1f}{p90(xs):>10.1f}{min(xs):>10.1f}{max(xs):>10.1f}")
     one, seq, conc, warm = (statistics.median(xs) for xs in list(results.values())[:4])
+    sdk_one, sdk_conc = (statistics.median(xs) for xs in list(results.values())[-2:])
     steady = [memory["one"], memory["concurrent"]]
     connects, remembered = sum(m.connects for m in steady), sum(m.remembered for m in steady)
     kinds = "; ".join(sorted(set().union(*(m.kinds for m in steady)))) or "nothing remembered"
@@ -215,12 +264,14 @@ def report(results: dict[str, list[float]], memory: dict[str, Remembered], n: in
     checks = [
         (f"sequential / concurrent = {seq / conc:.1f}x", f"informational (ideal ~{n}x)", None),
         (f"concurrent / one server = {conc / one:.2f}x", "expected <= 1.5x", conc / one <= 1.5),
+        (f"bare SDK at its best: {sdk_conc / sdk_one:.2f}x", "the bound on this machine", None),
+        (f"ours / SDK's best, concurrent = {conc / sdk_conc:.2f}x", "informational", None),
         (f"warm cache median = {warm:.1f} ms", "expected <= 50 ms", warm <= 50),
     ]
     print()
     for what, expected, ok in checks:
         verdict = "" if ok is None else ("MET" if ok else "NOT MET")
-        print(f"{what:<38}{expected:<30}{verdict}")
+        print(f"{what:<42}{expected:<30}{verdict}")
 
 
 def main() -> None:
@@ -236,7 +287,7 @@ def main() -> None:
     procs: list[subprocess.Popen[str]] = []
     try:
         ports = start_servers(args.servers, args.delay_ms, procs, legacy=args.legacy)
-        results, memory = asyncio.run(run(ports, args.runs))
+        results, memory = asyncio.run(run(ports, args.runs, args.legacy))
     finally:
         stop_servers(procs)
     report(results, memory, args.servers, args.delay_ms, args.runs)
