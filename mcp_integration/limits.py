@@ -7,6 +7,7 @@ clear answer, never RecursionError.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -23,6 +24,7 @@ __all__ = [
     "cut_text",
     "deeper_than",
     "flat_schema_check",
+    "json_depth",
     "json_too_deep",
     "storable",
     "texts_fit",
@@ -43,22 +45,22 @@ _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # PostgreSQL text and jsonb re
 
 
 def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether containers nest more than `limit` levels (a scalar is level 0); stops as soon as it knows."""
-    if limit >= 1 and type(value) is dict and not any(isinstance(v, dict | list | tuple) for v in value.values()):
-        return False  # flat arguments (most calls): one level, no walk
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    """Whether containers nest more than `limit` levels (a scalar is level 0); stops as soon as it knows. Only
+    containers are stacked: a tool's schema at every connect is mostly text."""
+    if not isinstance(value, _CONTAINERS):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]  # a container and its level
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = list(item.values())
-        elif isinstance(item, list | tuple):
-            children = list(item)
-        else:
-            continue
-        if depth + 1 > limit:
+        item, level = stack.pop()
+        if level > limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, _CONTAINERS):
+                stack.append((child, level + 1))
     return False
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 def json_too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
@@ -141,7 +143,48 @@ def cut_text(text: str, limit: int = MAX_RESULT_CHARS) -> str:
 def storable(value: Any) -> Any:
     """A JSON value PostgreSQL will store as it is (no NUL, no lone surrogates, no NaN; at most MAX_DEPTH levels),
     with nothing cut for size."""
+    if type(value) is str:  # a tool's description: what the walk would do to it, without encoding it
+        return value if _UNSTORABLE.search(value) is None else _UNSTORABLE.sub("\ufffd", value)
+    if _storable_as_is(value):
+        return value
     return bounded(value, budget=2**62)[0]
+
+
+def _storable_as_is(value: Any) -> bool:
+    """Whether `storable`'s walk would give `value` back equal, told by the C encoder and decoder instead of a walk
+    in Python: a tool's schema, description and metadata at every connect, where the walk was the largest part of
+    our own CPU in a concurrent start. Encoded and decoded equal rules out what the walk would change to make
+    JSON (tuples, keys that are not text, NaN); then the text must hold no NUL (escaped as \\u0000 by the
+    encoder), no lone surrogate, no number past the walk's 3,000 bits, and the containers must stay within the
+    walk's depth. Anything it is unsure of (a string holding a backslash and "u0000", a long run of digits in
+    text) takes the walk: never a wrong "yes"."""
+    try:
+        text = _ENCODE(value)
+        if json.loads(text) != value:
+            return False
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return (
+        "\\u0000" not in text
+        and _SURROGATE.search(text) is None
+        and _LONG_NUMBER.search(text) is None
+        and json_depth(text) < MAX_DEPTH  # the walk empties a non-empty container at the last level
+    )
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays and objects of valid JSON text nest (a scalar is level 0), counted in C: strings taken
+    out, then the running sum of the brackets left (no Python bytecode per value, where a walk of the value had
+    several)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_LONG_NUMBER = re.compile(r"\d{900}")  # 3,000 bits is 904 digits
 
 
 def bounded(value: Any, budget: int = MAX_RESULT_CHARS) -> tuple[Any, bool]:

@@ -26,7 +26,7 @@ from mcp.shared.message import SessionMessage
 from mcp_types.methods import SERVER_RESULTS
 from pydantic import TypeAdapter, ValidationError
 
-from mcp_integration.limits import MAX_DEPTH, deeper_than
+from mcp_integration.limits import MAX_DEPTH, json_depth
 from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.ws_transport import FrameTooLarge
 
@@ -49,9 +49,14 @@ def check_tool(raw: Any) -> tuple[types.Tool | None, str | None]:
     schema = tool.input_schema
     if schema.get("type") != "object":
         return None, f"tool {tool.name!r}: inputSchema must have type 'object'"
-    if deeper_than(schema):
+    try:
+        encoded = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        encoded = None
+    # Its depth from its text (in C), not a walk of it: every tool of every server, at every connect.
+    if encoded is None or json_depth(encoded) > MAX_DEPTH:
         return None, f"tool {tool.name!r}: inputSchema nests deeper than {MAX_DEPTH} levels"
-    problem = _schema_problem(json.dumps(schema, sort_keys=True))
+    problem = _schema_problem(encoded)
     if problem:
         return None, f"tool {tool.name!r}: inputSchema is not valid JSON Schema ({problem})"
     return tool, None

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -30,9 +31,11 @@ from mcp_integration.limits import (
     MAX_RESULT_CHARS,
     _Bounder,
     _fits_as_is,
+    _storable_as_is,
     _surely_sendable,
     bounded,
     deeper_than,
+    storable,
     texts_fit,
 )
 from mcp_integration.livekit_text import ScriptedLLM, TextCall
@@ -427,6 +430,7 @@ def json_results(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
     )
 
 
+NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escape preceded by an even number of backslashes
 # Without control characters, whose JSON escapes (\u0001) would make the size check measure escapes, not text.
 printable = st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=50)
 
@@ -440,7 +444,8 @@ def test_any_result_is_bounded_storable_and_stable(text: str, structured: Any, d
     assert len(result.text) <= MAX_RESULT_CHARS and "\x00" not in result.text
     # Plain JSON (no NaN, no bytes, string keys, no NUL), within the budget, as mcp_jobs stores it.
     encoded = json.dumps(result.as_record(), allow_nan=False, ensure_ascii=False)
-    assert "\\u0000" not in encoded and "\x00" not in encoded
+    # A NUL escaped, not a backslash of the text followed by "u0000" (plain text, which JSON writes as \\u0000).
+    assert NUL_ESCAPE.search(encoded) is None and "\x00" not in encoded
     assert len(json.dumps(result.structured, ensure_ascii=False)) <= MAX_RESULT_CHARS
     assert not deeper_than(result.structured, MAX_DEPTH)
     assert ToolResult(text=result.text, structured=result.structured) == result  # bounding is stable
@@ -468,6 +473,59 @@ def test_bounding_without_a_walk_gives_what_the_walk_gives(rows: Any, budget: in
         assert walked == rows and not walker.over and not walker.too_deep
     elif not walker.over:
         assert got == walked  # the walk's own answer, as before the shortcut
+
+
+def nested(levels: int, leaf: Any = 1) -> Any:
+    """`leaf` inside `levels` lists (a scalar is level 0, `[1]` level 1)."""
+    for _ in range(levels):
+        leaf = [leaf]
+    return leaf
+
+
+awkward_scalars = (
+    st.text(max_size=12)
+    | st.sampled_from(["\x00", "a\ud800", "\\u0000", "1" * 950, "é😀"])
+    | st.integers()
+    | st.sampled_from([2**63, 2**2999, 2**3001, 10**950, -(2**70)])
+    | st.floats()
+    | st.booleans()
+    | st.none()
+)
+awkward_values = st.recursive(
+    awkward_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner)
+        | st.dictionaries(st.text(max_size=6) | st.integers(0, 3) | st.booleans(), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(value=awkward_values)
+@example(value=nested(MAX_DEPTH - 1))
+@example(value=nested(MAX_DEPTH))
+@example(value=nested(MAX_DEPTH, leaf=[]))
+@example(value=nested(MAX_DEPTH - 1, leaf={}))
+@example(value=nested(MAX_DEPTH + 1))
+@example(value={"description": "a \\u0000 b", "n": 2**3000})
+def test_storable_without_a_walk_gives_what_the_walk_gives(value: Any) -> None:
+    """`storable` skips its walk (a tool's schema at every connect) only where the walk would give the value back
+    equal, storable as it is."""
+    walker = _Bounder(2**62)
+    walked = walker.walk(value, 0)
+    assert storable(value) == walked
+    if _storable_as_is(value):
+        assert storable(value) is value and walked == value and not walker.too_deep
+
+
+def test_storable_takes_the_walk_for_what_the_encoder_cannot_nest() -> None:
+    """5,000 levels: the C encoder gives up (RecursionError), and the walk keeps the first MAX_DEPTH of them.
+    Outside hypothesis, whose reporting recurses through such a value."""
+    deep = nested(5000)
+    assert not _storable_as_is(deep)
+    assert storable(deep) == _Bounder(2**62).walk(deep, 0) and not deeper_than(storable(deep))
 
 
 @settings(max_examples=200, deadline=None, database=None)
