@@ -11,8 +11,11 @@ servers over Streamable HTTP) and the same database:
           (one checker per server for the whole fleet); pools sized by DB_POOL_MAX / DB_POOL_IDLE_S.
 For each: health checks per server per interval (counted by the sessions that made them), PostgreSQL connections
 of the fleet (pg_stat_activity, sampled every 0.25 s: median and max), and CPU per idle session (the processes'
-CPU over the window, per session). Then, for the fleet, the process holding a lease is killed (SIGKILL) and the
-time until another process checks that server is measured: from the kill, and from the previous check.
+CPU over the window, per session). Then, for the fleet, the process holding a lease is killed (SIGKILL) right
+after one of its checks, and measured: how soon another process holds the lease (expected within one interval),
+and when it checks the server: at the fleet's rhythm, one interval after the check before the kill (within
+RHYTHM_SLACK_S of timer and write jitter), so no check is skipped. Seconds from the kill to that check are shown
+too; with the kill right after a check they are one interval less the kill's lag, plus that jitter.
 
 Uses DATABASE_URL if set, else an embedded PostgreSQL.
 """
@@ -47,6 +50,8 @@ from mcp_integration.relay import Relay  # noqa: E402
 APP = "voice-mcp-fleet-bench"
 POOL_MAX = 2
 POOL_IDLE_S = 5.0
+# A check's time is taken when it is recorded (after its ping and its row's write): the rhythm wavers by tens of ms.
+RHYTHM_SLACK_S = 0.25
 
 
 @dataclass
@@ -244,16 +249,16 @@ def report(results: list[Fleet], args: argparse.Namespace) -> int:
             max(new.connections) <= new.budget,
         ),
         (
-            f"takeover after killing the checker: {new.takeover_from_kill_s:.2f} s from the kill",
-            f"<= {args.interval:g} s",
-            new.takeover_from_kill_s <= args.interval,
+            f"takeover: lease held by another process {new.handed_s:.2f} s after the kill",
+            f"<= {args.interval:g} s (sweep: 1 s)",
+            new.handed_s <= args.interval,
         ),
-        (f"  lease held by another process: {new.handed_s:.2f} s after the kill", "(sweep: 1 s)", None),
         (
-            f"  gap between the checks around the kill: {new.takeover_gap_s:.2f} s",
-            f"(interval: {args.interval:g} s)",
-            None,
+            f"  its first check: {new.takeover_gap_s:.2f} s after the one before the kill",
+            f"<= {args.interval + RHYTHM_SLACK_S:g} s, none skipped",
+            new.takeover_gap_s <= args.interval + RHYTHM_SLACK_S,
         ),
+        (f"  ({new.takeover_from_kill_s:.2f} s after the kill, which came right after a check)", "", None),
     ]
     print()
     failed = 0
