@@ -66,30 +66,14 @@ _CONTAINERS = (dict, list, tuple)
 def json_too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
     """Whether JSON text nests arrays and objects more than `limit` levels, told before parsing it: Python's
     parser raises RecursionError (a traceback, not a message) on a document 60,000 levels deep."""
-    depth = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
+    return json_depth(text) > limit
 
 
 def argument_problem(arguments: Any) -> str | None:
     """Why these arguments cannot be sent (too deep, too large, not JSON), or None when they can."""
-    if _surely_sendable(arguments):
+    # Flat arguments (most calls) without encoding them: `_fits_as_is`'s bound holds in bytes too (a character is
+    # six bytes at most, escaped or in UTF-8), and text it passes has no NUL or lone surrogate.
+    if _fits_as_is(arguments, MAX_ARGUMENT_BYTES):
         return None
     if deeper_than(arguments):
         return f"arguments nest deeper than {MAX_DEPTH} levels"
@@ -103,37 +87,17 @@ def argument_problem(arguments: Any) -> str | None:
     return None
 
 
-def _surely_sendable(arguments: Any) -> bool:
-    """Whether arguments are surely fine, told without encoding them: a flat object of text (no lone
-    surrogates), 64-bit integers, booleans and nulls, whose JSON surely fits (a character is six bytes at most,
-    escaped or in UTF-8). What a language model writes for most tools; the encoding cost a call more than
-    checking them against the tool's schema did (bench/call_work.py)."""
-    if type(arguments) is not dict or len(arguments) > 64:
-        return False
-    texts: list[str] = []
-    for key, value in arguments.items():
-        kind = type(value)
-        if type(key) is not str:
-            return False
-        texts.append(key)
-        if kind is str:
-            texts.append(value)
-        elif kind is int:
-            if not -(2**63) <= value < 2**63:
-                return False
-        elif kind is not bool and value is not None:
-            return False
-    joined = "".join(texts)
-    return 6 * len(joined) + 28 * len(arguments) + 2 <= MAX_ARGUMENT_BYTES and _SURROGATE.search(joined) is None
-
-
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
+def _storable_text(text: str) -> str:
+    """`text` with NUL and lone surrogates replaced (U+FFFD), a plain str. Searched before substituting: almost no
+    text needs it, and sub copies every string (and makes a str of a str subclass, which the copy should be)."""
+    if type(text) is str and _UNSTORABLE.search(text) is None:
+        return text
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def cut_text(text: str, limit: int = MAX_RESULT_CHARS) -> str:
     """At most `limit` characters, marker included (so cutting twice changes nothing), storable in PostgreSQL."""
-    if type(text) is not str or _UNSTORABLE.search(text) is not None:  # rare: sub always copies, search does not
-        text = _UNSTORABLE.sub("\ufffd", text)
+    text = _storable_text(text)
     if len(text) <= limit:
         return text
     keep = max(limit - _MARKER_ROOM, 0)
@@ -144,7 +108,7 @@ def storable(value: Any) -> Any:
     """A JSON value PostgreSQL will store as it is (no NUL, no lone surrogates, no NaN; at most MAX_DEPTH levels),
     with nothing cut for size."""
     if type(value) is str:  # a tool's description: what the walk would do to it, without encoding it
-        return value if _UNSTORABLE.search(value) is None else _UNSTORABLE.sub("\ufffd", value)
+        return _storable_text(value)
     if _storable_as_is(value):
         return value
     return bounded(value, budget=2**62)[0]
@@ -166,22 +130,22 @@ def _storable_as_is(value: Any) -> bool:
         return False
     return (
         "\\u0000" not in text
-        and _SURROGATE.search(text) is None
+        and _UNSTORABLE.search(text) is None  # a lone surrogate: the encoder escapes every NUL itself
         and _LONG_NUMBER.search(text) is None
         and json_depth(text) < MAX_DEPTH  # the walk empties a non-empty container at the last level
     )
 
 
 def json_depth(text: str) -> int:
-    """How deep the arrays and objects of valid JSON text nest (a scalar is level 0), counted in C: strings taken
-    out, then the running sum of the brackets left (no Python bytecode per value, where a walk of the value had
-    several)."""
+    """How deep the arrays and objects of JSON text nest (a scalar is level 0), counted in C: strings taken out
+    (one left open runs to the end of the text), then the running sum of the brackets left. No Python bytecode per
+    character or per value, where a scan of the text or a walk of the value had several."""
     brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
     return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
 
 
 _ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _LONG_NUMBER = re.compile(r"\d{900}")  # 3,000 bits is 904 digits
@@ -285,11 +249,7 @@ class _Bounder:
             cost = len(text) + 2 + _escapes(text)
             if cost <= self.left:
                 self.left -= cost
-                # Searched before substituting: almost no text needs it, and sub copies every string (and
-                # makes a str of a str subclass, which the copy should be).
-                if type(text) is str and _UNSTORABLE.search(text) is None:
-                    return text
-                return _UNSTORABLE.sub("\ufffd", text)
+                return _storable_text(text)
         self.over = True
         room = max(self.left - 2, 0)
         room = max(room - _escapes(text[:room]), 0)

@@ -49,11 +49,11 @@ def check_tool(raw: Any) -> tuple[types.Tool | None, str | None]:
     schema = tool.input_schema
     if schema.get("type") != "object":
         return None, f"tool {tool.name!r}: inputSchema must have type 'object'"
-    try:
-        encoded = json.dumps(schema, sort_keys=True)
-    except (TypeError, ValueError, RecursionError):
-        encoded = None
     # Its depth from its text (in C), not a walk of it: every tool of every server, at every connect.
+    try:
+        encoded: str | None = json.dumps(schema, sort_keys=True)
+    except RecursionError:  # deeper than the encoder goes: far past the limit
+        encoded = None
     if encoded is None or json_depth(encoded) > MAX_DEPTH:
         return None, f"tool {tool.name!r}: inputSchema nests deeper than {MAX_DEPTH} levels"
     problem = _schema_problem(encoded)

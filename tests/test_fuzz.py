@@ -32,9 +32,9 @@ from mcp_integration.limits import (
     _Bounder,
     _fits_as_is,
     _storable_as_is,
-    _surely_sendable,
     bounded,
     deeper_than,
+    json_too_deep,
     storable,
     texts_fit,
 )
@@ -520,6 +520,39 @@ def test_storable_without_a_walk_gives_what_the_walk_gives(value: Any) -> None:
         assert storable(value) is value and walked == value and not walker.too_deep
 
 
+def scanned_too_deep(text: str, limit: int) -> bool:
+    """What `json_too_deep` was before it counted brackets in C: a scan of every character, kept as its oracle."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(text=st.text(st.sampled_from('[]{}"\\a\n:,'), max_size=40), limit=st.integers(0, 6))
+@example(text='"\\', limit=0)
+@example(text='"[', limit=0)
+@example(text='["\\"[', limit=1)
+def test_json_depth_from_the_brackets_agrees_with_a_scan(text: str, limit: int) -> None:
+    """JSON text's depth, valid or not (strings left open, escapes at the end), as a character scan finds it."""
+    assert json_too_deep(text, limit) == scanned_too_deep(text, limit)
+
+
 def test_storable_takes_the_walk_for_what_the_encoder_cannot_nest() -> None:
     """5,000 levels: the C encoder gives up (RecursionError), and the walk keeps the first MAX_DEPTH of them.
     Outside hypothesis, whose reporting recurses through such a value."""
@@ -556,8 +589,9 @@ def test_text_items_said_to_fit_come_back_unchanged(texts: list[str], budget: in
 @example(arguments={"n": 2**63})
 @example(arguments={"text": '"\x01' * 200_000})
 def test_arguments_passed_without_encoding_would_pass_the_encoding(arguments: Any) -> None:
-    """`argument_problem` skips encoding flat arguments (most calls): only those the encoding would pass."""
-    if _surely_sendable(arguments):
+    """`argument_problem` skips encoding flat arguments (most calls, `_fits_as_is` with a budget in bytes): only
+    those the encoding would pass."""
+    if _fits_as_is(arguments, MAX_ARGUMENT_BYTES):
         encoded = json.dumps(arguments, ensure_ascii=False, allow_nan=False).encode("utf-8")
         assert len(encoded) <= MAX_ARGUMENT_BYTES
         assert not deeper_than(arguments)
