@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from mcp_types import CONNECTION_CLOSED
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp_integration import __version__
-from mcp_integration.aio import Backoff, first_set
+from mcp_integration.aio import Backoff
 from mcp_integration.elicitation import Answer
 from mcp_integration.errors import Busy, ConnectError, ConnectionLost, NeedsLogin, Reconnecting, Unauthorized
 from mcp_integration.explain import describe, refused_status
@@ -116,7 +116,22 @@ _STREAM_ENDED = {
 }
 
 
-class _Lost(asyncio.Event):
+class _Flag(asyncio.Event):
+    """An event that also resolves `wakes`, the future its opening's runner waits on: one future per opening,
+    where waiting on two events took two tasks and an `asyncio.wait`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakes: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        super().set()
+        wakes = self.wakes
+        if wakes is not None and not wakes.done():
+            wakes.set_result(None)
+
+
+class _Lost(_Flag):
     """Set when a connection is gone: also cancels the tasks waiting on its requests (`watch`), which then raise
     ConnectionLost instead of waiting for an answer that cannot come."""
 
@@ -140,8 +155,8 @@ class _Link:
     """One opening of the connection: its runner, its client, and what is known of its liveness."""
 
     generation: int
-    closing: asyncio.Event = field(default_factory=asyncio.Event)
-    lost: _Lost = field(default_factory=lambda: _Lost())
+    closing: _Flag = field(default_factory=_Flag)
+    lost: _Lost = field(default_factory=_Lost)
     heard_at: float = field(default_factory=time.monotonic)  # the last message from the server
     runner: asyncio.Task[None] | None = None
     client: Client | None = None
@@ -327,8 +342,10 @@ class ServerConnection:
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as
             # the awaited thing completes (so a cancelled caller would carry on as if not cancelled).
+            # Not shielded: a timeout or a cancellation cancels `ready` too, which the runner checks before it
+            # sets it, and the opening is retired either way.
             async with asyncio.timeout(self.connect_timeout):
-                await asyncio.shield(ready)
+                await ready
         except asyncio.CancelledError:
             self._retire(link)
             raise
@@ -410,18 +427,19 @@ class ServerConnection:
         self._lose(link, "the remembered protocol did not fit", quiet=True)
         return True
 
-    async def open_and_list_tools(self) -> list[ToolSpec]:
-        """`open()` then `list_tools()`, once more on a fresh negotiation when a remembered protocol turns out not
-        to fit the server (discovery is read-only, so any failure that could mean that is worth the retry)."""
+    async def open_and_list_tools(self, known: Iterable[ToolSpec] = ()) -> list[ToolSpec]:
+        """`open()` then `list_tools(known=known)`, once more on a fresh negotiation when a remembered protocol
+        turns out not to fit the server (discovery is read-only, so any failure that could mean that is worth the
+        retry)."""
         await self.open()
         generation = self.generation
         try:
-            return await self.list_tools()
+            return await self.list_tools(known=known)
         except Exception as exc:
             if not (self.forget_if_mismatch(exc, generation=generation) or self._first_contact_failed(exc, generation)):
                 raise
         await self.open()
-        return await self.list_tools()
+        return await self.list_tools(known=known)
 
     def _first_contact_failed(self, exc: BaseException, generation: int) -> bool:
         """An adopted session's first request found no server (its open sent nothing, so this was the first
@@ -479,7 +497,10 @@ class ServerConnection:
                 if not ready.done():
                     ready.set_result(None)
                 # Leaving on `lost` too: the transport is closed at once, so a dead stdio server is reaped now.
-                await first_set(link.closing, link.lost)
+                ended = asyncio.get_running_loop().create_future()
+                link.closing.wakes = link.lost.wakes = ended
+                if not (link.closing.is_set() or link.lost.is_set()):
+                    await ended
         except BaseException as exc:
             if not ready.done():
                 # A cancelled connect (its opener gave up) leaves no exception behind that nobody retrieves.
@@ -719,9 +740,11 @@ class ServerConnection:
 
     # -- requests -------------------------------------------------------------------------------------------
 
-    async def list_tools(self, timeout: float | None = None) -> list[ToolSpec]:
+    async def list_tools(self, timeout: float | None = None, *, known: Iterable[ToolSpec] = ()) -> list[ToolSpec]:
         """Every tool the server offers (all pages, within `timeout` and the page and tool caps), less malformed
-        ones, repeats of a name, and those outside `allowed_tools`. A server cannot keep us listing forever."""
+        ones, repeats of a name, and those outside `allowed_tools`. A server cannot keep us listing forever.
+        `known`: this server's tools as last stored (the tool cache); a tool listed unchanged is not made
+        storable again."""
         session = self.client.session
         deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
         tools: list[types.Tool] = []
@@ -749,6 +772,7 @@ class ServerConnection:
                 "server %s: its tool list goes on past %d pages; kept what they held", self.cfg.name, MAX_TOOL_PAGES
             )
         allowed = set(self.cfg.allowed_tools)
+        stored = {spec.name: spec for spec in known if spec.server == self.cfg.name}
         out: list[ToolSpec] = []
         names: set[str] = set()
         for t in tools[:MAX_TOOLS]:
@@ -763,12 +787,14 @@ class ServerConnection:
                 meta["execution"] = t.execution.model_dump(by_alias=True, exclude_none=True)
             if t.annotations is not None:
                 meta["annotations"] = t.annotations.model_dump(by_alias=True, exclude_none=True)
-            # Storable as it is cached (no NUL, no lone surrogates), however the server wrote it.
-            out.append(
-                ToolSpec(
-                    self.cfg.name, t.name, storable(t.description or ""), storable(dict(t.input_schema)), storable(meta)
-                )
-            )
+            description, schema = t.description or "", dict(t.input_schema)
+            last = stored.get(t.name)
+            if last is None or (last.description, last.input_schema, last.meta) != (description, schema, meta):
+                # Storable as it is cached (no NUL, no lone surrogates), however the server wrote it.
+                description, schema, meta = storable(description), storable(schema), storable(meta)
+            # else: equal to what `storable` made of it last time, so storable as it is, told by a comparison in C
+            # (every tool of a known server, at every session start). The server's own key order is kept.
+            out.append(ToolSpec(self.cfg.name, t.name, description, schema, meta))
         return out
 
     async def ping(self, timeout: float | None = None) -> float:

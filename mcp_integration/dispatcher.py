@@ -274,7 +274,7 @@ class Dispatcher:
         """Connect and list; a new list is written to the cache at once, an unchanged one's id is added to
         `confirmed`."""
         try:
-            tools = await state.conn.open_and_list_tools()
+            tools = await state.conn.open_and_list_tools(known=self._stored.get(state.cfg.name, ()))
         except (ConnectError, SecretMissing) as exc:
             state.error = str(exc)
         except Exception as exc:

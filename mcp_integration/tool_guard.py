@@ -51,7 +51,7 @@ def check_tool(raw: Any) -> tuple[types.Tool | None, str | None]:
         return None, f"tool {tool.name!r}: inputSchema must have type 'object'"
     # Its depth from its text (in C), not a walk of it: every tool of every server, at every connect.
     try:
-        encoded: str | None = json.dumps(schema, sort_keys=True)
+        encoded: str | None = _SORTED_JSON(schema)
     except RecursionError:  # deeper than the encoder goes: far past the limit
         encoded = None
     if encoded is None or json_depth(encoded) > MAX_DEPTH:
@@ -60,6 +60,10 @@ def check_tool(raw: Any) -> tuple[types.Tool | None, str | None]:
     if problem:
         return None, f"tool {tool.name!r}: inputSchema is not valid JSON Schema ({problem})"
     return tool, None
+
+
+# One encoder for every schema: json.dumps with an option builds a new one per call.
+_SORTED_JSON = json.JSONEncoder(sort_keys=True).encode
 
 
 @functools.lru_cache(maxsize=4096)

@@ -346,6 +346,36 @@ async def test_a_tool_list_with_bad_tools_keeps_the_good_ones(hostile: Dispatche
     assert {t.name for t in listed} == expected and "good_tool" in expected
 
 
+@settings(SHARED, max_examples=15)
+@given(extra=st.lists(tools, max_size=4))
+@example(
+    extra=[
+        {"name": "nul", "description": "a\x00b", "inputSchema": {"type": "object", "properties": {"z": {}, "a": {}}}}
+    ]
+)
+async def test_a_listing_checked_against_the_stored_one_is_what_a_fresh_listing_is(
+    hostile: Dispatcher, extra: list[dict[str, Any]]
+) -> None:
+    """`known` (the tool cache) spares unchanged tools their `storable` pass: the result must not differ from a
+    listing made without it, even when the stored copy has PostgreSQL's key order (jsonb sorts keys) or is stale."""
+    listing = json.dumps({"tools": [{"name": "good_tool", "inputSchema": {"type": "object"}}, *extra]}).encode()
+    assert (await hostile.call("set_tools", {"b64": b64(listing)}, timeout=10)).text == "tools set"
+    conn = hostile.servers["hostile"].conn
+    fresh = await conn.list_tools()
+    as_jsonb = [ToolSpec(t.server, t.name, t.description, _key_sorted(t.input_schema), t.meta) for t in fresh]
+    stale = [ToolSpec(t.server, t.name, t.description + "!", t.input_schema, t.meta) for t in fresh]
+    for known in (fresh, as_jsonb, stale):
+        again = await conn.list_tools(known=known)
+        assert again == fresh
+        # The server's key order, not the stored copy's: it is the order the LLM is shown.
+        assert [json.dumps(t.input_schema) for t in again] == [json.dumps(t.input_schema) for t in fresh]
+    assert all("\x00" not in t.description for t in fresh)
+
+
+def _key_sorted(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 async def test_a_listing_too_deep_for_the_parser_still_keeps_the_good_tools(hostile: Dispatcher) -> None:
     """Nested past pydantic's limit (200), the listing is read with Python's parser and the deep tool dropped."""
     deep = '{"name":"deep","inputSchema":' + deep_schema(150) + "}"
