@@ -1,5 +1,5 @@
 """Small asyncio helpers the package shares: background tasks kept alive, waiting on events, jittered backoff,
-long timers of one delay kept as one.
+long timers kept behind one.
 
 Hand-written because each is a few lines that `tenacity`/`backoff` would wrap in decorators built for retrying
 one call, while ours drive loops (reconnects, record writes, a watcher, a breaker's pauses) that also sleep,
@@ -10,9 +10,11 @@ heap until it comes due.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import random
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -59,11 +61,10 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
 class Deadline:
     """One deadline of a `Deadlines`: `cancel()` it when it is no longer wanted (a no-op once it fired)."""
 
-    __slots__ = ("callback", "owner", "when")
+    __slots__ = ("callback", "owner")
 
-    def __init__(self, owner: Deadlines, when: float, callback: Callable[[], object]) -> None:
+    def __init__(self, owner: Deadlines, callback: Callable[[], object]) -> None:
         self.owner = owner
-        self.when = when
         self.callback: Callable[[], object] | None = callback
 
     def cancel(self) -> None:
@@ -73,68 +74,78 @@ class Deadline:
 
 
 class Deadlines:
-    """Deadlines of one delay on one event loop (each job's background limit: minutes long, nearly always
-    cancelled within seconds), kept as one loop timer.
+    """The long timers of one event loop's jobs (each job's background limit, minutes long; each wait's idle
+    deadline, half a minute), nearly all cancelled within seconds, kept behind one loop timer.
 
     An asyncio timer is a handle in the loop's heap, and a cancelled one stays there until it would have come
-    due: each call's limit cost it a handle and heap pushes and pops among every other call's dead limits
-    (`bench/call_work.py` counted them). Deadlines of one delay are set in the order they fall due, so a deque
-    holds them sorted; a cancel only marks its entry (the deque is compacted when most of it is cancelled), and
-    the one loop timer waits for the oldest deadline still wanted.
+    due (or until cancelled ones are half the heap): every call's long timers kept the loop's heap dozens deep,
+    and each push and pop there compares handles in Python (`TimerHandle.__lt__`), for the HTTP client's short
+    timeouts too (`bench/call_work.py` counted them). Here a deadline is a tuple in a heap of our own, compared
+    in C; a cancel only marks it (the heap is rebuilt when most of it is cancelled), and the one loop timer
+    waits for the earliest deadline.
     """
 
-    _COMPACT_AT = 1024  # cancelled entries, at least, before the deque is rebuilt without them
+    _COMPACT_AT = 1024  # cancelled entries, at least, before the heap is rebuilt without them
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self._queue: deque[Deadline] = deque()
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()  # ties in time fire in the order they were set
         self._cancelled_n = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     def __len__(self) -> int:
         """Deadlines still wanted."""
-        return len(self._queue) - self._cancelled_n
+        return len(self._heap) - self._cancelled_n
 
-    def add(self, callback: Callable[[], object]) -> Deadline:
+    def add(self, delay: float, callback: Callable[[], object]) -> Deadline:
         """Call `callback` in `delay` seconds, unless the returned deadline is cancelled first."""
         loop = asyncio.get_running_loop()
-        entry = Deadline(self, loop.time() + self.delay, callback)
-        self._queue.append(entry)
-        if self._timer is None:
-            self._timer = loop.call_at(entry.when, self._fire, loop)
+        entry = Deadline(self, callback)
+        when = loop.time() + delay
+        heapq.heappush(self._heap, (when, next(self._order), entry))
+        self._schedule(loop, when)
         return entry
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        # The loop timer moves only earlier (a callback that adds a deadline while others fire included).
+        if when < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = loop.call_at(when, self._fire, loop), when
 
     def close(self) -> None:
         """Drop every deadline unfired (the owner is closing)."""
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        for entry in self._queue:
+            self._timer, self._timer_at = None, math.inf
+        for _, _, entry in self._heap:
             entry.callback = None
-        self._queue.clear()
+        self._heap.clear()
         self._cancelled_n = 0
 
     def _cancelled(self) -> None:
         self._cancelled_n += 1
-        if self._cancelled_n >= self._COMPACT_AT and 2 * self._cancelled_n > len(self._queue):
-            self._queue = deque(e for e in self._queue if e.callback is not None)
+        if self._cancelled_n >= self._COMPACT_AT and 2 * self._cancelled_n > len(self._heap):
+            self._heap = [item for item in self._heap if item[2].callback is not None]
+            heapq.heapify(self._heap)
             self._cancelled_n = 0
 
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
+        self._timer, self._timer_at = None, math.inf
         now = loop.time()
-        queue = self._queue
-        while queue:
-            head = queue[0]
-            callback = head.callback
-            if callback is not None and head.when > now:
-                self._timer = loop.call_at(head.when, self._fire, loop)
+        heap = self._heap
+        while heap:
+            when, _, entry = heap[0]
+            callback = entry.callback
+            if callback is not None and when > now:
+                self._schedule(loop, when)
                 return
-            queue.popleft()
+            heapq.heappop(heap)
             if callback is None:
                 self._cancelled_n -= 1
                 continue
-            head.callback = None
+            entry.callback = None
             try:
                 callback()
             except Exception:  # one deadline's failure must not keep the others from firing

@@ -133,9 +133,8 @@ class Dispatcher:
         # Per tool: the schema it was compiled from, its validator, and the fast check for flat schemas.
         self._validators: dict[tuple[str, str], tuple[Any, Any, Callable[[Any], bool] | None]] = {}
         self._policies: dict[tuple[int, int, float], WaitPolicy] = {}
-        # Every job's background limit, as one loop timer per limit (see aio.Deadlines): one, unless
-        # background_s is changed while jobs run.
-        self._deadlines: dict[float, Deadlines] = {}
+        # Every job's background limit and every wait's deadline, behind one loop timer (see aio.Deadlines).
+        self._deadlines = Deadlines()
         self._jobs: dict[str, Job] = {}  # by Job.key
         self._keep_jobs = keep_jobs
         self._limits: dict[str, asyncio.Semaphore] = {}
@@ -458,16 +457,13 @@ class Dispatcher:
         state = self._servers[entry.server]
         cfg = state.cfg
         policy = self._policy(cfg)
-        limits = self._deadlines.get(policy.background_s)
-        if limits is None:
-            limits = self._deadlines[policy.background_s] = Deadlines(policy.background_s)
         job = Job(
             server=entry.server,
             server_id=cfg.id,
             tool=entry.spec.name,
             arguments=arguments,
             policy=policy,
-            limits=limits,
+            limits=self._deadlines,
         )
         job.asker = asker or self.asker
         if self.registry is not None:
@@ -696,8 +692,7 @@ class Dispatcher:
             _, late = await asyncio.wait(ending, timeout=5.0)
             for fut in late:
                 fut.cancel()
-        for limits in self._deadlines.values():
-            limits.close()
+        self._deadlines.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

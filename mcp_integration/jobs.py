@@ -146,10 +146,9 @@ class Job:
         # for a bounded wait) each, where an Event per job and asyncio.timeout around it cost a call more than
         # its dispatch did.
         self._waiters: list[asyncio.Future[bool]] = []
-        # Where the background limit is kept: the dispatcher's one timer for all its jobs of this limit, or (a
-        # job made on its own) a timer of the job's own.
-        self._limits = limits if limits is not None else Deadlines(self.policy.background_s)
-        assert self._limits.delay == self.policy.background_s, "the limits' delay is the policy's background_s"
+        # Where the background limit and the waits' deadlines are kept: the dispatcher's one timer for all its
+        # jobs, or (a job made on its own) a timer of the job's own.
+        self._limits = limits if limits is not None else Deadlines()
 
     @functools.cached_property
     def id(self) -> uuid.UUID:
@@ -174,7 +173,7 @@ class Job:
         # asyncio.timeout does (by the task's cancel count), which cost a call twice this. Not wait_for: on
         # Python 3.11 wait_for can return a result that lands together with a cancel, and the cancel is lost
         # (issue 12 counted 6 in 65); a cancelled job must end cancelled.
-        expiry = self._limits.add(self._expire)
+        expiry = self._limits.add(self.policy.background_s, self._expire)
         try:
             try:
                 result = await submit(self)
@@ -270,10 +269,11 @@ class Job:
     async def _wait_done(self, timeout: float | None) -> bool:
         """Whether the job ended within `timeout` (None: however long it takes). A cancel of the waiting task is
         never lost: it ends this wait with CancelledError whether or not the job ended in the same moment."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter, False)
+        # Among the dispatcher's deadlines, not the loop's own timers: an idle deadline is half a minute away and
+        # nearly always cancelled (see aio.Deadlines).
+        timer = None if timeout is None else self._limits.add(timeout, functools.partial(_resolve, waiter, False))
         try:
             return await waiter
         finally:

@@ -249,34 +249,40 @@ async def test_background_bound_ends_a_job_as_timed_out(registry: Registry) -> N
         await d.aclose()
 
 
-async def test_background_limits_share_one_timer_and_fire_only_the_wanted() -> None:
-    """The dispatcher's background limits (aio.Deadlines): each fires once, in order, at or after its delay; a
-    cancelled one never fires; cancelling most of a long queue compacts it; close drops the rest."""
+async def test_deadlines_share_one_timer_and_fire_only_the_wanted() -> None:
+    """The dispatcher's deadlines (aio.Deadlines: background limits, waits' idle deadlines): each fires once, in
+    the order they fall due whatever order they were set in, at or after its delay; a cancelled one never fires;
+    cancelling most of a long heap compacts it; one set by a firing callback fires too; close drops the rest."""
     loop = asyncio.get_running_loop()
-    limits = Deadlines(0.2)
+    limits = Deadlines()
     fired: list[tuple[int, float]] = []
     began = loop.time()
-    entries = [limits.add(lambda i=i: fired.append((i, loop.time()))) for i in range(5)]
-    entries[1].cancel()
-    entries[3].cancel()
-    entries[3].cancel()  # twice: counted once
-    assert len(limits) == 3
-    await eventually(lambda: len(fired) >= 3, 10, "three limits fired")
+    delays = [0.3, 0.2, 0.25, 0.2, 0.4, 0.15]
+    entries = [limits.add(d, lambda i=i: fired.append((i, loop.time()))) for i, d in enumerate(delays)]
+    entries[2].cancel()
+    entries[4].cancel()
+    entries[4].cancel()  # twice: counted once
+    assert len(limits) == 4
+    await eventually(lambda: len(fired) >= 4, 10, "four deadlines fired")
     await asyncio.sleep(0.05)  # nothing more comes
-    assert [i for i, _ in fired] == [0, 2, 4] and all(at >= began + 0.2 - 0.01 for _, at in fired)
+    assert [i for i, _ in fired] == [5, 1, 3, 0]  # by time due; 1 and 3 (equal delays) in the order set
+    assert all(at >= began + delays[i] - 0.01 for i, at in fired)
     assert len(limits) == 0 and limits._timer is None
     entries[0].cancel()  # after it fired: nothing happens
     assert len(limits) == 0
 
-    many = [limits.add(lambda: fired.append((-1, loop.time()))) for _ in range(3000)]
+    many = [limits.add(0.05 + i / 10_000, lambda: fired.append((-1, loop.time()))) for i in range(3000)]
     for entry in many[:-1]:
         entry.cancel()
-    assert len(limits) == 1 and len(limits._queue) < 1500  # compacted, not 3000 dead entries held
-    await eventually(lambda: [i for i, _ in fired].count(-1) >= 1, 10, "the last limit fired")
+    assert len(limits) == 1 and len(limits._heap) < 1500  # compacted, not 3000 dead entries held
+    await eventually(lambda: [i for i, _ in fired].count(-1) >= 1, 10, "the last deadline fired")
     await asyncio.sleep(0.05)
     assert [i for i, _ in fired].count(-1) == 1
 
-    limits.add(lambda: fired.append((99, loop.time())))
+    limits.add(0.01, lambda: limits.add(0.02, lambda: fired.append((7, loop.time()))))
+    await eventually(lambda: 7 in [i for i, _ in fired], 10, "a deadline set while firing fired")
+
+    limits.add(0.2, lambda: fired.append((99, loop.time())))
     limits.close()
     await asyncio.sleep(0.4)
     assert 99 not in [i for i, _ in fired] and len(limits) == 0
