@@ -114,16 +114,6 @@ class Deadlines:
                 self._timer.cancel()
             self._timer, self._timer_at = loop.call_at(when, self._fire, loop), when
 
-    def close(self) -> None:
-        """Drop every deadline unfired (the owner is closing)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_at = None, math.inf
-        for _, _, entry in self._heap:
-            entry.callback = None
-        self._heap.clear()
-        self._cancelled_n = 0
-
     def _cancelled(self) -> None:
         self._cancelled_n += 1
         if self._cancelled_n >= self._COMPACT_AT and 2 * self._cancelled_n > len(self._heap):

@@ -692,7 +692,8 @@ class Dispatcher:
             _, late = await asyncio.wait(ending, timeout=5.0)
             for fut in late:
                 fut.cancel()
-        self._deadlines.close()
+        # The deadlines are left to fire, not dropped: a wait on a job that outlived the bound above still ends at
+        # its timeout (a deadline that fires for an ended job does nothing).
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
