@@ -463,7 +463,7 @@ class Dispatcher:
             tool=entry.spec.name,
             arguments=arguments,
             policy=policy,
-            limits=self._deadlines,
+            deadlines=self._deadlines,
         )
         job.asker = asker or self.asker
         if self.registry is not None:

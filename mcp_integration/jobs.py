@@ -127,7 +127,7 @@ class Job:
         tool: str,
         arguments: dict[str, Any],
         policy: WaitPolicy | None = None,
-        limits: Deadlines | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         # The id as text, made once: the log context, every row of the job and the dispatcher's index use it.
         self.key = _new_id()
@@ -148,7 +148,7 @@ class Job:
         self._waiters: list[asyncio.Future[bool]] = []
         # Where the background limit and the waits' deadlines are kept: the dispatcher's one timer for all its
         # jobs, or (a job made on its own) a timer of the job's own.
-        self._limits = limits if limits is not None else Deadlines()
+        self._deadlines = deadlines if deadlines is not None else Deadlines()
 
     @functools.cached_property
     def id(self) -> uuid.UUID:
@@ -173,7 +173,7 @@ class Job:
         # asyncio.timeout does (by the task's cancel count), which cost a call twice this. Not wait_for: on
         # Python 3.11 wait_for can return a result that lands together with a cancel, and the cancel is lost
         # (issue 12 counted 6 in 65); a cancelled job must end cancelled.
-        expiry = self._limits.add(self.policy.background_s, self._expire)
+        expiry = self._deadlines.add(self.policy.background_s, self._expire)
         try:
             try:
                 result = await submit(self)
@@ -273,7 +273,7 @@ class Job:
         self._waiters.append(waiter)
         # Among the dispatcher's deadlines, not the loop's own timers: an idle deadline is half a minute away and
         # nearly always cancelled (see aio.Deadlines).
-        timer = None if timeout is None else self._limits.add(timeout, functools.partial(_resolve, waiter, False))
+        timer = None if timeout is None else self._deadlines.add(timeout, functools.partial(_resolve, waiter, False))
         try:
             return await waiter
         finally:
