@@ -1,6 +1,6 @@
 """Interpreter work per call: Python bytecodes executed by this process, bare SDK against our dispatcher.
 
-    python bench/call_work.py [--calls 240] [--at-once 24]
+    python bench/call_work.py [--calls 240] [--at-once 24] [--top N] [--gc-calls 4800]
 
 CPU time on a shared two-core machine drifts by more than the gap it is meant to show (bench/load.py's rounds
 spread over 0.9-1.6x); the bytecodes a call executes nearly do not. One real demo server over Streamable HTTP,
@@ -14,8 +14,10 @@ windows are stretched by the slowdown measured on the same calls untraced, so th
 batches they would be at full speed. Prints bytecodes per call, the ratios to the SDK, the part run in our package
 and in asyncio (the HTTP client's pool, which checks each idle connection per request, varies by a thousand
 bytecodes a call with how many connections a pass happened to open; ours and asyncio's do not), and, with --top N,
-where our dispatcher's extra bytecodes go and where the records' go. Uses DATABASE_URL if set, else an embedded
-PostgreSQL.
+where our dispatcher's extra bytecodes go and where the records' go. Then, untraced, the garbage collector over
+--gc-calls more calls each way (after `gc.freeze()`, as agent.py's prewarm does): its passes by generation and its
+time per call; enough calls that the jobs a dispatcher keeps reach the oldest generation. Uses DATABASE_URL if
+set, else an embedded PostgreSQL.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import re
 import sys
 import time
@@ -72,6 +75,29 @@ def where(code: types.CodeType) -> str:
     return f"{name.removeprefix(f'{ROOT}/')}:{code.co_firstlineno} {code.co_qualname}"
 
 
+class Collector:
+    """The garbage collector's passes while armed: how many of each generation, and the time they took."""
+
+    def __init__(self) -> None:
+        self.passes = [0, 0, 0]
+        self.seconds = 0.0
+        self._began = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.passes[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self._began
+
+    def __enter__(self) -> Collector:
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+
 async def measure(
     call: Callable[[int], Awaitable[Any]],
     calls: int,
@@ -81,7 +107,7 @@ async def measure(
     """Bytecodes of `calls` calls, `at_once` at a time (each batch then `settle`d: its records written), and how
     many times slower they ran traced than not."""
 
-    async def batches() -> float:
+    async def batches(calls: int) -> float:
         began = time.perf_counter()
         for start in range(0, calls, at_once):
             await asyncio.gather(*(call(i) for i in range(start, min(start + at_once, calls))))
@@ -91,10 +117,21 @@ async def measure(
 
     for i in range(20):  # warm-up: connections, caches, first-use imports
         await call(i)
-    plain = await batches()
+    plain = await batches(calls)
     with Bytecodes() as counter:
-        traced = await batches()
+        traced = await batches(calls)
     return Counter({where(code): n for code, n in counter.counts.items()}), traced / plain
+
+
+async def collected(call: Callable[[int], Awaitable[Any]], calls: int, at_once: int) -> Collector:
+    """The collector's passes during `calls` more calls, untraced, from a full collection: enough calls that the
+    jobs a dispatcher keeps (its history) reach the oldest generation, as in a long session."""
+    gc.collect()
+    gc.freeze()  # what is loaded and connected by now, as agent.py's prewarm does in each job process
+    with Collector() as collector:
+        for start in range(0, calls, at_once):
+            await asyncio.gather(*(call(i) for i in range(start, min(start + at_once, calls))))
+    return collector
 
 
 @contextlib.contextmanager
@@ -112,28 +149,31 @@ def stretched(factor: float) -> Iterator[None]:
             setattr(job_queue, name, value)
 
 
-async def run(args: argparse.Namespace, url: str) -> dict[str, Counter[str]]:
+async def run(args: argparse.Namespace, url: str) -> tuple[dict[str, Counter[str]], dict[str, Collector]]:
     cfg = ServerConfig(name="demo", transport="streamable-http", url=url)
 
     async def progress(progress: float, total: float | None, message: str | None) -> None:
         return None
 
     found: dict[str, Counter[str]] = {}
+    collectors: dict[str, Collector] = {}
     async with Client(url) as client:
         await client.list_tools()
-        found["bare SDK"], _ = await measure(
-            lambda i: client.call_tool("echo", {"text": f"hi {i}"}, progress_callback=progress),
-            args.calls,
-            args.at_once,
-        )
+
+        def sdk(i: int) -> Awaitable[Any]:
+            return client.call_tool("echo", {"text": f"hi {i}"}, progress_callback=progress)
+
+        found["bare SDK"], _ = await measure(sdk, args.calls, args.at_once)
+        collectors["bare SDK"] = await collected(sdk, args.gc_calls, args.at_once)
     bare = Dispatcher(None)
     await bare.start(wait=True, servers=[cfg])
     try:
-        found["ours, no job records"], slowdown = await measure(
-            lambda i: bare.submit("echo", {"text": f"hi {i}"}, server="demo").wait(release_after=60),
-            args.calls,
-            args.at_once,
-        )
+
+        def unrecorded(i: int) -> Awaitable[Any]:
+            return bare.submit("echo", {"text": f"hi {i}"}, server="demo").wait(release_after=60)
+
+        found["ours, no job records"], slowdown = await measure(unrecorded, args.calls, args.at_once)
+        collectors["ours, no job records"] = await collected(unrecorded, args.gc_calls, args.at_once)
     finally:
         await bare.aclose()
     async with bench_database() as base, bench_schema(base) as conninfo, bench_registry(conninfo) as registry:
@@ -151,16 +191,18 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Counter[str]]:
                 # Each batch's rows written before the next: the records' whole cost is counted.
                 found["ours, recorded"], _ = await measure(recorded, args.calls, args.at_once, registry.jobs_flushed)
                 flushes, rows = stats.flushes - flushes, stats.rows - rows
+            collectors["ours, recorded"] = await collected(recorded, args.gc_calls, args.at_once)
             print(
                 f"tracing slowed the calls {slowdown:.0f}-fold, and the flush windows were stretched as much; the "
                 f"records of both passes took {flushes} flushes, {rows} rows"
             )
         finally:
             await ours.aclose()
-    return found
+    return found, collectors
 
 
-def report(found: dict[str, Counter[str]], calls: int, top: int) -> None:
+def report(found: dict[str, Counter[str]], collectors: dict[str, Collector], args: argparse.Namespace) -> None:
+    calls, top = args.calls, args.top
     per_call = {who: sum(c.values()) / calls for who, c in found.items()}
     sdk = per_call["bare SDK"]
     print(f"\nbytecodes per call ({calls} calls)            in mcp_integration   in asyncio")
@@ -179,6 +221,11 @@ def report(found: dict[str, Counter[str]], calls: int, top: int) -> None:
         print(f"\nwhere the job records' bytecodes go, per call (top {top})")
         for name, n in extra.most_common(top):
             print(f"  {n:>8.1f}  {name}")
+    print(f"\nthe garbage collector over {args.gc_calls} more calls, untraced: passes per 100 calls (young, middle,")
+    print("oldest generation) and its time per call")
+    for who, c in collectors.items():
+        young, middle, oldest = (100 * n / args.gc_calls for n in c.passes)
+        print(f"  {who:<24}{young:>8.1f}{middle:>8.1f}{oldest:>8.2f}{1e6 * c.seconds / args.gc_calls:>10.1f} us")
     print(f"\nbytecodes ours / bare SDK, no job records: {per_call['ours, no job records'] / sdk:.3f}")
     print(f"bytecodes ours / bare SDK, recorded: {per_call['ours, recorded'] / sdk:.3f}")
 
@@ -188,14 +235,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=240)
     parser.add_argument("--at-once", type=int, default=24)
     parser.add_argument("--top", type=int, default=0, help="list where our extra bytecodes go")
+    parser.add_argument("--gc-calls", type=int, default=4800, help="untraced calls the collector is timed over")
     args = parser.parse_args()
     procs: list[Any] = []
     try:
         port = spawn("demo_server.py", ["--transport", "streamable-http", "--name", "work"], procs)
-        found = asyncio.run(run(args, f"http://127.0.0.1:{port}/mcp"))
+        found, collectors = asyncio.run(run(args, f"http://127.0.0.1:{port}/mcp"))
     finally:
         stop(procs)
-    report(found, args.calls, args.top)
+    report(found, collectors, args)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class Deadlines:
     waits for the earliest deadline.
     """
 
-    _COMPACT_AT = 1024  # cancelled entries, at least, before the heap is rebuilt without them
+    _COMPACT_AT = 256  # cancelled entries, at least, before the heap is rebuilt without them
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Deadline]] = []

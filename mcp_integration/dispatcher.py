@@ -203,7 +203,7 @@ class Dispatcher:
         except ValueError as exc:
             log.warning("server %s asked a question that cannot be put to anyone: %s", server, exc)
             if job is not None:
-                job.elicitations.append(
+                job.note_question(
                     {"message": str(getattr(params, "message", ""))[:200], "action": "decline", "why": str(exc)}
                 )
             return Answer("decline", why=str(exc))

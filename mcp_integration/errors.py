@@ -68,6 +68,15 @@ class ToolCallError(VoiceMcpError):
         where = f"{server}/{tool}" if server else tool
         super().__init__(f"{where}: {reason}")
 
+    def __copy__(self) -> ToolCallError:
+        # The same error as a new exception (not by __init__: the message is already made, and a subclass may
+        # take other arguments): a job raises a copy of its error to each waiter (see Job.wait).
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        new.args = self.args
+        new.__cause__, new.__suppress_context__ = self.__cause__, self.__suppress_context__
+        return new
+
 
 class CircuitOpen(ToolCallError):
     """A call refused without trying, because its server's breaker says it is down."""

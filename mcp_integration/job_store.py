@@ -27,7 +27,8 @@ class JobRecord:
     __slots__ = ("_submitted", "job", "queue", "retry")
 
     def __init__(self, job: Job, queue: JobQueue) -> None:
-        self.job = job
+        # Until the job's final row is in the table (see finish): None after.
+        self.job: Job | None = job
         self.queue = queue
         self.retry = True
         # The job's submit time on the wall clock, taken once: the row's finish time is this plus the job's
@@ -38,10 +39,18 @@ class JobRecord:
         self.queue.put(self)
 
     def changed(self) -> None:
-        self.queue.put(self)
+        if self.job is not None:  # nothing is recorded of a job after its final row
+            self.queue.put(self)
 
     def finish(self) -> None:
         self.queue.put(self)
+        # The job holds its record and the record its job: once the final row is in, the record lets go, so a
+        # finished job is freed with its last reference instead of living on, in a cycle, into the collector's
+        # oldest generation (whose full collections then walk every job ever made: bench/load.py).
+        self.queue.when_written(self, self._let_go)
+
+    def _let_go(self) -> None:
+        self.job = None
 
     async def written(self) -> None:
         await self.queue.written(self)
@@ -52,10 +61,11 @@ class JobRecord:
         self.queue.retry_now()
 
     def label(self) -> str:
-        return f"job {self.job.id}: {self.job.state}"
+        return "a job" if self.job is None else f"job {self.job.id}: {self.job.state}"
 
     def row(self) -> JobRow:
         job = self.job
+        assert job is not None, "a record is queued only while it holds its job"
         finished = job.finished_at
         return {
             "id": job.key,

@@ -9,13 +9,14 @@ database hiccup never costs the caller its answer.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -111,6 +112,10 @@ class Job:
     # silence nor ours counts against the idle timeout, and fillers pause.
     asking_since: float | None = None
     asker: Asker = staticmethod(decline_all)  # who answers the server's questions during this call
+    # Each question and its outcome, and each completion served to the server, as recorded: most calls have
+    # none, so a job gets a list of its own only with the first (`note_question`, `sampled`).
+    elicitations: Sequence[dict[str, Any]] = ()
+    samplings: Sequence[dict[str, Any]] = ()
     ask_timeout_s = ASK_TIMEOUT_S
     finished_at: float | None = None
     recorder: Recorder | None = None  # keeps the job in mcp_jobs, when set (before start)
@@ -139,13 +144,12 @@ class Job:
         # Bounded: a chatty server can push thousands of status messages over a long job.
         self.events: deque[JobEvent] = deque(maxlen=200)
         self.submitted_at = self.last_activity = time.monotonic()
-        self.elicitations: list[dict[str, Any]] = []  # each question and its outcome, as recorded
-        self.samplings: list[dict[str, Any]] = []  # each completion served to the server, as recorded
-        self._listeners: list[Callable[[JobEvent], None]] = []
+        # Both dropped when the job ends (see _finish).
+        self._listeners: list[Callable[[JobEvent], None]] | tuple[()] = []
         # Futures of the waits for the end (`wait`, `outcome`), resolved when the job ends: a future (and a timer
         # for a bounded wait) each, where an Event per job and asyncio.timeout around it cost a call more than
         # its dispatch did.
-        self._waiters: list[asyncio.Future[bool]] = []
+        self._waiters: list[asyncio.Future[bool]] | tuple[()] = []
         # Where the background limit and the waits' deadlines are kept: the dispatcher's one timer for all its
         # jobs, or (a job made on its own) a timer of the job's own.
         self._deadlines = deadlines if deadlines is not None else Deadlines()
@@ -199,12 +203,16 @@ class Job:
         # `settled()` waits for the write.
         if self.recorder is not None:
             self.recorder.finish()
+        # Its task, context and coroutine are no use to a finished job, which may be kept in a history.
+        self._task = None
 
     def _expire(self) -> None:
         if self._task is not None and self._task.cancel():
             self._expired = True
 
     def _finish(self, state: JobState, *, result: ToolResult | None = None, error: ToolCallError | None = None) -> None:
+        if error is not None:
+            _forget_tracebacks(error)
         self.state = state
         self.result = result
         self.error = error
@@ -212,10 +220,14 @@ class Job:
         self.late = self._waiter_gave_up
         self.emit("done", state=state, error=error.reason if error else None, late=self.late)
         self._is_done = True
-        for waiter in self._waiters:
+        # "done" is the last event a job emits, and nothing waits for a finished job. Listeners are closures over
+        # the job (the dispatcher's, metrics', the voice layer's): kept, each made a cycle that only the collector
+        # could free, so every finished job lived on into the oldest generation and the full collections that
+        # walk it (bench/load.py: a third of the CPU that ours spent beyond the bare SDK).
+        waiters, self._waiters, self._listeners = self._waiters, (), ()
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(True)
-        self._waiters.clear()
 
     @property
     def done(self) -> bool:
@@ -262,7 +274,9 @@ class Job:
                 self.emit("wait_timeout", waited_s=round(time.monotonic() - self.submitted_at, 3))
                 raise ToolCallError(self.server, self.tool, self._timeout_reason(timeout), "timeout")
         if self.error is not None:
-            raise self.error
+            # A copy: raised, an exception takes the traceback of every frame it passes, this one (and so this
+            # job) included, and the job keeps its error.
+            raise copy.copy(self.error)
         assert self.result is not None
         return self.result
 
@@ -270,7 +284,7 @@ class Job:
         """Whether the job ended within `timeout` (None: however long it takes). A cancel of the waiting task is
         never lost: it ends this wait with CancelledError whether or not the job ended in the same moment."""
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append(waiter)  # a list until the job ends (see _finish)
         # Among the dispatcher's deadlines, not the loop's own timers: an idle deadline is half a minute away and
         # nearly always cancelled (see aio.Deadlines).
         timer = None if timeout is None else self._deadlines.add(timeout, functools.partial(_resolve, waiter, False))
@@ -342,7 +356,8 @@ class Job:
     # -- events ---------------------------------------------------------------------------------------------
 
     def add_listener(self, listener: Callable[[JobEvent], None]) -> None:
-        self._listeners.append(listener)
+        if not self._is_done:  # a finished job emits nothing more
+            self._listeners.append(listener)
 
     def emit(self, kind: EventKind, **data: Any) -> None:
         event = JobEvent(kind, data, time.monotonic())
@@ -391,14 +406,18 @@ class Job:
             answer = await answer_within(self.asker, question, self.ask_timeout_s)
         finally:
             self.asking_since = None
-        self.elicitations.append(question.record(answer) | ({"why": answer.why} if answer.why else {}))
+        self.note_question(question.record(answer) | ({"why": answer.why} if answer.why else {}))
         self.emit("answered", action=answer.action, why=answer.why)
-        self._changed()
         return answer
+
+    def note_question(self, record: dict[str, Any]) -> None:
+        """A server's question during this call and its outcome, as recorded (never a secret field's value)."""
+        self.elicitations = [*self.elicitations, record]
+        self._changed()
 
     def sampled(self, request: SamplingRequest, result: Sampled | None, why: str | None = None) -> None:
         """A completion the session's LLM wrote for the server during this call (or why it did not)."""
-        self.samplings.append(request.record(result, why))
+        self.samplings = [*self.samplings, request.record(result, why)]
         self.touch()  # the server was waiting on us, not silent
         self._changed()
 
@@ -437,6 +456,21 @@ def _new_id() -> str:
     raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _forget_tracebacks(error: BaseException) -> None:
+    """Drop the tracebacks of a job's error and of the errors behind it. Their frames hold the job, so a kept
+    error would make a cycle (job, error, frames, job) that only the collector could free; a failure we did not
+    foresee is logged with its traceback before it becomes a job's error."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        todo += (exc.__cause__, exc.__context__)
 
 
 def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import os
 import sys
 import time
+import weakref
 from collections.abc import Callable
 
 import httpx
@@ -13,6 +17,8 @@ from conftest import SERVERS, stdio_demo
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import ToolCallError
 from mcp_integration.health import Health
+from mcp_integration.jobs import Job
+from mcp_integration.metrics import process_metrics
 from mcp_integration.naming import SAFE_RE
 from mcp_integration.registry import Registry, ServerConfig
 
@@ -120,6 +126,55 @@ async def test_execute_then_get_result_and_read_back_from_postgres(registry: Reg
     assert (await other.get_result(job_id)).text == "done after 0.3s"
     with pytest.raises(ToolCallError, match="no job"):
         await other.get_result("00000000-0000-0000-0000-000000000000")
+
+
+async def jobs_ended_every_way(d: Dispatcher) -> list[weakref.ref[Job]]:
+    """Four jobs, ended each way (completed, failed, released then late, cancelled) and recorded; only weak
+    references to them are returned. No pytest.raises: its ExceptionInfo, kept in this frame, would hold the
+    frame through the exception's own traceback."""
+    heard: list[str] = []
+    ok = d.submit("echo", {"text": "hi"})
+    ok.add_listener(lambda e: heard.append(f"{ok.key} {e.kind}"))
+    await ok.wait(10)
+    failed, released = d.submit("fail", {"reason": "no"}), d.submit("slow", {"seconds": 0.5})
+    kinds = []
+    for job, release in ((failed, None), (released, 0.05)):
+        try:
+            await job.wait(release_after=release)
+        except ToolCallError as exc:
+            kinds.append(exc.kind)
+    assert kinds == ["tool_error", "timeout"]
+    await released.outcome()
+    cancelled = d.submit("slow", {"seconds": 30})
+    await asyncio.sleep(0.2)
+    await cancelled.cancel()
+    jobs = [ok, failed, released, cancelled]
+    for job in jobs:
+        await job.settled()
+    assert [j.state for j in jobs] == ["completed", "failed", "completed", "cancelled"] and released.late
+    assert heard[-1].endswith("done")
+    return [weakref.ref(j) for j in jobs]
+
+
+async def test_a_finished_job_is_freed_by_its_last_reference_not_by_the_collector(registry: Registry) -> None:
+    """A cycle through a finished job (a listener closing over it, its record, its error's traceback) left
+    every job to the collector's oldest generation, whose full collections then walked them all: with the
+    collector off, a job the dispatcher has forgotten must be gone, however it ended."""
+    await registry.add_server(stdio_demo())
+    d = Dispatcher(registry, connect_timeout=15, keep_jobs=0)
+    process_metrics(os.environ.get("PROMETHEUS_MULTIPROC_DIR")).attach(d)  # its listener closes over each job
+    await d.start(wait=True)
+    gc.collect()
+    gc.disable()
+    try:
+        refs = await jobs_ended_every_way(d)
+        assert d.job(refs[0]().key) is not None  # type: ignore[union-attr]  # still in the dispatcher's history
+        for i in range(20):  # new jobs push the finished ones out of its history (keep_jobs=0)
+            await d.call("echo", {"text": str(i)})
+        assert [ref() for ref in refs] == [None] * 4
+    finally:
+        gc.enable()
+        await d.aclose()
 
 
 async def test_get_result_timeout_ends_the_wait_not_the_job(registry: Registry) -> None:

@@ -257,8 +257,8 @@ async def test_rows_are_whole_right_and_scrubbed(registry: Registry) -> None:
     async def receipt_job(job: Job) -> ToolResult:
         job.accept_receipt({"job_id": "r1", "status_url": f"https://h/?t={SECRET}"}, "r1", "accepted")
         job.polled(status="running")
-        job.elicitations.append({"message": f"token {SECRET}?", "action": "accept"})
-        job.samplings.append({"model": "m", "max_tokens": 10})
+        job.elicitations = [{"message": f"token {SECRET}?", "action": "accept"}]
+        job.samplings = [{"model": "m", "max_tokens": 10}]
         await hold.wait()
         return ToolResult(text=f"done with {SECRET}", structured={"key": SECRET, "n": 3})
 
@@ -384,7 +384,7 @@ async def test_records_are_dropped_with_one_warning_when_retrying_ends(
 async def test_a_bad_record_does_not_block_the_others(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
     async def bad(job: Job) -> ToolResult:
         # PostgreSQL refuses a NUL in jsonb: this row cannot be written, whatever we do.
-        job.samplings.append({"note": "a\x00b"})
+        job.samplings = [{"note": "a\x00b"}]
         return ToolResult(text="bad")
 
     jobs = [new_job(registry).start(answered("good 1")), new_job(registry).start(bad)]
@@ -406,7 +406,7 @@ async def test_waiting_for_the_queue_ends_whenever_it_is_asked(registry: Registr
     during or after a flush, also when the batch holds a record settled mid-write (a bad row, dropped)."""
 
     async def bad(job: Job) -> ToolResult:
-        job.samplings.append({"note": "a\x00b"})  # refused by PostgreSQL: dropped on its own, mid-batch
+        job.samplings = [{"note": "a\x00b"}]  # refused by PostgreSQL: dropped on its own, mid-batch
         return ToolResult(text="bad")
 
     for delay in (0.0, 0.001, 0.003, 0.006, 0.012, 0.025):

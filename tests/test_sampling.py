@@ -88,4 +88,4 @@ async def test_sampling_is_off_unless_the_registry_allows_it(spawn: Callable[...
     d, call = await session(spawn, registry, allow=False, legacy=True, talk=talk)
     job = await one_call(d, call, "summarize the minutes")
     assert job.state == "failed" and "sampling" in (job.error.reason if job.error else "").lower()
-    assert not any("Summarize in one line" in a for a in asked) and job.samplings == []
+    assert not any("Summarize in one line" in a for a in asked) and not job.samplings
