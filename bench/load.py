@@ -462,11 +462,24 @@ async def bench(base_url: str, args: argparse.Namespace, targets: list[Target], 
                     # collected, so the collector's passes during the rounds do not walk it.
                     gc.collect()
                     gc.freeze()
-                    # Interleaved, so that all see the same machine: SDK, ours, ours unrecorded, SDK, ours...
+                    # Interleaved, so that all see the same machine, and in an order that turns from cycle to cycle
+                    # (SDK, ours, unrecorded; ours, unrecorded, SDK; ...), so that none always runs right after
+                    # another: whatever a round leaves behind (in the servers, in PostgreSQL) falls on each alike.
                     for r in range(args.sync_rounds):
-                        res.sdk.append(await round_sdk(f"sdk {r + 1}", clients, sync_calls))
-                        res.sync.append(await ours(f"sync {r + 1}", sync_calls, args.profile == "sync" and r == 0))
-                        res.unrecorded.append(await round_ours(f"unrecorded {r + 1}", unrecorded, sync_calls))
+
+                        async def sdk_round(r: int = r) -> None:
+                            res.sdk.append(await round_sdk(f"sdk {r + 1}", clients, sync_calls))
+
+                        async def ours_round(r: int = r) -> None:
+                            profile = args.profile == "sync" and r == 0
+                            res.sync.append(await ours(f"sync {r + 1}", sync_calls, profile))
+
+                        async def unrecorded_round(r: int = r) -> None:
+                            res.unrecorded.append(await round_ours(f"unrecorded {r + 1}", unrecorded, sync_calls))
+
+                        cycle = [sdk_round, ours_round, unrecorded_round]
+                        for run_round in cycle[r % 3 :] + cycle[: r % 3]:
+                            await run_round()
                         print(f"  sync round {r + 1} done", file=sys.stderr, flush=True)
                 finally:
                     await unrecorded.aclose()
