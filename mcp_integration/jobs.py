@@ -349,9 +349,20 @@ class Job:
 
     async def cancel(self) -> None:
         """Stop the job: its strategy cancels on the server where it can (tasks); our waiting always stops."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if not self._is_done:
+            # Cancelled before its task took its first step (a session closing just after a call was made): the
+            # run never began, so its own ending never ran, and the job would have stayed "submitted" for good,
+            # with no row, and its waiters held to their timeout.
+            self._finish(
+                "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
+            )
+            if self.recorder is not None:
+                self.recorder.finish()
+            self._task = None
 
     # -- events ---------------------------------------------------------------------------------------------
 

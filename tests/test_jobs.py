@@ -302,6 +302,28 @@ async def test_cancel_stops_waiting_promptly(registry: Registry, spawn: Callable
         await d.aclose()
 
 
+async def test_a_job_cancelled_before_its_run_began_still_ends_cancelled(registry: Registry) -> None:
+    """A task cancelled before its first step never runs its coroutine: the job used to stay "submitted" for
+    good, with no row and its waiter held to the idle timeout. So it went for every call made in the same
+    moment a session closed."""
+    d = await started(registry, stdio_demo())
+    try:
+        job = d.submit("slow", {"seconds": 5})
+        waiting = asyncio.ensure_future(job.wait(30))
+        await job.cancel()  # no await between submit and this: the job's task has not run yet
+        assert job.state == "cancelled" and job.done
+        with pytest.raises(ToolCallError) as info:
+            await asyncio.wait_for(waiting, 5)
+        assert info.value.kind == "cancelled"
+        await job.settled()
+        assert (await row(registry, job))["state"] == "cancelled"
+        closing = d.submit("slow", {"seconds": 5})
+    finally:
+        await d.aclose()
+    assert closing.state == "cancelled"
+    assert (await row(registry, closing))["state"] == "cancelled"
+
+
 async def test_learned_timing_puts_the_first_poll_near_the_usual_finish(
     registry: Registry, spawn: Callable[..., int]
 ) -> None:
