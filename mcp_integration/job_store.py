@@ -46,7 +46,7 @@ class JobRecord:
         self.queue.put(self)
         # The job holds its record and the record its job: once the final row is in, the record lets go, so a
         # finished job is freed with its last reference instead of living on, in a cycle, into the collector's
-        # oldest generation (whose full collections then walk every job ever made: bench/load.py).
+        # oldest generation, whose full collections then walked every job made since the last one.
         self.queue.when_written(self, self._let_go)
 
     def _let_go(self) -> None:

@@ -223,7 +223,7 @@ class Job:
         # "done" is the last event a job emits, and nothing waits for a finished job. Listeners are closures over
         # the job (the dispatcher's, metrics', the voice layer's): kept, each made a cycle that only the collector
         # could free, so every finished job lived on into the oldest generation and the full collections that
-        # walk it (bench/load.py: a third of the CPU that ours spent beyond the bare SDK).
+        # walk it (a quarter of the CPU ours spent beyond the bare SDK's, sampled by perf: docs/DECISIONS.md).
         waiters, self._waiters, self._listeners = self._waiters, (), ()
         for waiter in waiters:
             if not waiter.done():
