@@ -1,6 +1,6 @@
 """Load benchmark: 200 concurrent calls, mixed sync / task / receipt tools, through one Dispatcher.
 
-    python bench/load.py [--calls 200] [--rounds 2] [--sync-rounds 7] [--sync-s 1.0] [--job-s 2.0] [--quick]
+    python bench/load.py [--calls 200] [--rounds 2] [--sync-rounds 21] [--sync-s 1.0] [--job-s 2.0] [--quick]
 
 One process (this one), one Dispatcher over a real registry in Postgres (a fresh schema, dropped at the end),
 nine real MCP servers:
@@ -28,7 +28,9 @@ machine with its servers and Postgres; on a saturated machine latency is mostly 
 round starts from a full garbage collection, not measured, so none inherits another's; what the warm-up loaded is
 frozen out of the collector first, as agent.py's prewarm does in each job process. The report ends with the
 two figures the job records are held to: per-call CPU and p50 overhead of ours (with rows) / the bare SDK, each
-the median of its ratios over the interleaved pairs of sync-only rounds (this shared machine drifts between pairs).
+the median of its ratios over the interleaved pairs of sync-only rounds (this shared machine drifts between pairs;
+two of them a second apart differ by up to 1.5x, so 21 pairs by default: a median of seven moved by 0.15 from run
+to run).
 Exits non-zero on any failed call or any zombie. --quick: 0.3 s sleeps, 0.6 s jobs, 3 sync-only rounds.
 --profile sync|mixed: cProfile our first such round (stderr). Uses DATABASE_URL if set, else an embedded
 PostgreSQL.
@@ -706,7 +708,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200, help="calls in flight at once in a mixed round")
     parser.add_argument("--rounds", type=int, default=2, help="identical mixed rounds (at least 2)")
-    parser.add_argument("--sync-rounds", type=int, default=7, help="interleaved sync-only rounds, SDK and ours")
+    parser.add_argument("--sync-rounds", type=int, default=21, help="interleaved sync-only rounds, SDK and ours")
     parser.add_argument("--sync-s", type=float, default=1.0, help="the sync tool's sleep")
     parser.add_argument("--job-s", type=float, default=2.0, help="how long a task or receipt job lasts")
     parser.add_argument("--poll-ms", type=int, default=250, help="the polled servers' interval")
