@@ -215,15 +215,6 @@ class JobQueue:
         if entry is not None:
             await _all_settled([entry])
 
-    def when_written(self, source: RowSource, done: Callable[[], None]) -> None:
-        """Call `done` once `source`'s latest queued state is written to mcp_jobs or given up (at once when
-        nothing of it is queued)."""
-        entry = self._pending.get(source) or self._in_flight.get(source)
-        if entry is None or entry.settled:
-            done()
-        else:
-            entry.wait(done)
-
     async def flushed(self) -> None:
         """Until every record queued so far is written (or given up)."""
         await _all_settled([*self._in_flight.values(), *self._pending.values()])

@@ -2,7 +2,8 @@
 
 `JobRecord` only queues (`job_queue.JobQueue`, one per registry), synchronously: a call never waits for the
 database, and no task is started per write. The row is built when its batch is flushed, from the job as it is
-then, so every flush writes the job's latest state and the secrets we know never reach the table. `finish()`
+then, so every flush writes the job's latest state and the secrets we know never reach the table; a finished
+job's row is made once and kept (a retry writes it again), and the record then lets go of the job. `finish()`
 queues the final state after the answer is out (`Job._run`), and the job's task ends there; `written()` waits
 until it is in the table (or given up), so `Job.settled()` means "done and recorded", and nothing on the
 answer's path waits for the database.
@@ -24,11 +25,12 @@ __all__ = ["RECORD_RETRY_S", "JobRecord"]
 class JobRecord:
     """The `Recorder` of one job (set as `job.recorder` before the job starts), and its queue's `RowSource`."""
 
-    __slots__ = ("_submitted", "job", "queue", "retry")
+    __slots__ = ("_final", "_submitted", "job", "queue", "retry")
 
     def __init__(self, job: Job, queue: JobQueue) -> None:
-        # Until the job's final row is in the table (see finish): None after.
+        # Until the job's final row is made (see row): None after.
         self.job: Job | None = job
+        self._final: JobRow | None = None
         self.queue = queue
         self.retry = True
         # The job's submit time on the wall clock, taken once: the row's finish time is this plus the job's
@@ -39,18 +41,11 @@ class JobRecord:
         self.queue.put(self)
 
     def changed(self) -> None:
-        if self.job is not None:  # nothing is recorded of a job after its final row
+        if self._final is None:  # nothing changes after the final row
             self.queue.put(self)
 
     def finish(self) -> None:
         self.queue.put(self)
-        # The job holds its record and the record its job: once the final row is in, the record lets go, so a
-        # finished job is freed with its last reference instead of living on, in a cycle, into the collector's
-        # oldest generation, whose full collections then walked every job made since the last one.
-        self.queue.when_written(self, self._let_go)
-
-    def _let_go(self) -> None:
-        self.job = None
 
     async def written(self) -> None:
         await self.queue.written(self)
@@ -61,13 +56,18 @@ class JobRecord:
         self.queue.retry_now()
 
     def label(self) -> str:
-        return "a job" if self.job is None else f"job {self.job.id}: {self.job.state}"
+        if self._final is not None:
+            return f"job {self._final['id']}: {self._final['state']}"
+        assert self.job is not None
+        return f"job {self.job.id}: {self.job.state}"
 
     def row(self) -> JobRow:
+        if self._final is not None:
+            return self._final  # a retry of the final row
         job = self.job
-        assert job is not None, "a record is queued only while it holds its job"
+        assert job is not None
         finished = job.finished_at
-        return {
+        row: JobRow = {
             "id": job.key,
             "server_id": job.server_id,
             "server_name": job.server,
@@ -84,3 +84,9 @@ class JobRecord:
             "elicitations": scrub_known(job.elicitations) if job.elicitations else None,
             "samplings": job.samplings or None,
         }
+        if job.done:
+            # A finished job's row is its last. The job holds its record and the record its job: kept, that cycle
+            # left each finished job to the collector's oldest generation, whose full collections then walked
+            # every job made since the last one. So the record keeps the row and lets go of the job.
+            self._final, self.job = row, None
+        return row
