@@ -131,6 +131,7 @@ class RowSource(Protocol):
     def retry(self) -> bool: ...  # False: a failed write is dropped, not tried again (the process is closing)
     def row(self) -> JobRow: ...
     def label(self) -> str: ...  # "job <id>: <state>", for warnings
+    def settled(self) -> None: ...  # its latest queued row is written, or given up
 
 
 @dataclass(slots=True)
@@ -152,6 +153,7 @@ class _Entry:
         if self.settled:
             return
         self.settled = True
+        self.source.settled()
         for done in self.waiters or ():
             done()
 

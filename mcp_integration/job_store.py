@@ -3,10 +3,10 @@
 `JobRecord` only queues (`job_queue.JobQueue`, one per registry), synchronously: a call never waits for the
 database, and no task is started per write. The row is built when its batch is flushed, from the job as it is
 then, so every flush writes the job's latest state and the secrets we know never reach the table; a finished
-job's row is made once and kept (a retry writes it again), and the record then lets go of the job. `finish()`
-queues the final state after the answer is out (`Job._run`), and the job's task ends there; `written()` waits
-until it is in the table (or given up), so `Job.settled()` means "done and recorded", and nothing on the
-answer's path waits for the database.
+job's row is made once and kept until it is written (a retry writes it again), and the record lets go of the job
+as it makes it. `finish()` queues the final state after the answer is out (`Job._run`), and the job's task ends
+there; `written()` waits until it is in the table (or given up), so `Job.settled()` means "done and recorded",
+and nothing on the answer's path waits for the database.
 
 Retries (the database unreachable), dropping, and what a crash may lose: see `job_queue.py`.
 """
@@ -41,7 +41,7 @@ class JobRecord:
         self.queue.put(self)
 
     def changed(self) -> None:
-        if self._final is None:  # nothing changes after the final row
+        if self.job is not None:  # nothing changes after the final row
             self.queue.put(self)
 
     def finish(self) -> None:
@@ -55,11 +55,14 @@ class JobRecord:
         self.retry = False
         self.queue.retry_now()
 
+    def settled(self) -> None:
+        if self.job is None:
+            self._final = None  # the final row is in the table (or given up): nothing will ask for it again
+
     def label(self) -> str:
         if self._final is not None:
             return f"job {self._final['id']}: {self._final['state']}"
-        assert self.job is not None
-        return f"job {self.job.id}: {self.job.state}"
+        return "a job" if self.job is None else f"job {self.job.id}: {self.job.state}"
 
     def row(self) -> JobRow:
         if self._final is not None:
