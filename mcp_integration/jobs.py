@@ -188,9 +188,7 @@ class Job:
                 reason = f"no result within {self.policy.background_s:g} s; stopped waiting"
                 self._finish("timed_out", error=ToolCallError(self.server, self.tool, reason, "timeout"))
             else:
-                self._finish(
-                    "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
-                )
+                self._finish_cancelled()
         except ToolCallError as exc:
             self._finish("timed_out" if exc.kind == "timeout" else "failed", error=exc)
         except Exception as exc:  # the last resort: a job never dies without a final state
@@ -198,6 +196,9 @@ class Job:
             self._finish("failed", error=ToolCallError(self.server, self.tool, f"internal error: {type(exc).__name__}"))
         else:
             self._finish("completed", result=result)
+        self._run_over()
+
+    def _run_over(self) -> None:
         # After the answer is out (done is set): the final row never delays the caller. Queued, not awaited: a
         # job's task ends with its answer instead of waiting for the flush (a future and a wakeup per call);
         # `settled()` waits for the write.
@@ -205,6 +206,9 @@ class Job:
             self.recorder.finish()
         # Its task, context and coroutine are no use to a finished job, which may be kept in a history.
         self._task = None
+
+    def _finish_cancelled(self) -> None:
+        self._finish("cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled"))
 
     def _expire(self) -> None:
         if self._task is not None and self._task.cancel():
@@ -357,12 +361,8 @@ class Job:
             # Cancelled before its task took its first step (a session closing just after a call was made): the
             # run never began, so its own ending never ran, and the job would have stayed "submitted" for good,
             # with no row, and its waiters held to their timeout.
-            self._finish(
-                "cancelled", error=ToolCallError(self.server, self.tool, "the call was cancelled", "cancelled")
-            )
-            if self.recorder is not None:
-                self.recorder.finish()
-            self._task = None
+            self._finish_cancelled()
+            self._run_over()
 
     # -- events ---------------------------------------------------------------------------------------------
 
