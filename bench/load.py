@@ -24,7 +24,8 @@ and child processes (zombies) before and after each, to show that nothing grows.
 --keep-jobs jobs in memory (default --calls, so that history is full before the first mixed round and RSS
 between rounds shows growth, not the history filling up). Each round also reports where the time went: our
 CPU and the servers' per call, how busy the machine was, and our event loop's lag (this benchmark shares the
-machine with its servers and Postgres; on a saturated machine latency is mostly queueing for a CPU). Every
+machine with its servers and Postgres; on a saturated machine latency is mostly queueing for a CPU), and the
+sync rounds the liveness probes ours sent (requests the bare SDK never makes, counted per 100 calls). Every
 round starts from a full garbage collection, not measured, so none inherits another's; what the warm-up loaded is
 frozen out of the collector first, as agent.py's prewarm does in each job process. The report ends with the
 two figures the job records are held to: per-call CPU and p50 overhead of ours (with rows) / the bare SDK, each
@@ -118,6 +119,7 @@ class Round:
     settle_s: float = 0.0  # from the last answer until every job's final state was written to mcp_jobs
     lag_ms: list[float] = field(default_factory=list)  # how late a 10 ms sleep of our event loop woke
     gc_ms: list[float] = field(default_factory=list)  # pauses of the garbage collector's full collections
+    probes: int = 0  # liveness probes our connections sent during the round (the bare SDK sends none)
     job_ids: list[uuid.UUID] = field(default_factory=list)
     # By target label: ms from the server's own finish of a job to our job's `done` (noticing the end).
     detect_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -343,9 +345,11 @@ async def metered(into: Round) -> AsyncIterator[None]:
 async def round_ours(name: str, d: Dispatcher, calls: list[Target], profile: bool = False) -> Round:
     jobs: list[Job] = []
     out = Round(name)
+    probes = sum(s.conn.probes for s in d.servers.values())
     with profiled(profile, name):
         async with metered(out):
             out.samples = list(await asyncio.gather(*(call_ours(d, t, i, jobs) for i, t in enumerate(calls))))
+        out.probes = sum(s.conn.probes for s in d.servers.values()) - probes
         # Each job's final write to mcp_jobs comes after its answer: let it land before anything is counted, and
         # count its CPU (but not its wait: a slow or restarting database would make the machine look idle).
         # One wait for the queue, not a `Job.settled()` per job: nothing in the product waits for its rows, and
@@ -598,6 +602,11 @@ def report(res: Results, args: argparse.Namespace, targets: list[Target]) -> int
             b = overheads(res.sync, lambda s, lb=label: s.target.label == lb)
             by.append(f"{label.removeprefix('sync ')} {statistics.median(a):.0f} -> {statistics.median(b):.0f}")
         print(f"  p50 overhead by transport, SDK -> ours: {'; '.join(by)}")
+        probes = [sum(r.probes for r in rs) / sum(len(r.samples) for r in rs) for rs in (res.sync, res.unrecorded)]
+        print(
+            f"  liveness probes per 100 calls (ours, no rows): {100 * probes[0]:.1f}, {100 * probes[1]:.1f}; "
+            "the bare SDK sends none"
+        )
 
     print(
         f"\n2. Mixed: {args.calls} calls at once (60 % sync, 20 % task, 20 % receipt), {args.rounds} identical rounds"

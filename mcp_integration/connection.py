@@ -5,11 +5,15 @@ runner task holds it open, so any task may send requests while it lives, and clo
 
 A connection also tells a dead server from a slow one, on evidence a busy server cannot produce: the transport's
 stream ending (process exited, pipe or socket closed, event stream ended), or a probe whose own request fails
-outright (connection refused or reset, stream closed). While a request waits (`watch`), a server silent for
-`probe_after_s` gets one probe (MCP `ping`, or `server/discover` on 2026-07-28). An *unanswered* probe proves
-nothing: many real servers (n8n among them) handle one request per session at a time and answer a ping only
-when the call in front of it ends. Such a server is remembered as `serial` and is not probed during calls again;
-its calls end at their idle timeout like any slow server's. A lost connection is torn down in the background and
+outright (connection refused or reset, stream closed), sent when a request's own stream broke. The first time
+requests wait (`watch`) on an opening and the server is silent for `probe_after_s`, it gets one probe (MCP
+`ping`, or `server/discover` on 2026-07-28). An *unanswered* probe proves nothing: many real servers (n8n among
+them) handle one request per session at a time and answer a ping only when the call in front of it ends. Such a
+server is remembered as `serial` (which the health checks heed); its calls end at their idle timeout like any
+slow server's. Answered or not, that is the opening's only probe while requests wait: a probe every half second
+of silence (two a second through a long call) found no fault the transport did not already show (every hard
+fault on every transport failed the call within 0.02 s with those probes off, bench/liveness.py), and was 4 %
+more requests under bench/load.py. A lost connection is torn down in the background and
 reopened by the next `open()`; opening that keeps failing backs off (exponential, jittered, capped).
 
 What a server negotiated is remembered (`known`, kept across reopenings and handed to the dispatcher to store):
@@ -166,6 +170,7 @@ class _Link:
     watch_since: float = 0.0
     keeper: asyncio.TimerHandle | None = None  # when the watch next looks at the server's silence
     judging: asyncio.Task[None] | None = None  # a watch probe whose verdict is awaited
+    watch_probed: bool = False  # the one probe an opening sends while requests wait has had its verdict
     probe: asyncio.Task[str | None] | None = None
     refused: int | None = None  # the last HTTP answer was 401 or 403 (None once a request succeeds again)
     auth: httpx2.Auth | None = None  # the OAuth provider signing this opening's requests, if any
@@ -653,16 +658,17 @@ class ServerConnection:
         if delta > 0 and link.watching == 0:
             link.watch_since = time.monotonic()
         link.watching += delta
-        if link.watching > 0 and link.keeper is None:
+        if link.watching > 0 and link.keeper is None and not link.watch_probed:
             self._keep_watch(link)
 
     def _keep_watch(self, link: _Link) -> None:
         """One timer per connection, however many requests wait, and left to lapse when none does: probe the
-        server whenever it has been silent too long. A timer, not a task: calls that come one after another
-        each started and cancelled a task of their own. Only a probe that fails outright ends the connection;
-        one left unanswered marks the server serial."""
+        server once it has been silent too long. A timer, not a task: calls that come one after another each
+        started and cancelled a task of their own. Only a probe that fails outright ends the connection; one
+        left unanswered marks the server serial; one answered shows a server that answers while it works. One
+        probe per opening: after its verdict no other is sent while requests wait (see the module's note)."""
         link.keeper = None
-        if not link.watching or link.lost.is_set() or self.serial:
+        if not link.watching or link.lost.is_set() or self.serial or link.watch_probed:
             return
         if link.judging is not None and not link.judging.done():
             return  # the probe in flight re-arms the timer when it has a verdict
@@ -677,7 +683,7 @@ class ServerConnection:
         verdict = await asyncio.shield(self._probe(link))
         self._judge(link, verdict)
         link.judging = None
-        self._keep_watch(link)
+        link.watch_probed = True
 
     def _judge(self, link: _Link, verdict: str | None) -> None:
         if verdict is _SILENT:

@@ -177,9 +177,10 @@ def texts_fit(texts: list[str], items: int, budget: int = MAX_RESULT_CHARS) -> b
 
 def _fits_as_is(value: Any, budget: int) -> bool:
     """Whether the walk would give `value` back unchanged, told without copying it: an object, or a list of
-    objects, of text, small integers, booleans and nulls, whose JSON surely fits (a character escapes to six at
-    most), with text PostgreSQL stores. Most answers are this (`{"result": "..."}`, text items): the walk cost
-    them more than the rest of their keeping."""
+    objects, of text, small integers, finite floats, booleans and nulls, whose JSON surely fits (a character
+    escapes to six at most), with text PostgreSQL stores. Most answers are this (`{"result": "..."}`, text
+    items), and most arguments: the walk (or, for arguments, encoding them) cost them more than the rest of
+    their keeping."""
     rows = (value,) if type(value) is dict else value if type(value) is list else None
     if rows is None or len(rows) > 64:
         return False
@@ -198,11 +199,15 @@ def _fits_as_is(value: Any, budget: int) -> bool:
                 texts.append(item)
             elif kind is int and not -(2**63) <= item < 2**63:
                 return False
+            elif kind is float and not math.isfinite(item):  # NaN and infinities are not JSON
+                return False
     joined = "".join(texts)
     return 6 * len(joined) + 34 * pairs + 4 * len(rows) + 2 <= budget and _UNSTORABLE.search(joined) is None
 
 
-_SMALL = frozenset({int, bool, type(None)})
+# Values whose JSON fits in the room `_fits_as_is` allows a pair beside its text (34 characters): an int within 64
+# bits is 20 at most, a finite float's shortest repr 24 ("-2.2250738585072014e-308"), as the walk counts them.
+_SMALL = frozenset({int, float, bool, type(None)})
 
 
 # The longest "… (cut: N more characters)" marker; markers added past a budget stay within _RESERVE in all

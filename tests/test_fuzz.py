@@ -493,6 +493,8 @@ def test_any_result_is_bounded_storable_and_stable(text: str, structured: Any, d
 @example(rows={"k": "a" * 60}, budget=62)
 @example(rows=[{"x": 2**64}], budget=MAX_RESULT_CHARS)
 @example(rows={"s": "\ud800"}, budget=MAX_RESULT_CHARS)
+@example(rows={"x": float("nan")}, budget=MAX_RESULT_CHARS)
+@example(rows=[{"k": -2.2250738585072014e-308}], budget=50)  # the longest float repr, in the least room it fits
 def test_bounding_without_a_walk_gives_what_the_walk_gives(rows: Any, budget: int) -> None:
     """`bounded` skips its walk for small flat values (most answers): only where the walk would change nothing."""
     walker = _Bounder(budget)
@@ -617,6 +619,7 @@ def test_text_items_said_to_fit_come_back_unchanged(texts: list[str], budget: in
 )
 @example(arguments={"text": "\ud800"})
 @example(arguments={"n": 2**63})
+@example(arguments={"x": float("inf"), "y": 0.5})
 @example(arguments={"text": '"\x01' * 200_000})
 def test_arguments_passed_without_encoding_would_pass_the_encoding(arguments: Any) -> None:
     """`argument_problem` skips encoding flat arguments (most calls, `_fits_as_is` with a budget in bytes): only
