@@ -671,7 +671,7 @@ class ServerConnection:
         if not link.watching or link.lost.is_set() or self.serial or link.watch_probed:
             return
         if link.judging is not None and not link.judging.done():
-            return  # the probe in flight re-arms the timer when it has a verdict
+            return  # the probe in flight gives this opening's verdict
         delay = max(link.heard_at, link.watch_since) + self.probe_after_s - time.monotonic()
         if delay > 0:
             link.keeper = asyncio.get_running_loop().call_later(delay, self._keep_watch, link)
