@@ -342,14 +342,19 @@ async def metered(into: Round) -> AsyncIterator[None]:
     into.busy = 1 - idle / total if total > 0 else 0.0
 
 
+def probes_sent(d: Dispatcher) -> int:
+    """Liveness probes the dispatcher's connections have sent so far."""
+    return sum(s.conn.probes for s in d.servers.values())
+
+
 async def round_ours(name: str, d: Dispatcher, calls: list[Target], profile: bool = False) -> Round:
     jobs: list[Job] = []
     out = Round(name)
-    probes = sum(s.conn.probes for s in d.servers.values())
+    probes = probes_sent(d)
     with profiled(profile, name):
         async with metered(out):
             out.samples = list(await asyncio.gather(*(call_ours(d, t, i, jobs) for i, t in enumerate(calls))))
-        out.probes = sum(s.conn.probes for s in d.servers.values()) - probes
+        out.probes = probes_sent(d) - probes
         # Each job's final write to mcp_jobs comes after its answer: let it land before anything is counted, and
         # count its CPU (but not its wait: a slow or restarting database would make the machine look idle).
         # One wait for the queue, not a `Job.settled()` per job: nothing in the product waits for its rows, and

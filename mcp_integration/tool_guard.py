@@ -275,6 +275,11 @@ def _call_result_problem(result: dict[str, Any]) -> str | None:
         return None
     if result.get("resultType", "complete") != "complete" or "task" in result:
         return None  # a task or a request for input: the tasks runtime reads those
+    return _model_problem(result)
+
+
+def _model_problem(result: dict[str, Any]) -> str | None:
+    """Why no protocol version's model of a tool result accepts `result` (the first version's words), or None."""
     first: ValidationError | None = None
     for adapter in _call_result_adapters():
         try:

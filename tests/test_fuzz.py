@@ -22,7 +22,6 @@ import pytest
 from conftest import SERVERS
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from mcp_integration.dispatcher import Dispatcher, ToolEntry
 from mcp_integration.errors import ToolCallError
@@ -43,7 +42,7 @@ from mcp_integration.livekit_text import ScriptedLLM, TextCall
 from mcp_integration.registry import Registry, ServerConfig, ToolSpec
 from mcp_integration.results import ToolResult
 from mcp_integration.speech import for_speech
-from mcp_integration.tool_guard import _call_result_adapters, _call_result_problem, _plain_text_result, check_tool
+from mcp_integration.tool_guard import _model_problem, _plain_text_result, check_tool
 
 HOSTILE = str(SERVERS / "hostile_server.py")
 SHARED = settings(
@@ -200,15 +199,7 @@ def test_a_tool_result_let_through_unchecked_is_one_the_full_check_accepts(resul
     """The guard skips pydantic for bare text results (nearly every answer): only those some protocol version's
     model accepts, as the full check would; and every such common answer is skipped."""
     if _plain_text_result(result):
-        assert _call_result_problem(result) is None
-        accepted = []
-        for adapter in _call_result_adapters():
-            try:
-                adapter.validate_python(result, by_name=False)
-                accepted.append(adapter)
-            except ValidationError:
-                pass
-        assert accepted, result
+        assert _model_problem(result) is None, result
     common = {"content": [{"type": "text", "text": "ok"}], "structuredContent": {"result": "ok"}, "isError": False}
     assert _plain_text_result(common) and _plain_text_result({"content": []})
 
