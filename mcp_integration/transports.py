@@ -21,6 +21,7 @@ from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
+from mcp_integration.keep_alive import KeepAliveTransport
 from mcp_integration.mcp_compat import Transport, TransportStreams
 from mcp_integration.registry import ServerConfig
 from mcp_integration.secrets import resolve_refs, resolve_url
@@ -35,6 +36,10 @@ __all__ = [
 
 
 log = logging.getLogger(__name__)
+
+# Connections a server's client keeps open for reuse: httpx's default (20) is below the Dispatcher's calls in
+# flight per server (64), and a burst of more calls than that opened a new connection for each one above it.
+_LIMITS = httpx2.Limits(max_connections=100, max_keepalive_connections=64)
 
 # Called with the status of each HTTP response the transport receives: how a 401 or 403 is told apart from
 # other failures (the SDK's Streamable HTTP client reports every 4xx as "Server returned an error response").
@@ -72,6 +77,11 @@ def open_transport(
             event_hooks=hooks,
             auth=auth,
             trust_env=_env_proxies(),
+            # Each answer read to its end, so the next request reuses the connection (keep_alive.py). Proxied
+            # hosts go through httpx's own proxy transports, which close them as before.
+            transport=KeepAliveTransport(
+                httpx2.AsyncHTTPTransport(verify=_ssl_context(), limits=_LIMITS, trust_env=_env_proxies())
+            ),
         )
         return _owning(streamable_http_client(url, http_client=client), client)
     if cfg.transport == "sse":

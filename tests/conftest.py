@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
@@ -123,6 +124,12 @@ def spawn() -> Iterator[Callable[..., int]]:
         proc.wait(5)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def client_sockets(port: int) -> int:
+    """This machine's TCP sockets toward the server on `port`, open or closed within the last minute (a closed
+    one stays in TIME_WAIT for 60 s on Linux): how many connections were made to it, counted by the kernel."""
+    return len({c.laddr.port for c in psutil.net_connections("tcp") if c.raddr and c.raddr.port == port})
 
 
 async def started(registry: Registry, *cfgs: ServerConfig, connect_timeout: float = 15) -> Dispatcher:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, started
+from conftest import ROOT, client_sockets, started
+from mcp import Client
 
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import ToolCallError
@@ -132,6 +133,26 @@ async def test_server_everything_through_the_dispatcher(registry: Registry, tmp_
             assert tmp_path.as_uri() in roots
     rows = await registry.recent_jobs()
     assert len(rows) == 5 and all(r["state"] == "completed" for r in rows)
+
+
+async def test_server_everything_over_streamable_http_keeps_its_connection_from_call_to_call(
+    registry: Registry,
+) -> None:
+    """server-everything answers each request in an event stream, which the bare SDK closes before its end: a new
+    TCP connection per call (the control, counted by the kernel). Ours reads each to its end (keep_alive.py)."""
+    with everything("streamable-http") as cfg:
+        assert cfg.url is not None
+        port = int(cfg.url.rsplit(":", 1)[1].split("/")[0])
+        before = client_sockets(port)
+        async with Client(cfg.url) as bare:
+            for i in range(10):
+                assert "Echo: bare" in str(await bare.call_tool("echo", {"message": f"bare {i}"}))
+        assert client_sockets(port) - before >= 10, "the control: the bare SDK opens a connection per call"
+        async with dispatcher(registry, cfg) as d:
+            before = client_sockets(port)
+            for i in range(10):
+                assert (await d.call("echo", {"message": f"ours {i}"})).text == f"Echo: ours {i}"
+            assert client_sockets(port) - before <= 1
 
 
 async def test_filesystem_and_memory_servers_through_the_dispatcher(registry: Registry, tmp_path: Path) -> None:

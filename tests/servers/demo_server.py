@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,42 @@ def closing_event_streams(app: Any, after_ms: int | None) -> Any:
             served.cancel()
             await asyncio.gather(served, return_exceptions=True)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return wrapped
+
+
+_CHATTER = b": " + b"." * 4096 + b"\n\n"
+
+
+def holding_post_streams(app: Any, hold_ms: int, *, chatter: bool = False) -> Any:
+    """Wrap a Streamable HTTP app so each POST answered as an event stream stays open `hold_ms` after its last
+    event (with `chatter`, a 4 KiB SSE comment every 5 ms meanwhile) before it ends. A fault, not something we saw a
+    server do: the spec has a server close a POST's stream once its answer is sent (the SDK's and the reference
+    servers do, measured by `tests/test_keep_alive.py`), and a client must not wait on one that does not."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await app(scope, receive, send)
+            return
+        streaming = False
+
+        async def held(message: dict[str, Any]) -> None:
+            nonlocal streaming
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and streaming and not message.get("more_body", False):
+                if message.get("body"):
+                    await send({**message, "more_body": True})
+                end = time.monotonic() + hold_ms / 1000
+                while time.monotonic() < end:
+                    if chatter:
+                        await send({"type": "http.response.body", "body": _CHATTER, "more_body": True})
+                    await asyncio.sleep(0.005 if chatter else end - time.monotonic())
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await app(scope, receive, held)
 
     return wrapped
 
@@ -246,6 +283,10 @@ def main() -> None:
     parser.add_argument("--pid-file", default="")
     parser.add_argument("--method-log", default="", help="streamable-http: append each request's method here")
     parser.add_argument(
+        "--hold-post-streams-ms", type=int, default=0, help="streamable-http: a POST's event stream ends this late"
+    )
+    parser.add_argument("--chatter", action="store_true", help="with --hold-post-streams-ms: SSE comments meanwhile")
+    parser.add_argument(
         "--discover-ttl-ms",
         type=int,
         default=0,
@@ -273,6 +314,8 @@ def main() -> None:
         app = mcp.streamable_http_app()
         if args.method_log or args.legacy_only or args.modern_only:
             app = era_gate(app, method_log=args.method_log, legacy_only=args.legacy_only, modern_only=args.modern_only)
+        if args.hold_post_streams_ms:
+            app = holding_post_streams(app, args.hold_post_streams_ms, chatter=args.chatter)
         asyncio.run(serve_http(app, args.port))
 
 
