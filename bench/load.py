@@ -23,9 +23,11 @@ open file descriptors, sockets, TCP connections (to the MCP servers, to Postgres
 and child processes (zombies) before and after each, to show that nothing grows. The Dispatcher keeps the last
 --keep-jobs jobs in memory (default --calls, so that history is full before the first mixed round and RSS
 between rounds shows growth, not the history filling up). Each round also reports where the time went: our
-CPU and the servers' per call, how busy the machine was, and our event loop's lag (this benchmark shares the
-machine with its servers and Postgres; on a saturated machine latency is mostly queueing for a CPU), and the
-sync rounds the liveness probes ours sent (requests the bare SDK never makes, counted per 100 calls). Every
+CPU, the servers' and PostgreSQL's per call (the last is what writing the job records costs the database), how
+busy the machine was, and our event loop's lag (this benchmark shares the machine with its servers and
+Postgres; on a saturated machine latency is mostly queueing for a CPU), and the
+sync rounds the liveness probes ours sent (requests the bare SDK never makes, counted per 100 calls) and the
+TCP connections each side opened to the HTTP servers (counted by the kernel, per 100 calls). Every
 round starts from a full garbage collection, not measured, so none inherits another's; what the warm-up loaded is
 frozen out of the collector first, as agent.py's prewarm does in each job process. The report ends with the
 two figures the job records are held to: per-call CPU and p50 overhead of ours (with rows) / the bare SDK, each
@@ -57,6 +59,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -115,11 +118,13 @@ class Round:
     samples: list[Sample] = field(default_factory=list)
     cpu_s: float = 0.0  # this process's CPU time (user + sys) over the round
     servers_cpu_s: float = 0.0  # the MCP servers' (our child processes')
+    db_cpu_s: float = 0.0  # PostgreSQL's (every postgres process on the machine), writing the job records
     busy: float = 0.0  # the whole machine's CPU use over the round, 0..1 of all cores
     settle_s: float = 0.0  # from the last answer until every job's final state was written to mcp_jobs
     lag_ms: list[float] = field(default_factory=list)  # how late a 10 ms sleep of our event loop woke
     gc_ms: list[float] = field(default_factory=list)  # pauses of the garbage collector's full collections
     probes: int = 0  # liveness probes our connections sent during the round (the bare SDK sends none)
+    opened: int = 0  # TCP connections this process opened to the MCP servers during the round (sync rounds)
     job_ids: list[uuid.UUID] = field(default_factory=list)
     # By target label: ms from the server's own finish of a job to our job's `done` (noticing the end).
     detect_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -291,6 +296,16 @@ def cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def db_cpu_s() -> float:
+    """CPU time of every PostgreSQL process on the machine (its backends, WAL writer, checkpointer): where the job
+    records' statements run. Read outside the metered part: walking the process table takes our CPU."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        if proc.info["name"] == "postgres" and proc.info["cpu_times"] is not None:
+            total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return total
+
+
 def children_cpu_s() -> float:
     total = 0.0
     for kid in psutil.Process().children(recursive=True):
@@ -316,6 +331,7 @@ async def metered(into: Round) -> AsyncIterator[None]:
     # round sits at the same place of each interleaved cycle: it was always "ours (Dispatcher)", and swapping the
     # order moved it, with 100 ms of p50, to the dispatcher without rows.
     gc.collect()
+    d0 = db_cpu_s()
     c0, k0, m0 = cpu_s(), children_cpu_s(), psutil.cpu_times()
     probe = asyncio.create_task(probe_lag(into.lag_ms))
     gc_started = 0.0
@@ -337,9 +353,21 @@ async def metered(into: Round) -> AsyncIterator[None]:
         await asyncio.gather(probe, return_exceptions=True)
     m1 = psutil.cpu_times()
     into.cpu_s, into.servers_cpu_s = cpu_s() - c0, children_cpu_s() - k0
+    into.db_cpu_s = db_cpu_s() - d0
     total = sum(m1) - sum(m0)
     idle = (m1.idle + m1.iowait) - (m0.idle + m0.iowait)
     into.busy = 1 - idle / total if total > 0 else 0.0
+
+
+def sockets_to(ports: set[int]) -> set[int]:
+    """The local ports of this machine's TCP sockets toward these servers, open or closed within the last minute
+    (TIME_WAIT): those new after a round are the connections opened during it. Counted by the kernel, outside
+    the metered part (reading the socket table takes a few ms)."""
+    return {c.laddr.port for c in psutil.net_connections("tcp") if c.raddr and c.raddr.port in ports}
+
+
+def http_ports(calls: list[Target]) -> set[int]:
+    return {int(p) for t in calls if t.cfg.url and (p := urlsplit(t.cfg.url).port)}
 
 
 def probes_sent(d: Dispatcher) -> int:
@@ -350,19 +378,23 @@ def probes_sent(d: Dispatcher) -> int:
 async def round_ours(name: str, d: Dispatcher, calls: list[Target], profile: bool = False) -> Round:
     jobs: list[Job] = []
     out = Round(name)
-    probes = probes_sent(d)
+    probes, ports = probes_sent(d), http_ports(calls)
+    before = sockets_to(ports)
     with profiled(profile, name):
         async with metered(out):
             out.samples = list(await asyncio.gather(*(call_ours(d, t, i, jobs) for i, t in enumerate(calls))))
         out.probes = probes_sent(d) - probes
+        out.opened = len(sockets_to(ports) - before)
         # Each job's final write to mcp_jobs comes after its answer: let it land before anything is counted, and
         # count its CPU (but not its wait: a slow or restarting database would make the machine look idle).
         # One wait for the queue, not a `Job.settled()` per job: nothing in the product waits for its rows, and
         # a waiter per call would be this benchmark's cost, counted as the records'.
+        d0 = db_cpu_s()
         c0, t0 = cpu_s(), time.perf_counter()
         if d.registry is not None:
             await asyncio.wait_for(d.registry.jobs_flushed(), 60)
         out.cpu_s += cpu_s() - c0
+        out.db_cpu_s += db_cpu_s() - d0
         out.settle_s = time.perf_counter() - t0
     out.job_ids = [j.id for j in jobs]
     await detection(out)
@@ -383,8 +415,11 @@ async def detection(r: Round) -> None:
 
 async def round_sdk(name: str, clients: dict[str, Client], calls: list[Target]) -> Round:
     out = Round(name)
+    ports = http_ports(calls)
+    before = sockets_to(ports)
     async with metered(out):
         out.samples = list(await asyncio.gather(*(call_sdk(clients[t.cfg.name], t, i) for i, t in enumerate(calls))))
+    out.opened = len(sockets_to(ports) - before)
     return out
 
 
@@ -551,14 +586,18 @@ def costs(rounds: list[Round]) -> str:
     per_call = [(r.cpu_s, r.servers_cpu_s, r.busy, len(r.samples)) for r in rounds]
     ours = cpu_ms(rounds)
     servers = statistics.median(k / n * 1000 for _, k, _, n in per_call)
+    db = statistics.median(r.db_cpu_s / len(r.samples) * 1000 for r in rounds)
     busy = statistics.median(b for _, _, b, _ in per_call) * 100
     lag = [x for r in rounds for x in r.lag_ms]
     pauses = [x for r in rounds for x in r.gc_ms]
     gc_max = f"{max(pauses):.0f}" if pauses else "-"
-    return f"{ours:>9.2f}{servers:>9.2f}{busy:>7.0f}{pct(lag, 95):>8.1f}{max(lag):>8.1f}{len(pauses):>5}{gc_max:>6}"
+    return (
+        f"{ours:>9.2f}{servers:>9.2f}{db:>7.2f}{busy:>7.0f}{pct(lag, 95):>8.1f}{max(lag):>8.1f}{len(pauses):>5}"
+        f"{gc_max:>6}"
+    )
 
 
-COSTS = f"{'us ms':>9}{'srv ms':>9}{'busy%':>7}{'lag95':>8}{'lagmax':>8}{'gc2':>5}{'max':>6}"
+COSTS = f"{'us ms':>9}{'srv ms':>9}{'db ms':>7}{'busy%':>7}{'lag95':>8}{'lagmax':>8}{'gc2':>5}{'max':>6}"
 
 
 def report(res: Results, args: argparse.Namespace, targets: list[Target]) -> int:
@@ -573,7 +612,8 @@ def report(res: Results, args: argparse.Namespace, targets: list[Target]) -> int
     load = ", ".join(f"{x:.1f}" for x in res.loadavg)
     print(f"machine: {os.cpu_count()} CPUs, shared by this process, the {len(targets)} servers and Postgres; load")
     print(f"average (1 min) at the start and at the end: {load} (above the CPU count, other work competed)")
-    print("cost columns: us/srv ms = CPU ms per call of this process / of the MCP servers; busy% = whole machine;")
+    print("cost columns: us/srv/db ms = CPU ms per call of this process / of the MCP servers / of PostgreSQL;")
+    print("busy% = whole machine;", end=" ")
     print("lag95/lagmax = how late (ms) a 10 ms sleep on our event loop woke, p95 and max; gc2/max = the garbage")
     print("collector's full collections during the rounds and the longest pause (ms)")
 
@@ -611,6 +651,11 @@ def report(res: Results, args: argparse.Namespace, targets: list[Target]) -> int
         print(
             f"  liveness probes per 100 calls (ours, no rows): {100 * probes[0]:.1f}, {100 * probes[1]:.1f}; "
             "the bare SDK sends none"
+        )
+        opened = [sum(r.opened for r in rs) / sum(len(r.samples) for r in rs) for rs in (res.sdk, res.sync)]
+        print(
+            f"  TCP connections opened to the HTTP servers per 100 calls: SDK {100 * opened[0]:.1f}, ours "
+            f"{100 * opened[1]:.1f} (the SDK closes each answer's event stream early, losing its connection)"
         )
 
     print(

@@ -33,13 +33,12 @@ DRAIN_BYTES = 64 * 1024
 
 class KeepAliveTransport(httpx2.AsyncBaseTransport):
     """Wraps the pooled transport of one server's client: POST responses closed before their end are read to it
-    first, so their connections return to the pool. Counts connections kept (`kept`) and lost (`dropped`)."""
+    first, so their connections return to the pool."""
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+    def __init__(self, inner: httpx2.AsyncBaseTransport, *, server: str) -> None:
         self._inner = inner
-        self.draining = True  # off once a server is seen to keep a stream open past its answer
-        self.kept = 0
-        self.dropped = 0
+        self.server = server
+        self.draining = True  # off once the server is seen to keep a stream open past its answer
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         response = await self._inner.handle_async_request(request)
@@ -99,24 +98,22 @@ class _ReadToEnd(httpx2.AsyncByteStream):
     async def _read_rest(self) -> None:
         it = self._it if self._it is not None else self._inner.__aiter__()
         left = DRAIN_BYTES
-        with anyio.move_on_after(DRAIN_S) as scope:
+        with anyio.move_on_after(DRAIN_S):
             try:
                 while left >= 0:
                     left -= len(await it.__anext__())
             except StopAsyncIteration:
                 self._ended = True
-                self._owner.kept += 1
                 return
             except Exception as exc:  # a reset or a malformed end: the connection goes, as it would have
-                log.debug("could not read a response to its end: %r", exc)
-                self._owner.dropped += 1
+                log.debug("server %r: could not read a response to its end: %r", self._owner.server, exc)
                 return
-        self._owner.dropped += 1
-        if (scope.cancelled_caught or left < 0) and self._owner.draining:
-            # This server streams on past its answers: stop waiting on them (each wait held a connection). Reads
-            # already under way when this is learned end at their own bound.
+        # Still open after DRAIN_S, or DRAIN_BYTES read: this server streams on past its answers. Stop waiting on
+        # them (each wait held a connection); reads already under way when this is learned end at their own bound.
+        if self._owner.draining:
             self._owner.draining = False
             log.info(
-                "a server kept an event stream open after its answer; its connections are no longer reused"
-                " (each request opens one)"
+                "server %r kept an event stream open after its answer; its connections are no longer reused"
+                " (each request opens one)",
+                self._owner.server,
             )

@@ -296,10 +296,10 @@ def _model_problem(result: dict[str, Any]) -> str | None:
 
 
 def _plain_text_result(result: dict[str, Any]) -> bool:
-    """Bare text items, with at most an object of structured content and an `isError` flag: what nearly every
-    tool answers, and a shape the full check passes (the models before 2026-07-28 accept it; that version's asks
-    for `resultType` too). Told in a few comparisons: pydantic's check of it cost each call 8.7 µs, only for the
-    SDK to check the same result again."""
+    """Bare text items, with at most an object of structured content, an `isError` flag, an object of `_meta` and
+    `resultType: "complete"` (the last two on every answer of a 2026-07-28 server): what nearly every tool
+    answers, and a shape the full check passes. Told in a few comparisons: pydantic's check of it cost each call
+    8.7 µs, only for the SDK to check the same result again."""
     content = result.get("content")
     if type(content) is not list:
         return False
@@ -307,11 +307,21 @@ def _plain_text_result(result: dict[str, Any]) -> bool:
         if type(item) is not dict or len(item) != 2 or item.get("type") != "text" or type(item.get("text")) is not str:
             return False
     for key, value in result.items():
-        if key == "content" or (key == "structuredContent" and type(value) is dict):
-            continue
-        if key != "isError" or type(value) is not bool:
+        kind = _PLAIN_KEYS.get(key)
+        if kind is None or (type(value) is not kind if kind is not str else value != "complete"):
             return False
     return True
+
+
+# The keys a plain text result may have, and the type of each (`resultType`: only "complete"; `content` is checked
+# item by item first).
+_PLAIN_KEYS: dict[str, type] = {
+    "content": list,
+    "structuredContent": dict,
+    "isError": bool,
+    "_meta": dict,
+    "resultType": str,
+}
 
 
 _REPLY_ID = re.compile(

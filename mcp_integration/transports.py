@@ -80,7 +80,8 @@ def open_transport(
             # Each answer read to its end, so the next request reuses the connection (keep_alive.py). Proxied
             # hosts go through httpx's own proxy transports, which close them as before.
             transport=KeepAliveTransport(
-                httpx2.AsyncHTTPTransport(verify=_ssl_context(), limits=_LIMITS, trust_env=_env_proxies())
+                httpx2.AsyncHTTPTransport(verify=_ssl_context(), limits=_LIMITS, trust_env=_env_proxies()),
+                server=cfg.name,
             ),
         )
         return _owning(streamable_http_client(url, http_client=client), client)

@@ -184,8 +184,11 @@ tool_results = st.fixed_dictionaries(
         | st.text(max_size=5)
         | st.none(),
         "isError": st.booleans() | st.sampled_from(["yes", 1, None]),
-        "_meta": st.just({"k": 1}),
-        "resultType": st.sampled_from(["complete", "task"]),
+        "_meta": st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=2)
+        | st.just({"io.modelcontextprotocol/serverInfo": {"name": "s"}})
+        | st.just(["k"])
+        | st.none(),
+        "resultType": st.sampled_from(["complete", "task", "input_required", "Complete"]) | st.integers() | st.none(),
     },
 )
 
@@ -195,13 +198,17 @@ tool_results = st.fixed_dictionaries(
 @example(result={"content": [{"type": "text", "text": "ok"}], "structuredContent": {"result": "ok"}, "isError": False})
 @example(result={"content": [{"type": "text", "text": 5}]})
 @example(result={"content": [], "isError": "yes"})
+@example(result={"content": [], "resultType": "task"})
+@example(result={"content": [], "_meta": None})
 def test_a_tool_result_let_through_unchecked_is_one_the_full_check_accepts(result: dict[str, Any]) -> None:
     """The guard skips pydantic for bare text results (nearly every answer): only those some protocol version's
     model accepts, as the full check would; and every such common answer is skipped."""
     if _plain_text_result(result):
         assert _model_problem(result) is None, result
     common = {"content": [{"type": "text", "text": "ok"}], "structuredContent": {"result": "ok"}, "isError": False}
-    assert _plain_text_result(common) and _plain_text_result({"content": []})
+    # ...as a 2026-07-28 server sends it: every answer says its type and who answered.
+    modern = {**common, "resultType": "complete", "_meta": {"io.modelcontextprotocol/serverInfo": {"name": "s"}}}
+    assert _plain_text_result(common) and _plain_text_result(modern) and _plain_text_result({"content": []})
 
 
 async def test_a_websocket_server_breaking_the_protocol_costs_one_call_not_the_session(hostile_ws: Dispatcher) -> None:
