@@ -126,10 +126,11 @@ def spawn() -> Iterator[Callable[..., int]]:
             proc.stdout.close()
 
 
-def client_sockets(port: int) -> int:
-    """This machine's TCP sockets toward the server on `port`, open or closed within the last minute (a closed
-    one stays in TIME_WAIT for 60 s on Linux): how many connections were made to it, counted by the kernel."""
-    return len({c.laddr.port for c in psutil.net_connections("tcp") if c.raddr and c.raddr.port == port})
+def client_sockets(port: int) -> set[int]:
+    """The local ports of this machine's TCP sockets toward the server on `port`, open or closed within the last
+    minute (a closed one stays in TIME_WAIT for 60 s on Linux): those new since an earlier reading are the
+    connections made to it meanwhile, counted by the kernel."""
+    return {c.laddr.port for c in psutil.net_connections("tcp") if c.raddr and c.raddr.port == port}
 
 
 async def started(registry: Registry, *cfgs: ServerConfig, connect_timeout: float = 15) -> Dispatcher:
