@@ -307,21 +307,16 @@ def _plain_text_result(result: dict[str, Any]) -> bool:
         if type(item) is not dict or len(item) != 2 or item.get("type") != "text" or type(item.get("text")) is not str:
             return False
     for key, value in result.items():
-        kind = _PLAIN_KEYS.get(key)
-        if kind is None or (type(value) is not kind if kind is not str else value != "complete"):
+        if key == "resultType":
+            if value != "complete":
+                return False
+        elif type(value) is not _PLAIN_TYPES.get(key):
             return False
     return True
 
 
-# The keys a plain text result may have, and the type of each (`resultType`: only "complete"; `content` is checked
-# item by item first).
-_PLAIN_KEYS: dict[str, type] = {
-    "content": list,
-    "structuredContent": dict,
-    "isError": bool,
-    "_meta": dict,
-    "resultType": str,
-}
+# The other keys a plain text result may have, and the type of each (`content` is checked item by item first).
+_PLAIN_TYPES: dict[str, type] = {"content": list, "structuredContent": dict, "isError": bool, "_meta": dict}
 
 
 _REPLY_ID = re.compile(

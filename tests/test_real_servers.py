@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import ROOT, client_sockets, started
@@ -142,7 +143,8 @@ async def test_server_everything_over_streamable_http_keeps_its_connection_from_
     TCP connection per call (the control, counted by the kernel). Ours reads each to its end (keep_alive.py)."""
     with everything("streamable-http") as cfg:
         assert cfg.url is not None
-        port = int(cfg.url.rsplit(":", 1)[1].split("/")[0])
+        port = urlsplit(cfg.url).port
+        assert port is not None
         before = client_sockets(port)
         async with Client(cfg.url) as bare:
             for i in range(10):

@@ -140,8 +140,9 @@ _CHATTER = b": " + b"." * 4096 + b"\n\n"
 def holding_post_streams(app: Any, hold_ms: int, *, chatter: bool = False) -> Any:
     """Wrap a Streamable HTTP app so each POST answered as an event stream stays open `hold_ms` after its last
     event (with `chatter`, a 4 KiB SSE comment every 5 ms meanwhile) before it ends. A fault, not something we saw a
-    server do: the spec has a server close a POST's stream once its answer is sent (the SDK's and the reference
-    servers do, measured by `tests/test_keep_alive.py`), and a client must not wait on one that does not."""
+    server do: the spec has a server close a POST's stream once its answer is sent (the SDK's server and
+    server-everything do: `tests/test_keep_alive.py`, `tests/test_real_servers.py`), and a client must not wait
+    on one that does not."""
 
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
