@@ -126,11 +126,15 @@ def spawn() -> Iterator[Callable[..., int]]:
             proc.stdout.close()
 
 
-def client_sockets(port: int) -> set[int]:
+def client_sockets(port: int, *, open_only: bool = False) -> set[int]:
     """The local ports of this machine's TCP sockets toward the server on `port`, open or closed within the last
     minute (a closed one stays in TIME_WAIT for 60 s on Linux): those new since an earlier reading are the
-    connections made to it meanwhile, counted by the kernel."""
-    return {c.laddr.port for c in psutil.net_connections("tcp") if c.raddr and c.raddr.port == port}
+    connections made to it meanwhile, counted by the kernel. `open_only`: the established ones alone."""
+    return {
+        c.laddr.port
+        for c in psutil.net_connections("tcp")
+        if c.raddr and c.raddr.port == port and (not open_only or c.status == psutil.CONN_ESTABLISHED)
+    }
 
 
 async def started(registry: Registry, *cfgs: ServerConfig, connect_timeout: float = 15) -> Dispatcher:

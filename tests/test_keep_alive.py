@@ -1,10 +1,10 @@
 """Streamable HTTP connections reused from call to call (`keep_alive.py`), against the SDK's own server.
 
 The SDK's client closes each POST's event stream before its end, so httpcore closes the connection: the bare SDK
-opens one per call to a server that answers in event streams (the SDK's server does for a call that reports
-progress), counted here by the kernel (`client_sockets`) as the control. Ours reads each stream to its end
-instead, and a server that keeps a stream open past its answer (a fault mode of the demo server) costs one
-bounded wait, never the answer's time, and then is not waited on again.
+opens one per call (unless it happened to read the end first) to a server that answers in event streams (the
+SDK's server does for a call that reports progress), counted here by the kernel (`client_sockets`) as the
+control. Ours reads each stream to its end instead, and a server that keeps a stream open past its answer (a
+fault mode of the demo server) costs one bounded wait, never the answer's time, and then is not waited on again.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from mcp_integration import keep_alive
 from mcp_integration.registry import Registry, ServerConfig
 
 SLOW = {"seconds": 0.01, "steps": 2}  # reports progress, so the server answers in an event stream
+# Whether the bare SDK loses a connection is a race: its close comes before the stream's last chunk unless that
+# chunk is already read. Measured over 30 rounds of 10 calls: 9-10 new connections on an idle machine, 4-10 with
+# both cores busy. So the control asks for a quarter of the calls, enough to show what ours (<= 1) is spared.
+CALLS = 20
+BARE_AT_LEAST = CALLS // 4
 
 
 async def _progress(progress: float, total: float | None, message: str | None) -> None:
@@ -39,23 +44,25 @@ async def test_calls_reuse_their_connections_where_the_bare_sdk_opens_one_each(
 
     before = client_sockets(port)
     async with Client(f"http://127.0.0.1:{port}/mcp") as bare:
-        for _ in range(10):
+        for _ in range(CALLS):
             await bare.call_tool("slow", SLOW, progress_callback=_progress)
-    assert len(client_sockets(port) - before) >= 10, "the control: the bare SDK opens a connection per call here"
+    assert len(client_sockets(port) - before) >= BARE_AT_LEAST, "the control: the bare SDK opens a connection per call"
 
     d = await started(registry, _http(port))
     try:
         before = client_sockets(port)
-        for _ in range(10):
+        for _ in range(CALLS):
             assert "done" in (await d.call("slow", SLOW)).text
         assert len(client_sockets(port) - before) <= 1
-        # A burst above httpx's default of 20 kept connections: the second one opens none of its own.
-        for burst in range(2):
-            before = client_sockets(port)
-            results = await asyncio.gather(*(d.call("slow", {"seconds": 0.3, "steps": 2}) for _ in range(40)))
+        # A burst above httpx's default of 20 kept connections: all it opened stay open for the next one. (How many
+        # it opens depends on how the calls overlap, so the kept set is what is compared, not the count opened.)
+        kept: set[int] = set()
+        for _ in range(2):
+            results = await asyncio.gather(*(d.call("slow", {"seconds": 1.0, "steps": 2}) for _ in range(40)))
             assert all("done" in r.text for r in results)
-            if burst == 1:
-                assert len(client_sockets(port) - before) == 0
+            assert kept <= client_sockets(port, open_only=True)
+            kept = client_sockets(port, open_only=True)
+            assert len(kept) > 21, "no more than httpx's default of 20 idle (and the listening GET) kept"
     finally:
         await d.aclose()
 

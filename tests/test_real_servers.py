@@ -140,19 +140,20 @@ async def test_server_everything_over_streamable_http_keeps_its_connection_from_
     registry: Registry,
 ) -> None:
     """server-everything answers each request in an event stream, which the bare SDK closes before its end: a new
-    TCP connection per call (the control, counted by the kernel). Ours reads each to its end (keep_alive.py)."""
+    TCP connection for most calls (the control, counted by the kernel). Ours reads each to its end (keep_alive.py)."""
     with everything("streamable-http") as cfg:
         assert cfg.url is not None
         port = urlsplit(cfg.url).port
         assert port is not None
         before = client_sockets(port)
         async with Client(cfg.url) as bare:
-            for i in range(10):
+            for i in range(20):
                 assert "Echo: bare" in str(await bare.call_tool("echo", {"message": f"bare {i}"}))
-        assert len(client_sockets(port) - before) >= 10, "the control: the bare SDK opens a connection per call"
+        # A race (see test_keep_alive): the bare SDK loses a connection unless the stream's end is already read.
+        assert len(client_sockets(port) - before) >= 5, "the control: the bare SDK opens a connection per call"
         async with dispatcher(registry, cfg) as d:
             before = client_sockets(port)
-            for i in range(10):
+            for i in range(20):
                 assert (await d.call("echo", {"message": f"ours {i}"})).text == f"Echo: ours {i}"
             assert len(client_sockets(port) - before) <= 1
 
