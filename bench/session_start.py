@@ -1,6 +1,6 @@
 """Session-start benchmark: how long until the dispatcher's tool index is ready, for N real MCP servers.
 
-    python bench/session_start.py [--servers 20] [--delay-ms 100] [--runs 7] [--legacy]
+    python bench/session_start.py [--servers 20] [--delay-ms 100] [--runs 7] [--legacy] [--tools-ttl-ms N]
 
 Modes: one server alone (baseline), N servers one after another, N servers concurrently, and a warm start
 from the Postgres tool cache (`start(wait=False)`). Each is a worker's steady state: a new dispatcher per run,
@@ -17,7 +17,10 @@ version given, `mode="2026-07-28"`, so it sends no `server/discover`: what our r
 are bound by CPU per connect times N: the SDK's best ratio is that bound on this machine, with none of our work
 (validation, tool checks, registry) in it. Uses DATABASE_URL if set, else an embedded PostgreSQL. `--legacy`:
 servers that refuse `server/discover`, so every connect is a 2025-11-25 handshake, which a remembered protocol
-spares only the probe (the SDK at its best is then given `mode="legacy"`).
+spares only the probe (the SDK at its best is then given `mode="legacy"`). `--tools-ttl-ms N`: the servers let
+clients reuse their tools/list answer for N ms (2026-07-28 `ttlMs`, the SDK server's `cache_hints`), which ours
+keeps in the registry (tool_lists.py): a start then sends those servers nothing. The bare SDK's own response cache
+lives in its `Client`, one per session, so its starts list the tools each time.
 """
 
 from __future__ import annotations
@@ -53,12 +56,15 @@ DEMO = ROOT / "tests" / "servers" / "demo_server.py"
 TOOLS_PER_SERVER = 5  # echo, add, slow, fail, lookup.weather
 
 
-def start_servers(n: int, delay_ms: int, procs: list[subprocess.Popen[str]], *, legacy: bool = False) -> list[int]:
+def start_servers(
+    n: int, delay_ms: int, procs: list[subprocess.Popen[str]], *, legacy: bool = False, tools_ttl_ms: int = 0
+) -> list[int]:
     """Start n demo servers over Streamable HTTP (all at once); returns their ports. `procs` collects them."""
     for i in range(n):
         cmd = [sys.executable, str(DEMO), "--transport", "streamable-http", "--port", "0"]
         cmd += ["--list-delay-ms", str(delay_ms), "--name", f"s{i}", *(["--legacy"] if legacy else [])]
         cmd += ["--discover-ttl-ms", "3600000"]  # its DiscoverResult reusable for an hour (the SDK's default: not)
+        cmd += ["--tools-ttl-ms", str(tools_ttl_ms)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT))
     ports = []
     for proc in procs:
@@ -246,8 +252,11 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10, method="inclusive")[-1] if len(xs) > 1 else xs[0]
 
 
-def report(results: dict[str, list[float]], memory: dict[str, Remembered], n: int, delay_ms: int, runs: int) -> None:
-    print(f"\n{n} servers, tools/list delay {delay_ms} ms, {runs} runs per mode\n")
+def report(
+    results: dict[str, list[float]], memory: dict[str, Remembered], n: int, delay_ms: int, runs: int, ttl_ms: int
+) -> None:
+    reuse = f"their answer reusable for {ttl_ms} ms (ttlMs)" if ttl_ms else "no ttlMs (asked at every start)"
+    print(f"\n{n} servers, tools/list delay {delay_ms} ms, {reuse}, {runs} runs per mode\n")
     print(f"{'mode':<30}{'median ms':>11}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}")
     for mode, xs in results.items():
         print(f"{mode:<30}{statistics.median(xs):>11.1f}{p90(xs):>10.1f}{min(xs):>10.1f}{max(xs):>10.1f}")
@@ -280,17 +289,23 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=int, default=100)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--legacy", action="store_true", help="servers that refuse server/discover (2025-11-25)")
+    parser.add_argument(
+        "--tools-ttl-ms",
+        type=int,
+        default=0,
+        help="the servers let clients reuse their tools/list answer this long (default 0, the SDK's: asked each time)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mcp_integration").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # pgserver via platformdirs
     procs: list[subprocess.Popen[str]] = []
     try:
-        ports = start_servers(args.servers, args.delay_ms, procs, legacy=args.legacy)
+        ports = start_servers(args.servers, args.delay_ms, procs, legacy=args.legacy, tools_ttl_ms=args.tools_ttl_ms)
         results, memory = asyncio.run(run(ports, args.runs, args.legacy))
     finally:
         stop_servers(procs)
-    report(results, memory, args.servers, args.delay_ms, args.runs)
+    report(results, memory, args.servers, args.delay_ms, args.runs, args.tools_ttl_ms)
 
 
 if __name__ == "__main__":

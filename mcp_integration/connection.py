@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import httpx2
 import mcp_types as types
 from mcp import Client
+from mcp.client.caching import CacheConfig, CacheMode
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
@@ -55,6 +56,7 @@ from mcp_integration.registry import ServerConfig, ToolSpec
 from mcp_integration.sampling import Sampled
 from mcp_integration.tasks import TaskClient
 from mcp_integration.tool_guard import ToolListGuard
+from mcp_integration.tool_lists import ToolListStore
 from mcp_integration.transports import open_transport
 from mcp_integration.ws_transport import FrameTooLarge
 
@@ -222,6 +224,8 @@ class ServerConnection:
         self._retry_at = 0.0
         self.last_error: str | None = None
         self.probes = 0  # liveness probes sent, over the connection's life (for metrics and tests)
+        # The SDK's response cache for this server's tools/list, kept across openings (tool_lists.py).
+        self.tool_lists = ToolListStore(cfg.name)
         # Learned, and kept across reopenings: the server answers one request at a time (a probe sent while a
         # request of ours was in flight went unanswered). It gets no more probes while requests wait.
         self.serial = False
@@ -432,19 +436,19 @@ class ServerConnection:
         self._lose(link, "the remembered protocol did not fit", quiet=True)
         return True
 
-    async def open_and_list_tools(self, known: Iterable[ToolSpec] = ()) -> list[ToolSpec]:
-        """`open()` then `list_tools(known=known)`, once more on a fresh negotiation when a remembered protocol
-        turns out not to fit the server (discovery is read-only, so any failure that could mean that is worth the
-        retry)."""
+    async def open_and_list_tools(self, known: Iterable[ToolSpec] = (), *, reuse: bool = False) -> list[ToolSpec]:
+        """`open()` then `list_tools(known=known, reuse=reuse)`, once more on a fresh negotiation when a remembered
+        protocol turns out not to fit the server (discovery is read-only, so any failure that could mean that is
+        worth the retry)."""
         await self.open()
         generation = self.generation
         try:
-            return await self.list_tools(known=known)
+            return await self.list_tools(known=known, reuse=reuse)
         except Exception as exc:
             if not (self.forget_if_mismatch(exc, generation=generation) or self._first_contact_failed(exc, generation)):
                 raise
         await self.open()
-        return await self.list_tools(known=known)
+        return await self.list_tools(known=known, reuse=reuse)
 
     def _first_contact_failed(self, exc: BaseException, generation: int) -> bool:
         """An adopted session's first request found no server (its open sent nothing, so this was the first
@@ -476,7 +480,9 @@ class ServerConnection:
             link.guard = ToolListGuard(
                 opened, self.cfg.name, on_closed=lambda: self._stream_ended(link), on_heard=link.heard
             )
-            # cache=None: a stale cached tools/list would hide a server's changes from a refresh.
+            # cache: the tools/list answer a server lets clients reuse (`ttlMs`), served only where discovery
+            # asks for it (a session start, `list_tools(reuse=True)`); a refresh always asks the server. Keyed by
+            # where the server is; one credential set per registry row, so one partition.
             # extensions: declares the tasks extension (2026) and routes task status pushes to self.tasks.
             # mode/prior: "auto" negotiates (the discover probe, the handshake as fallback); a remembered protocol
             # skips the probe ("legacy") or adopts the server's stored DiscoverResult (a 2026-07-28 version).
@@ -485,7 +491,7 @@ class ServerConnection:
                 mode=mode,
                 prior_discover=prior,
                 message_handler=self._message,
-                cache=None,
+                cache=CacheConfig(store=self.tool_lists, partition="registry", target_id=self._fingerprint),
                 extensions=self.tasks.extensions(),
                 client_info=CLIENT_INFO,
                 # Declared always (with no roots unless configured): filesystem-style servers ask, and warn when
@@ -498,6 +504,7 @@ class ServerConnection:
                 sampling_callback=self._sample if self.cfg.allow_sampling else None,
             ) as client:
                 link.client = client
+                self.tool_lists.speaking(client.session.protocol_version)
                 link.heard_at = time.monotonic()
                 if not ready.done():
                     ready.set_result(None)
@@ -746,23 +753,26 @@ class ServerConnection:
 
     # -- requests -------------------------------------------------------------------------------------------
 
-    async def list_tools(self, timeout: float | None = None, *, known: Iterable[ToolSpec] = ()) -> list[ToolSpec]:
+    async def list_tools(
+        self, timeout: float | None = None, *, known: Iterable[ToolSpec] = (), reuse: bool = False
+    ) -> list[ToolSpec]:
         """Every tool the server offers (all pages, within `timeout` and the page and tool caps), less malformed
         ones, repeats of a name, and those outside `allowed_tools`. A server cannot keep us listing forever.
         `known`: this server's tools as last stored (the tool cache); a tool listed unchanged is not made
-        storable again."""
-        session = self.client.session
+        storable again. `reuse`: the answer the server let clients reuse (`ttlMs`) is taken while it holds,
+        without asking; otherwise the server is asked (and a reusable answer stored for next time)."""
+        client = self.client
+        mode: CacheMode = "use" if reuse else "refresh"
         deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
         tools: list[types.Tool] = []
         cursor: str | None = None
         seen_cursors: set[str] = set()
         for _ in range(MAX_TOOL_PAGES):
-            params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"listing its tools took longer than {timeout or self.connect_timeout:g} s")
             async with asyncio.timeout(left):
-                page = await session.list_tools(params=params)
+                page = await client.list_tools(cursor=cursor, cache_mode=mode)
             tools.extend(page.tools)
             cursor = page.next_cursor
             if not cursor:

@@ -37,15 +37,16 @@ from mcp_integration.errors import (
 from mcp_integration.explain import describe
 from mcp_integration.job_store import JobRecord
 from mcp_integration.jobs import Job, WaitPolicy
-from mcp_integration.limits import argument_problem, flat_schema_check
+from mcp_integration.limits import argument_problem, flat_schema_check, storable
 from mcp_integration.naming import assign_names
 from mcp_integration.protocol_memory import KnownProtocol
 from mcp_integration.receipts import ReceiptPoller, default_http_client, read_acknowledgment
-from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+from mcp_integration.registry import Registry, ServerConfig, StartCache, ToolSpec
 from mcp_integration.results import ToolResult
 from mcp_integration.sampling import Sampled, Sampler, SamplingRequest
 from mcp_integration.tasks import TaskHandle
 from mcp_integration.timing import DurationStats
+from mcp_integration.tool_lists import StoredList
 from mcp_integration.waiters import wait_receipt, wait_task
 
 __all__ = [
@@ -126,6 +127,8 @@ class Dispatcher:
         # Each server's tool list as the registry's cache holds it (read at start, or written since): a discovery
         # that finds the same list only marks it fresh instead of rewriting it.
         self._stored: dict[str, list[ToolSpec]] = {}
+        # Servers with a reusable tools/list answer in the registry (tool_lists.py), read at start or stored since.
+        self._reusable: set[str] = set()
         self._index: dict[str, ToolEntry] = {}
         # The same entries by (server, original name) and (server, safe name): a call naming its server is found
         # without a scan of every tool.
@@ -220,48 +223,58 @@ class Dispatcher:
         cached: dict[str, list[ToolSpec]] | None = None,
         protocols: Mapping[str, KnownProtocol] | None = None,
         cached_is_stored: bool = True,
+        lists: Mapping[str, StoredList] | None = None,
     ) -> None:
         """Load the enabled servers. With `wait=False` the index comes from the tool cache at once and fresh
         discovery runs in the background (`await dispatcher.refreshed()` to wait for it). `servers`, `cached` and
         `protocols` replace the registry's lists; `cached_is_stored=False` says `cached` is a copy from elsewhere
         (the on-disk snapshot, when the database is unreachable), not what the registry holds. Without `cached`,
         the tool cache and the remembered protocols are read in one query (with `wait=True` too: the protocols
-        save round trips, and an unchanged tool list is then not rewritten)."""
+        save round trips, and an unchanged tool list is then not rewritten). `lists`: the tools/list answers the
+        servers let clients reuse (read with the cache): a server whose answer still holds is not asked for it
+        (tool_lists.py), and with its protocol remembered too, a start sends it nothing at all."""
         if servers is None:
             if self.registry is None:
                 raise ValueError("a dispatcher without a registry needs its servers passed in")
             servers = await self.registry.list_servers(enabled_only=True)
         if cached is None and self.registry is not None:
-            stored, recalled = await self._recall(bounded=wait)
-            self._stored.update(stored)
-            cached = None if wait else stored
-            protocols = recalled if protocols is None else protocols
+            recalled = await self._recall(bounded=wait)
+            self._stored.update(recalled.tools)
+            cached = None if wait else recalled.tools
+            protocols = recalled.protocols if protocols is None else protocols
+            lists = recalled.lists if lists is None else lists
         elif cached is not None and cached_is_stored:
             self._stored.update(cached)
         self._protocols.update(protocols or {})
         for cfg in servers:
-            self._servers[cfg.name] = ServerState(cfg, self._connection(cfg))
+            state = self._servers[cfg.name] = ServerState(cfg, self._connection(cfg))
+            stored = (lists or {}).get(cfg.name)
+            state.conn.tool_lists.seed(stored)
+            if stored is not None:
+                self._reusable.add(cfg.name)
         if wait or (self.registry is None and cached is None):
-            await self.refresh()
+            await self.refresh(reuse=True)
             return
         assert cached is not None
         for name, state in self._servers.items():
             if name in cached:
                 state.tools, state.from_cache = cached[name], True
         self._rebuild_index()
-        spawn(self.refresh(), self._background)
+        spawn(self.refresh(reuse=True), self._background)
 
     async def refreshed(self) -> None:
         """Wait for background discovery started by `start(wait=False)`."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    async def refresh(self, names: list[str] | None = None) -> dict[str, str | None]:
-        """Connect to and discover the given servers (default: all), concurrently. Returns each one's error."""
+    async def refresh(self, names: list[str] | None = None, *, reuse: bool = False) -> dict[str, str | None]:
+        """Connect to and discover the given servers (default: all), concurrently. Returns each one's error.
+        `reuse` (a session start): a tools/list answer the server let clients reuse is taken while it holds;
+        otherwise every server is asked."""
         wanted = list(self._servers) if names is None else names
         targets = [self._servers[n] for n in wanted if n in self._servers]
         confirmed: list[int] = []
-        errors = await asyncio.gather(*(self._discover(s, confirmed) for s in targets))
+        errors = await asyncio.gather(*(self._discover(s, confirmed, reuse) for s in targets))
         self._rebuild_index()
         if confirmed and self.registry is not None:
             # Unchanged lists are marked fresh together, once every discovery is done: one statement, and none
@@ -269,11 +282,11 @@ class Dispatcher:
             spawn(self._touch_tools(confirmed), self._writes)
         return {s.cfg.name: e for s, e in zip(targets, errors, strict=True)}
 
-    async def _discover(self, state: ServerState, confirmed: list[int]) -> str | None:
+    async def _discover(self, state: ServerState, confirmed: list[int], reuse: bool = False) -> str | None:
         """Connect and list; a new list is written to the cache at once, an unchanged one's id is added to
         `confirmed`."""
         try:
-            tools = await state.conn.open_and_list_tools(known=self._stored.get(state.cfg.name, ()))
+            tools = await state.conn.open_and_list_tools(known=self._stored.get(state.cfg.name, ()), reuse=reuse)
         except (ConnectError, SecretMissing) as exc:
             state.error = str(exc)
         except Exception as exc:
@@ -284,6 +297,7 @@ class Dispatcher:
             state.skipped = state.conn.skipped_tools
             state.discovered_at = time.time()
             if self.registry is not None and state.cfg.id is not None:
+                self._keep_list(state)
                 if _same_tools(self._stored.get(state.cfg.name), tools):
                     confirmed.append(state.cfg.id)
                 else:
@@ -292,6 +306,44 @@ class Dispatcher:
             return None
         log.warning("%s", state.error)
         return state.error
+
+    def _keep_list(self, state: ServerState) -> None:
+        """A reusable tools/list answer the discovery got from the server: stored in the background for the next
+        session start. One it got without a `ttlMs`, where one was stored: the stored one is dropped (the list
+        may have changed, and it would be served as it was until it expired)."""
+        name, store = state.cfg.name, state.conn.tool_lists
+        learned = store.take_learned()
+        if learned is None:
+            if name in self._reusable and not store.holding:
+                self._reusable.discard(name)
+                spawn(self._write_tool_list(state.cfg, None), self._writes)
+            return
+        if not state.conn.is_open:
+            return
+        self._reusable.add(name)
+        stored = StoredList(
+            state.conn.client.session.protocol_version,
+            storable(learned.value.model_dump(mode="json", by_alias=True, exclude_none=True)),
+            learned.scope,
+            learned.expires_at if learned.expires_at is not None else time.time(),
+        )
+        spawn(self._write_tool_list(state.cfg, stored), self._writes)
+
+    async def _write_tool_list(self, cfg: ServerConfig, stored: StoredList | None) -> None:
+        """Store a server's reusable tools/list answer, or (None) drop the one stored."""
+        assert self.registry is not None and cfg.id is not None
+        try:
+            if stored is None:
+                await self.registry.forget_tool_list(cfg.id)
+            else:
+                await self.registry.save_tool_list(cfg.id, stored)
+        except Exception as exc:
+            log.info(
+                "server %s: reusable tool list not %s: %s",
+                cfg.name,
+                "dropped" if stored is None else "stored",
+                describe(exc),
+            )
 
     async def _save_tools(self, cfg: ServerConfig, tools: list[ToolSpec]) -> None:
         assert self.registry is not None and cfg.id is not None
@@ -309,7 +361,7 @@ class Dispatcher:
         except Exception as exc:
             log.warning("tool cache not marked fresh: %s", describe(exc))
 
-    async def _recall(self, *, bounded: bool) -> tuple[dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
+    async def _recall(self, *, bounded: bool) -> StartCache:
         """The tool cache and the remembered protocols, in one read. `bounded` (discovery follows anyway): what is
         not read within RECALL_WAIT_S is done without."""
         assert self.registry is not None
@@ -320,7 +372,7 @@ class Dispatcher:
                 return await self.registry.start_cache()
         except Exception as exc:
             log.info("tool cache and remembered protocols not read (%s); servers negotiate afresh", describe(exc))
-            return {}, {}
+            return StartCache({}, {}, {})
 
     @property
     def protocols(self) -> dict[str, KnownProtocol]:

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 from urllib.parse import urlsplit
 
 import psycopg
@@ -29,6 +29,7 @@ from mcp_integration.job_queue import JobQueue, JobRow
 from mcp_integration.protocol_memory import KnownProtocol
 from mcp_integration.scrubber import known
 from mcp_integration.secrets import ENV_NAME, ENV_PREFIX, PLACEHOLDER, looks_opaque, redact_url
+from mcp_integration.tool_lists import StoredList
 
 __all__ = [
     "CONNECT_DEFAULTS",
@@ -45,6 +46,7 @@ __all__ = [
     "HealthRow",
     "Registry",
     "ServerConfig",
+    "StartCache",
     "StatusRows",
     "ToolSpec",
     "Transport",
@@ -342,15 +344,18 @@ FROM mcp_servers s CROSS JOIN LATERAL (
 # `cached_tools()` gives them) and its remembered protocol.
 _START_CACHE_SQL = """
 SELECT s.name, p.fingerprint, p.era, p.protocol_version, p.discover, extract(epoch FROM p.seen_at)::float8 AS seen_at,
-       t.tools
+       t.tools, l.protocol_version AS list_version, l.result AS list_result, l.scope AS list_scope,
+       extract(epoch FROM l.expires_at)::float8 AS list_expires_at
 FROM mcp_servers s
 LEFT JOIN mcp_server_protocol p ON p.server_id = s.id
+-- A server's row edited since its list was stored (its URL, its allowed tools): the list is asked again.
+LEFT JOIN mcp_tool_lists l ON l.server_id = s.id AND l.expires_at > now() AND l.stored_at >= s.updated_at
 LEFT JOIN LATERAL (
     SELECT json_agg(json_build_object('name', name, 'description', description, 'input_schema', input_schema,
                                       'meta', meta) ORDER BY name) AS tools
     FROM mcp_tools WHERE server_id = s.id
 ) t ON true
-WHERE s.enabled AND (p.server_id IS NOT NULL OR t.tools IS NOT NULL)
+WHERE s.enabled AND (p.server_id IS NOT NULL OR t.tools IS NOT NULL OR l.server_id IS NOT NULL)
 ORDER BY s.name
 """
 
@@ -373,6 +378,16 @@ SELECT concat_ws('|',
 (SELECT md5(coalesce(string_agg(id::text || state || updated_at::text, ','), ''))
    FROM (SELECT id, state, updated_at FROM mcp_jobs ORDER BY submitted_at DESC LIMIT %s) j) AS jobs
 """
+
+
+class StartCache(NamedTuple):
+    """What a session starts from, read in one query: each server's cached tools, what it negotiated last, and
+    the tools/list answer it lets clients reuse, where one is stored, still holds and the server's row was not
+    edited since."""
+
+    tools: dict[str, list[ToolSpec]]
+    protocols: dict[str, KnownProtocol]
+    lists: dict[str, StoredList]
 
 
 @dataclass
@@ -654,20 +669,41 @@ class Registry:
         async with self.pool.connection() as conn:
             await conn.execute("UPDATE mcp_tools SET discovered_at = now() WHERE server_id = ANY(%s)", (server_ids,))
 
-    async def start_cache(self) -> tuple[dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
-        """`cached_tools()` and `known_protocols()` in one query: what a session starts from."""
+    async def start_cache(self) -> StartCache:
+        """`cached_tools()`, `known_protocols()` and the reusable tool lists in one query: what a session starts
+        from."""
         rows = await self._fetch(_START_CACHE_SQL)
-        tools: dict[str, list[ToolSpec]] = {}
-        protocols: dict[str, KnownProtocol] = {}
+        cache = StartCache({}, {}, {})
         for r in rows:
             if r["tools"]:
-                tools[r["name"]] = [
+                cache.tools[r["name"]] = [
                     ToolSpec(r["name"], t["name"], t["description"], t["input_schema"], t["meta"]) for t in r["tools"]
                 ]
             memory = KnownProtocol.from_json(r) if r["era"] is not None else None
             if memory is not None:
-                protocols[r["name"]] = memory
-        return tools, protocols
+                cache.protocols[r["name"]] = memory
+            if r["list_result"] is not None:
+                cache.lists[r["name"]] = StoredList(
+                    r["list_version"], r["list_result"], r["list_scope"], r["list_expires_at"]
+                )
+        return cache
+
+    async def forget_tool_list(self, server_id: int) -> None:
+        """The server no longer lets its tools/list answer be reused (or changed it): the stored one must not be."""
+        async with self.pool.connection() as conn:
+            await conn.execute("DELETE FROM mcp_tool_lists WHERE server_id = %s", (server_id,))
+
+    async def save_tool_list(self, server_id: int, stored: StoredList) -> None:
+        """Keep a server's reusable tools/list answer (tool_lists.py) for the next session start, in any process."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO mcp_tool_lists (server_id, protocol_version, result, scope, expires_at)"
+                " VALUES (%s, %s, %s, %s, to_timestamp(%s))"
+                " ON CONFLICT (server_id) DO UPDATE SET protocol_version = EXCLUDED.protocol_version,"
+                " result = EXCLUDED.result, scope = EXCLUDED.scope, expires_at = EXCLUDED.expires_at,"
+                " stored_at = now()",
+                (server_id, stored.protocol_version, Jsonb(stored.result), stored.scope, stored.expires_at),
+            )
 
     # -- health ---------------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from mcp_integration.health import Health, HealthMonitor
 from mcp_integration.oauth import OAuthBroker
 from mcp_integration.oauth_store import OAuthStore
 from mcp_integration.protocol_memory import KnownProtocol
-from mcp_integration.registry import Registry, ServerConfig, ToolSpec
+from mcp_integration.registry import Registry, ServerConfig, StartCache, ToolSpec
 from mcp_integration.registry_watch import RegistryWatcher
 from mcp_integration.snapshot import SnapshotError, ago, read_snapshot, save
 from mcp_integration.vault import Vault
@@ -148,24 +148,23 @@ async def start_from_registry_or_snapshot(
     if registry is None:
         raise ValueError("starting from the registry needs a dispatcher with a registry")
     try:
-        servers, cached, protocols = await _load(registry, timeout=settings.db_start_timeout_s)
+        servers, cache = await _load(registry, timeout=settings.db_start_timeout_s)
     except psycopg.OperationalError as exc:  # unreachable, restarting, or gone mid-query (incl. PoolTimeout)
         return await _start_offline(dispatcher, path, describe(exc))
-    spawn(save(path, servers, cached, protocols), _saving)  # off the greeting's path, like discovery
+    spawn(save(path, servers, cache.tools, cache.protocols), _saving)  # off the greeting's path, like discovery
     recalling = spawn(health.recall(), _saving)  # beside discovery, not before it
-    await dispatcher.start(wait=False, servers=servers, cached=cached, protocols=protocols)
+    await dispatcher.start(
+        wait=False, servers=servers, cached=cache.tools, protocols=cache.protocols, lists=cache.lists
+    )
     await recalling
     return SessionStart("database", saved=spawn(_save_after_discovery(dispatcher, path), _saving))
 
 
-async def _load(
-    registry: Registry, *, timeout: float
-) -> tuple[list[ServerConfig], dict[str, list[ToolSpec]], dict[str, KnownProtocol]]:
+async def _load(registry: Registry, *, timeout: float) -> tuple[list[ServerConfig], StartCache]:
     await registry.ping(timeout)  # first, within `timeout`: the calls below would each wait the pool's longer one
     await registry.migrate()  # idempotent; a database that was down when the process started gets it now
     servers = await registry.list_servers(enabled_only=True)
-    cached, protocols = await registry.start_cache()  # the remembered protocols come with the tool cache
-    return servers, cached, protocols
+    return servers, await registry.start_cache()  # the remembered protocols come with the tool cache
 
 
 async def _start_offline(dispatcher: Dispatcher, path: Path, reason: str) -> SessionStart:

@@ -8,6 +8,7 @@ handshake" are counted where they would be sent, not inferred from our side.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -423,7 +424,7 @@ async def test_the_memory_is_ignored_when_the_servers_url_changes(
 async def test_a_session_start_reads_tools_and_protocols_in_one_query(registry: Registry, server: Server) -> None:
     await registry.add_server(server.start())
     await session(registry)
-    tools, protocols = await registry.start_cache()
+    tools, protocols, _ = await registry.start_cache()
     assert tools == await registry.cached_tools()
     assert protocols == await registry.known_protocols()
 
@@ -463,7 +464,7 @@ async def test_the_snapshot_carries_the_protocols(registry: Registry, server: Se
     cfg = await registry.add_server(server.start())
     await session(registry)
     servers = await registry.list_servers(enabled_only=True)
-    tools, protocols = await registry.start_cache()
+    tools, protocols, _ = await registry.start_cache()
     path = tmp_path / "snapshot.json"
     write_snapshot(path, servers, tools, protocols)
     snap = read_snapshot(path)
@@ -571,3 +572,99 @@ def test_a_memory_this_sdk_cannot_use_negotiates() -> None:
     )
     assert KnownProtocol("f", "modern", "2026-07-28", {"capabilities": "not an object"}).client_mode() == ("auto", None)
     assert KnownProtocol.from_json({"era": "medieval", "protocol_version": "x", "fingerprint": "f"}) is None
+
+
+# -- a tool list the server lets clients reuse -------------------------------------------------------------------
+
+
+async def test_a_tool_list_within_its_ttl_is_taken_without_asking(
+    registry: Registry, server: Server, tmp_path: Path
+) -> None:
+    """A 2026-07-28 server may say how long its tools/list answer holds (`ttlMs`; here the SDK server's
+    `cache_hints`). With its DiscoverResult remembered as well, a session start sends it nothing at all, and the
+    session still knows each tool's output schema (no tools/list before the first call's answer)."""
+    await met_once(registry, server, "--tools-ttl-ms", "3600000")
+
+    d = await discovered(registry)
+    try:
+        state = d.servers["demo"]
+        assert server.methods() == []  # no request at all
+        assert not state.from_cache and state.error is None and state.conn.remembered
+        assert "echo" in [t.name for t in d.tools]
+        assert (await d.call("echo", {"text": "hi"})).text == "echo: hi"
+        assert server.methods() == ["POST tools/call"]
+    finally:
+        await d.aclose()
+
+    # The worker's start (runtime.py: the cache read once, discovery behind the greeting) asks nothing either.
+    d = Dispatcher(registry, connect_timeout=15)
+    try:
+        start = await start_from_registry_or_snapshot(d, Health(d), tmp_path / "s.json", Settings())
+        assert start.source == "database"
+        await d.refreshed()
+        assert server.methods() == [] and not d.servers["demo"].from_cache
+        # A refresh (the registry changed, a person asked) always asks the server.
+        assert (await d.refresh())["demo"] is None
+        assert server.methods() == ["POST tools/list"]
+    finally:
+        await d.aclose()
+
+
+async def test_a_tool_list_is_asked_again_once_its_ttl_is_over_or_its_server_is_edited(
+    registry: Registry, server: Server
+) -> None:
+    cfg = await met_once(registry, server, "--tools-ttl-ms", "1500")
+    await session(registry)
+    assert server.methods() == []  # within the 1.5 s
+
+    await asyncio.sleep(1.6)
+    await asked_then_reused(registry, server)  # over: asked, and the new answer kept
+
+    # An edit of the server's row (here its timeout; its URL or allowed tools alike) makes the list unfit to reuse.
+    await registry.add_server(dataclasses.replace(cfg, timeout_ms=cfg.timeout_ms + 1), replace=True)
+    await asked_then_reused(registry, server)
+
+
+async def asked_then_reused(registry: Registry, server: Server) -> None:
+    """Two session starts: the first asks the server for its tools (and keeps the answer), the second does not."""
+    await session(registry)
+    assert server.methods() == ["POST tools/list"]
+    await session(registry)
+    assert server.methods() == []
+
+
+async def test_a_tool_list_of_a_server_that_gives_no_ttl_is_asked_at_every_start(
+    registry: Registry, server: Server
+) -> None:
+    # The SDK server's default (ttlMs 0): the control for the two tests above.
+    await met_once(registry, server)
+    for _ in range(2):
+        await session(registry)
+        assert server.methods() == ["POST tools/list"]
+    async with registry.pool.connection() as conn:
+        assert (await (await conn.execute("SELECT count(*) AS n FROM mcp_tool_lists")).fetchone())["n"] == 0
+
+
+async def test_a_stored_tool_list_is_dropped_once_the_server_answers_without_a_ttl(
+    registry: Registry, server: Server
+) -> None:
+    cfg = await met_once(registry, server, "--tools-ttl-ms", "3600000")
+    server.restart()  # the same URL, a new version of the server: it no longer lets its list be reused
+    d = await discovered(registry)
+    try:
+        assert server.methods() == []  # the stored answer still holds for the start ...
+        assert (await d.refresh())["demo"] is None  # ... but a refresh asks, and gets one with no ttlMs
+        assert server.methods() == ["POST tools/list"]
+    finally:
+        await d.aclose()
+    assert cfg.id is not None and cfg.name not in (await registry.start_cache()).lists
+    await session(registry)
+    assert server.methods() == ["POST tools/list"]
+
+
+async def met_once(registry: Registry, server: Server, *flags: str) -> ServerConfig:
+    """The server started with these flags, added, and met by one session (which asked it for its tools)."""
+    cfg = await registry.add_server(server.start(*flags))
+    await session(registry)
+    assert "POST tools/list" in server.methods()
+    return cfg

@@ -293,6 +293,12 @@ def main() -> None:
         default=0,
         help="ttlMs of the server/discover result: how long a client may reuse it (0, the SDK's default: not at all)",
     )
+    parser.add_argument(
+        "--tools-ttl-ms",
+        type=int,
+        default=0,
+        help="ttlMs of the tools/list result: how long a client may reuse the tool list (0: not at all)",
+    )
     era = parser.add_mutually_exclusive_group()
     era.add_argument("--legacy-only", action="store_true", help="streamable-http: refuse every 2026 request")
     era.add_argument("--modern-only", action="store_true", help="streamable-http: refuse the initialize handshake")
@@ -300,8 +306,11 @@ def main() -> None:
     if args.pid_file:
         with open(args.pid_file, "w") as f:
             f.write(str(os.getpid()))
-    hints = {"server/discover": CacheHint(ttl_ms=args.discover_ttl_ms)} if args.discover_ttl_ms else None
-    mcp = build(args.name, list_delay_ms=args.list_delay_ms, cache_hints=hints)
+    hints = {"server/discover": CacheHint(ttl_ms=args.discover_ttl_ms)} if args.discover_ttl_ms else {}
+    if args.tools_ttl_ms:
+        hints["tools/list"] = CacheHint(ttl_ms=args.tools_ttl_ms)
+    mcp = build(args.name, list_delay_ms=args.list_delay_ms, cache_hints=hints or None)
+
     if args.ping_delay_ms or args.legacy:
         mcp.middleware.append(Quirks(ping_delay_ms=args.ping_delay_ms, legacy=args.legacy))
     if args.transport == "stdio":
