@@ -37,7 +37,7 @@ from mcp_integration.errors import (
 from mcp_integration.explain import describe
 from mcp_integration.job_store import JobRecord
 from mcp_integration.jobs import Job, WaitPolicy
-from mcp_integration.limits import argument_problem, flat_schema_check, storable
+from mcp_integration.limits import argument_problem, flat_schema_check
 from mcp_integration.naming import assign_names
 from mcp_integration.protocol_memory import KnownProtocol
 from mcp_integration.receipts import ReceiptPoller, default_http_client, read_acknowledgment
@@ -318,16 +318,8 @@ class Dispatcher:
                 self._reusable.discard(name)
                 spawn(self._write_tool_list(state.cfg, None), self._writes)
             return
-        if not state.conn.is_open:
-            return
         self._reusable.add(name)
-        stored = StoredList(
-            state.conn.client.session.protocol_version,
-            storable(learned.value.model_dump(mode="json", by_alias=True, exclude_none=True)),
-            learned.scope,
-            learned.expires_at if learned.expires_at is not None else time.time(),
-        )
-        spawn(self._write_tool_list(state.cfg, stored), self._writes)
+        spawn(self._write_tool_list(state.cfg, learned), self._writes)
 
     async def _write_tool_list(self, cfg: ServerConfig, stored: StoredList | None) -> None:
         """Store a server's reusable tools/list answer, or (None) drop the one stored."""

@@ -21,6 +21,8 @@ import mcp_types as types
 from mcp.client.caching import CacheEntry, CacheKey
 from pydantic import ValidationError
 
+from mcp_integration.limits import storable
+
 __all__ = ["StoredList", "ToolListStore"]
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,13 @@ class ToolListStore:
         `ttlMs`, or said its list changed."""
         return self._entry is not None or self._seed is not None
 
-    def take_learned(self) -> CacheEntry | None:
+    def take_learned(self) -> StoredList | None:
+        """The fresh answer the SDK stored since last asked, as the registry keeps it (None: nothing new)."""
         learned, self._learned = self._learned, None
-        return learned
+        if learned is None or learned.expires_at is None or self._version is None:
+            return None
+        result = storable(learned.value.model_dump(mode="json", by_alias=True, exclude_none=True))
+        return StoredList(self._version, result, learned.scope, learned.expires_at)
 
     # -- ResponseCacheStore ----------------------------------------------------------------------------------
 

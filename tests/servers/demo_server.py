@@ -310,7 +310,6 @@ def main() -> None:
     if args.tools_ttl_ms:
         hints["tools/list"] = CacheHint(ttl_ms=args.tools_ttl_ms)
     mcp = build(args.name, list_delay_ms=args.list_delay_ms, cache_hints=hints or None)
-
     if args.ping_delay_ms or args.legacy:
         mcp.middleware.append(Quirks(ping_delay_ms=args.ping_delay_ms, legacy=args.legacy))
     if args.transport == "stdio":
