@@ -15,18 +15,13 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import client_sockets, eventually, started
+from conftest import BARE_AT_LEAST, BARE_CALLS, client_sockets, eventually, started
 from mcp import Client
 
 from mcp_integration import keep_alive
 from mcp_integration.registry import Registry, ServerConfig
 
 SLOW = {"seconds": 0.01, "steps": 2}  # reports progress, so the server answers in an event stream
-# Whether the bare SDK loses a connection is a race: its close comes before the stream's last chunk unless that
-# chunk is already read. Measured over 30 rounds of 10 calls: 9-10 new connections on an idle machine, 4-10 with
-# both cores busy. So the control asks for a quarter of the calls, enough to show what ours (<= 1) is spared.
-CALLS = 20
-BARE_AT_LEAST = CALLS // 4
 
 
 async def _progress(progress: float, total: float | None, message: str | None) -> None:
@@ -44,14 +39,14 @@ async def test_calls_reuse_their_connections_where_the_bare_sdk_opens_one_each(
 
     before = client_sockets(port)
     async with Client(f"http://127.0.0.1:{port}/mcp") as bare:
-        for _ in range(CALLS):
+        for _ in range(BARE_CALLS):
             await bare.call_tool("slow", SLOW, progress_callback=_progress)
     assert len(client_sockets(port) - before) >= BARE_AT_LEAST, "the control: the bare SDK opens a connection per call"
 
     d = await started(registry, _http(port))
     try:
         before = client_sockets(port)
-        for _ in range(CALLS):
+        for _ in range(BARE_CALLS):
             assert "done" in (await d.call("slow", SLOW)).text
         assert len(client_sockets(port) - before) <= 1
         # A burst above httpx's default of 20 kept connections: all it opened stay open for the next one. (How many
