@@ -6,8 +6,11 @@ hit is re-absorbed by the session (the tools' output schemas for result validati
 `Mcp-Param-*` headers), exactly as a listing from the wire would be. So this is only the SDK's cache store, one
 per server connection, seeded from the registry (`mcp_tool_lists`) and telling the dispatcher what to store back.
 
-Only the cursor-less `tools/list` entry is kept (the SDK caches no continuation page); every other method is a
-miss, and our protocol memory (protocol_memory.py) keeps `server/discover` its own way. The store is per server
+Only the cursor-less `tools/list` entry is kept, and only when it is the whole list: the SDK caches no
+continuation page, so a kept first page would send its stored cursor to the server at the next start, one the
+server may no longer know (cursors are opaque, and a server that restarted or dropped its listing refuses them),
+and a start would ask the server anyway. Every other method is a miss, and our protocol memory
+(protocol_memory.py) keeps `server/discover` its own way. The store is per server
 row, which is one set of credentials, so a "private" entry stays within the authorization context it came from.
 """
 
@@ -90,13 +93,20 @@ class ToolListStore:
             except ValidationError as exc:  # stored by an older SDK, say: asked again, not fatal
                 log.info("server %s: stored tool list unreadable, asking again: %s", self._server, exc.errors()[0])
                 return None
+            if result.next_cursor:  # a first page only (kept by an earlier version): asked again, whole
+                return None
             self._entry = CacheEntry(value=result, scope=seed.scope, expires_at=seed.expires_at)
         return self._entry
 
     async def set(self, key: CacheKey, entry: CacheEntry) -> None:
-        if key.method == _METHOD and not key.params_key:
-            self._entry = self._learned = entry
-            self._seed = None
+        if key.method != _METHOD or key.params_key:
+            return
+        if getattr(entry.value, "next_cursor", None):
+            # The first of several pages: not kept (see the module's docstring), and one kept before is dropped.
+            self._entry = self._seed = self._learned = None
+            return
+        self._entry = self._learned = entry
+        self._seed = None
 
     async def delete(self, key: CacheKey) -> None:
         if key.method == _METHOD and not key.params_key:

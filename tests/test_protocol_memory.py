@@ -662,6 +662,22 @@ async def test_a_stored_tool_list_is_dropped_once_the_server_answers_without_a_t
     assert server.methods() == ["POST tools/list"]
 
 
+async def test_a_tool_list_of_several_pages_is_asked_whole_at_every_start(registry: Registry, server: Server) -> None:
+    """The SDK's response cache keeps a list's first page only (a continuation page is never cached), so a kept
+    first page would send its stored cursor to the server at the next start: one it may no longer know (this
+    server's cursors name the process that made them, as a server keeping listings in memory does); its refusal
+    was taken for a changed protocol, so the memory went too. A list of several pages is therefore not kept,
+    even with a ttlMs, and each start asks for every page, on its remembered protocol."""
+    flags = ("--tools-ttl-ms", "3600000", "--tools-page-size", "2")
+    await met_once(registry, server, *flags)
+    assert "demo" not in (await registry.start_cache()).lists
+    server.restart(*flags)
+    for _ in range(2):
+        remembered, names = await session(registry)
+        assert remembered and names == ["add", "echo", "fail", "lookup_weather", "slow"]
+        assert server.methods() == ["POST tools/list"] * 3
+
+
 async def met_once(registry: Registry, server: Server, *flags: str) -> ServerConfig:
     """The server started with these flags, added, and met by one session (which asked it for its tools)."""
     cfg = await registry.add_server(server.start(*flags))

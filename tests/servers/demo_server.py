@@ -13,7 +13,9 @@ Streamable HTTP only, for the protocol-memory tests: --method-log PATH appends o
 ("POST tools/list", "GET", "DELETE"); --legacy-only answers as a server written before 2026-07-28 does (an SDK
 1.x server: anything sent at a 2026 version, `server/discover` included, is refused with HTTP 400 and JSON-RPC
 -32600); --modern-only refuses the `initialize` handshake with -32022, naming only 2026-07-28.
---discover-ttl-ms N: the `ttlMs` of its `server/discover` result (the SDK's default, 0, lets no client reuse it).
+--discover-ttl-ms N: the `ttlMs` of its `server/discover` result (the SDK's default, 0, lets no client reuse it);
+--tools-ttl-ms N the same for `tools/list`; --tools-page-size N lists the tools in pages of N, with cursors that
+name the process (one made before a restart is refused with -32602, as by a server keeping listings in memory).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_REQUEST, METHOD_NOT_FOUND, UNSUPPORTED_PROTOCOL_VERSION
+from mcp_types import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    UNSUPPORTED_PROTOCOL_VERSION,
+    ListToolsResult,
+    PaginatedRequestParams,
+)
 from mcp_types import Tool as MCPTool
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
@@ -45,14 +54,34 @@ from starlette.routing import Route
 
 
 class DemoServer(MCPServer):
-    def __init__(self, name: str, *, list_delay_ms: int = 0, **options: Any) -> None:
+    def __init__(self, name: str, *, list_delay_ms: int = 0, tools_page_size: int = 0, **options: Any) -> None:
         super().__init__(name, **options)
         self.list_delay_ms = list_delay_ms
+        self.tools_page_size = tools_page_size
+        # Cursors name this process: a server holding its listings in memory knows none made before it started.
+        self._cursor_prefix = os.urandom(4).hex()
 
     async def list_tools(self) -> list[MCPTool]:
         if self.list_delay_ms:
             await asyncio.sleep(self.list_delay_ms / 1000)
         return await super().list_tools()
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        if not self.tools_page_size:
+            return await super()._handle_list_tools(ctx, params)
+        cursor = params.cursor if params is not None else None
+        start = 0
+        if cursor is not None:
+            prefix, _, offset = cursor.partition(":")
+            if prefix != self._cursor_prefix or not offset.isdigit():
+                raise MCPError(INVALID_PARAMS, f"unknown cursor {cursor!r}")
+            start = int(offset)
+        tools = await self.list_tools()
+        end = start + self.tools_page_size
+        following = f"{self._cursor_prefix}:{end}" if end < len(tools) else None
+        return ListToolsResult(tools=tools[start:end], next_cursor=following)
 
 
 def build(name: str, **kwargs: Any) -> DemoServer:
@@ -294,6 +323,12 @@ def main() -> None:
         help="ttlMs of the server/discover result: how long a client may reuse it (0, the SDK's default: not at all)",
     )
     parser.add_argument(
+        "--tools-page-size",
+        type=int,
+        default=0,
+        help="tools/list in pages of this many tools, with cursors only this process knows (0: one page)",
+    )
+    parser.add_argument(
         "--tools-ttl-ms",
         type=int,
         default=0,
@@ -309,7 +344,9 @@ def main() -> None:
     hints = {"server/discover": CacheHint(ttl_ms=args.discover_ttl_ms)} if args.discover_ttl_ms else {}
     if args.tools_ttl_ms:
         hints["tools/list"] = CacheHint(ttl_ms=args.tools_ttl_ms)
-    mcp = build(args.name, list_delay_ms=args.list_delay_ms, cache_hints=hints or None)
+    mcp = build(
+        args.name, list_delay_ms=args.list_delay_ms, tools_page_size=args.tools_page_size, cache_hints=hints or None
+    )
     if args.ping_delay_ms or args.legacy:
         mcp.middleware.append(Quirks(ping_delay_ms=args.ping_delay_ms, legacy=args.legacy))
     if args.transport == "stdio":
