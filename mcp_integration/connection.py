@@ -236,6 +236,9 @@ class ServerConnection:
         self.ask: QuestionHandler | None = None
         # Who writes a completion the server asks for (sampling), when its registry row allows it.
         self.sample: SampleHandler | None = None
+        # Told when the server says its tool list changed (`notifications/tools/list_changed`): the dispatcher
+        # lists it again. The SDK has already dropped its cached tools/list answer by then.
+        self.tools_changed: Callable[[], None] | None = None
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -622,6 +625,10 @@ class ServerConnection:
             return
         if isinstance(message, Exception):
             log.warning("server %s: transport error: %s", self.cfg.name, describe(message))
+            return
+        if isinstance(message, types.ToolListChangedNotification):
+            if self.tools_changed is not None:
+                self.tools_changed()
             return
         self.tasks.on_message(message)
 

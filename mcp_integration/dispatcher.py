@@ -143,6 +143,8 @@ class Dispatcher:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._max_calls = max_calls_per_server
         self._background: set[asyncio.Task[Any]] = set()
+        # Servers being listed again after they said their tools changed: True when told again meanwhile.
+        self._relisting: dict[str, bool] = {}
         self._writes: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[Any]] = set()
         # Called with each new job before it starts (metrics, logs): they attach listeners to its events.
@@ -170,7 +172,31 @@ class Dispatcher:
         )
         conn.ask = lambda params, meta: self._question(cfg.name, params, meta)
         conn.sample = lambda params, meta: self._sampling(cfg.name, params, meta)
+        conn.tools_changed = lambda: self._tools_changed(cfg)
         return conn
+
+    def _tools_changed(self, cfg: ServerConfig) -> None:
+        """The server said its tool list changed: listed again in the background, and the index follows (the voice
+        layer offers what the index holds at each turn). Changes told during a listing make one more after it."""
+        state = self._servers.get(cfg.name)
+        if state is None or state.cfg is not cfg:
+            return  # a replaced server's old connection
+        if cfg.name in self._relisting:
+            self._relisting[cfg.name] = True
+            return
+        self._relisting[cfg.name] = False
+        log.info("server %s: its tool list changed; listing it again", cfg.name)
+        spawn(self._relist(cfg.name), self._background)
+
+    async def _relist(self, name: str) -> None:
+        try:
+            while True:
+                self._relisting[name] = False
+                await self.refresh([name])
+                if not self._relisting.get(name):
+                    return
+        finally:
+            self._relisting.pop(name, None)
 
     def _job_for(self, server: str, *metas: Any) -> Job | None:
         """The job of the call a server's request came in: the task it names, else the server's one running

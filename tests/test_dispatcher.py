@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from conftest import SERVERS, stdio_demo
+from conftest import SERVERS, eventually, stdio_demo
 
 from mcp_integration.dispatcher import Dispatcher
 from mcp_integration.errors import ToolCallError
@@ -305,3 +305,26 @@ async def test_servers_connect_concurrently(registry: Registry) -> None:
         assert elapsed < 4 * 2.5  # one after another could not take less than 10 s of listing alone
     finally:
         await d.aclose()
+
+
+async def test_a_server_that_says_its_tools_changed_is_listed_again(
+    registry: Registry, spawn: Callable[..., int]
+) -> None:
+    """A server may add tools mid-session (a login unlocks them, a toolset is switched on) and say so with
+    `notifications/tools/list_changed`: the server is listed again, the new tool is in the index (which the voice
+    layer offers from at every turn) and callable, and the tool cache holds it for the next session. A server of
+    the 2025 protocols sends it on its standalone stream (here Streamable HTTP's GET stream)."""
+    port = spawn("--transport", "streamable-http", "--legacy-only", "--growing")
+    d = await start(
+        registry, ServerConfig(name="demo", transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp")
+    )
+    try:
+        assert d.servers["demo"].conn.client.session.protocol_version == "2025-11-25"
+        assert "forecast" not in [t.name for t in d.tools]
+        assert (await d.call("grow", {"name": "forecast"})).text == "forecast added"
+        await eventually(lambda: "forecast" in [t.name for t in d.tools], 10, "the new tool in the index")
+        assert (await d.call("forecast", {})).text == "forecast is here"
+    finally:
+        await d.aclose()
+    cached = (await registry.start_cache()).tools["demo"]
+    assert "forecast" in [t.name for t in cached]

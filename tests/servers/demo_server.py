@@ -15,7 +15,8 @@ Streamable HTTP only, for the protocol-memory tests: --method-log PATH appends o
 -32600); --modern-only refuses the `initialize` handshake with -32022, naming only 2026-07-28.
 --discover-ttl-ms N: the `ttlMs` of its `server/discover` result (the SDK's default, 0, lets no client reuse it);
 --tools-ttl-ms N the same for `tools/list`; --tools-page-size N lists the tools in pages of N, with cursors that
-name the process (one made before a restart is refused with -32602, as by a server keeping listings in memory).
+name the process (one made before a restart is refused with -32602, as by a server keeping listings in memory);
+--growing adds `grow(name)`, which adds a tool and sends `notifications/tools/list_changed`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,22 @@ def build(name: str, **kwargs: Any) -> DemoServer:
         return {"city": city, "forecast": "sunny", "high_c": 21}
 
     return mcp
+
+
+def growing(mcp: DemoServer) -> None:
+    """`grow(name)`: adds a tool of that name (it answers "<name> is here"), then tells the client its tool list
+    changed (`notifications/tools/list_changed`), as servers that unlock tools mid-session do."""
+
+    @mcp.tool()
+    async def grow(name: str, ctx: Context) -> str:
+        """Add a tool of this name, and tell the client its tool list changed."""
+
+        async def grown() -> str:
+            return f"{name} is here"
+
+        mcp.add_tool(grown, name=name, description=f"The {name} tool, added by grow.")
+        await ctx.session.send_tool_list_changed()
+        return f"{name} added"
 
 
 class Quirks:
@@ -322,6 +339,7 @@ def main() -> None:
         default=0,
         help="ttlMs of the server/discover result: how long a client may reuse it (0, the SDK's default: not at all)",
     )
+    parser.add_argument("--growing", action="store_true", help="a grow(name) tool that adds tools (list_changed)")
     parser.add_argument(
         "--tools-page-size",
         type=int,
@@ -347,6 +365,8 @@ def main() -> None:
     mcp = build(
         args.name, list_delay_ms=args.list_delay_ms, tools_page_size=args.tools_page_size, cache_hints=hints or None
     )
+    if args.growing:
+        growing(mcp)
     if args.ping_delay_ms or args.legacy:
         mcp.middleware.append(Quirks(ping_delay_ms=args.ping_delay_ms, legacy=args.legacy))
     if args.transport == "stdio":
