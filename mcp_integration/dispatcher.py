@@ -127,8 +127,6 @@ class Dispatcher:
         # Each server's tool list as the registry's cache holds it (read at start, or written since): a discovery
         # that finds the same list only marks it fresh instead of rewriting it.
         self._stored: dict[str, list[ToolSpec]] = {}
-        # Servers with a reusable tools/list answer in the registry (tool_lists.py), read at start or stored since.
-        self._reusable: set[str] = set()
         self._index: dict[str, ToolEntry] = {}
         # The same entries by (server, original name) and (server, safe name): a call naming its server is found
         # without a scan of every tool.
@@ -190,13 +188,12 @@ class Dispatcher:
 
     async def _relist(self, name: str) -> None:
         try:
-            while True:
+            await self.refresh([name])
+            while self._relisting[name]:
                 self._relisting[name] = False
                 await self.refresh([name])
-                if not self._relisting.get(name):
-                    return
         finally:
-            self._relisting.pop(name, None)
+            del self._relisting[name]
 
     def _job_for(self, server: str, *metas: Any) -> Job | None:
         """The job of the call a server's request came in: the task it names, else the server's one running
@@ -274,10 +271,7 @@ class Dispatcher:
         self._protocols.update(protocols or {})
         for cfg in servers:
             state = self._servers[cfg.name] = ServerState(cfg, self._connection(cfg))
-            stored = (lists or {}).get(cfg.name)
-            state.conn.tool_lists.seed(stored)
-            if stored is not None:
-                self._reusable.add(cfg.name)
+            state.conn.tool_lists.seed((lists or {}).get(cfg.name))
         if wait or (self.registry is None and cached is None):
             await self.refresh(reuse=True)
             return
@@ -337,15 +331,10 @@ class Dispatcher:
         """A reusable tools/list answer the discovery got from the server: stored in the background for the next
         session start. One it got without a `ttlMs`, where one was stored: the stored one is dropped (the list
         may have changed, and it would be served as it was until it expired)."""
-        name, store = state.cfg.name, state.conn.tool_lists
+        store = state.conn.tool_lists
         learned = store.take_learned()
-        if learned is None:
-            if name in self._reusable and not store.holding:
-                self._reusable.discard(name)
-                spawn(self._write_tool_list(state.cfg, None), self._writes)
-            return
-        self._reusable.add(name)
-        spawn(self._write_tool_list(state.cfg, learned), self._writes)
+        if learned is not None or store.take_dropped():
+            spawn(self._write_tool_list(state.cfg, learned), self._writes)
 
     async def _write_tool_list(self, cfg: ServerConfig, stored: StoredList | None) -> None:
         """Store a server's reusable tools/list answer, or (None) drop the one stored."""

@@ -10,8 +10,8 @@ Only the cursor-less `tools/list` entry is kept, and only when it is the whole l
 continuation page, so a kept first page would send its stored cursor to the server at the next start, one the
 server may no longer know (cursors are opaque, and a server that restarted or dropped its listing refuses them),
 and a start would ask the server anyway. Every other method is a miss, and our protocol memory
-(protocol_memory.py) keeps `server/discover` its own way. The store is per server
-row, which is one set of credentials, so a "private" entry stays within the authorization context it came from.
+(protocol_memory.py) keeps `server/discover` its own way. The store is per server row, which is one set of
+credentials, so a "private" entry stays within the authorization context it came from.
 """
 
 from __future__ import annotations
@@ -55,29 +55,36 @@ class ToolListStore:
         self._version: str | None = None  # the protocol version of the connection's current session
         # A fresh answer the SDK stored: the dispatcher writes it to the registry (`take_learned`).
         self._learned: CacheEntry | None = None
+        # The registry holds an answer for this server (seeded with one, or one learned was handed over since).
+        self._in_registry = False
 
     def seed(self, stored: StoredList | None) -> None:
         """What the registry holds for this server, served once the session speaks its protocol version."""
         self._seed, self._entry = stored, None
+        self._in_registry = stored is not None
 
     def speaking(self, protocol_version: str) -> None:
         """The connection's session speaks this version now: a seed given under another is not served (the SDK
         keys its entries by protocol era too, and an answer's content differs between eras)."""
         self._version = protocol_version
 
-    @property
-    def holding(self) -> bool:
-        """Whether an answer is held (a seed not yet served counts): False after the server answered without a
-        `ttlMs`, or said its list changed."""
-        return self._entry is not None or self._seed is not None
-
     def take_learned(self) -> StoredList | None:
-        """The fresh answer the SDK stored since last asked, as the registry keeps it (None: nothing new)."""
+        """The fresh answer the SDK stored since last asked, as the registry keeps it (None: nothing new). Handed
+        over, it counts as the registry's."""
         learned, self._learned = self._learned, None
         if learned is None or learned.expires_at is None or self._version is None:
             return None
+        self._in_registry = True
         result = storable(learned.value.model_dump(mode="json", by_alias=True, exclude_none=True))
         return StoredList(self._version, result, learned.scope, learned.expires_at)
+
+    def take_dropped(self) -> bool:
+        """Whether the registry holds an answer this store no longer holds (the server answered without a `ttlMs`,
+        said its list changed, or listed several pages): True once, for the dispatcher to delete it."""
+        if not self._in_registry or self._entry is not None or self._seed is not None:
+            return False
+        self._in_registry = False
+        return True
 
     # -- ResponseCacheStore ----------------------------------------------------------------------------------
 
