@@ -25,9 +25,11 @@ and child processes (zombies) before and after each, to show that nothing grows.
 between rounds shows growth, not the history filling up). Each round also reports where the time went: our
 CPU, the servers' and PostgreSQL's per call (the last is what writing the job records costs the database), how
 busy the machine was, and our event loop's lag (this benchmark shares the machine with its servers and
-Postgres; on a saturated machine latency is mostly queueing for a CPU), and the
-sync rounds the liveness probes ours sent (requests the bare SDK never makes, counted per 100 calls) and the
-TCP connections each side opened to the HTTP servers (counted by the kernel, per 100 calls). Every
+Postgres; on a saturated machine latency is mostly queueing for a CPU), and the sync rounds: by transport, the
+time to the server's first progress notification and from it to the answer (the way there told apart from the
+way back), the statements our job records took (flushes), the liveness probes ours sent (requests the bare SDK
+never makes, counted per 100 calls) and the TCP connections each side opened to the HTTP servers (counted by
+the kernel, per 100 calls). Every
 round starts from a full garbage collection, not measured, so none inherits another's; what the warm-up loaded is
 frozen out of the collector first, as agent.py's prewarm does in each job process. The report ends with the
 two figures the job records are held to: per-call CPU and p50 overhead of ours (with rows) / the bare SDK, each
@@ -106,6 +108,9 @@ class Sample:
     polls: int = 0
     key: str | None = None  # the task id or receipt id, to look the job up in the server's finish times
     done_wall: float | None = None  # time.time() of our job's `done` event
+    # s from the call's start to the server's first progress notification (sync calls): the part of the latency
+    # on the way to the server and through its first steps, told apart from the part after
+    first_word_s: float | None = None
 
     @property
     def overhead_ms(self) -> float:
@@ -125,6 +130,7 @@ class Round:
     gc_ms: list[float] = field(default_factory=list)  # pauses of the garbage collector's full collections
     probes: int = 0  # liveness probes our connections sent during the round (the bare SDK sends none)
     opened: int = 0  # TCP connections this process opened to the MCP servers during the round (sync rounds)
+    flushes: int = 0  # statements the job queue sent for the round's records (ours, with a registry)
     job_ids: list[uuid.UUID] = field(default_factory=list)
     # By target label: ms from the server's own finish of a job to our job's `done` (noticing the end).
     detect_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -256,7 +262,7 @@ def snapshot(label: str, db_port: int, started_pids: set[int], jobs_held: int) -
 
 
 async def call_ours(d: Dispatcher, target: Target, i: int, jobs: list[Job]) -> Sample:
-    started = time.perf_counter()
+    started, started_mono = time.perf_counter(), time.monotonic()
     error: str | None = None
     job: Job | None = None
     try:
@@ -272,14 +278,19 @@ async def call_ours(d: Dispatcher, target: Target, i: int, jobs: list[Job]) -> S
     key = job.task_id or (job.receipt or {}).get("job_id")
     done = next((e.at for e in job.events if e.kind == "done"), None)
     done_wall = None if done is None else done + WALL_OFFSET
-    return Sample(target, ended - started, started, ended, error, job.polls, key, done_wall)
+    word = next((e.at - started_mono for e in job.events if e.kind == "progress"), None)
+    return Sample(target, ended - started, started, ended, error, job.polls, key, done_wall, word)
 
 
 async def call_sdk(client: Client, target: Target, i: int) -> Sample:
-    async def progress(progress: float, total: float | None, message: str | None) -> None:
-        return None  # the same progress token ours sends, so the server sends the same notification
+    heard: list[float] = []
 
-    started = time.perf_counter()
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        # The same progress token ours sends, so the server sends the same notification; its arrival is timed
+        # as ours is (the job's progress event).
+        heard.append(time.monotonic())
+
+    started, started_mono = time.perf_counter(), time.monotonic()
     error: str | None = None
     try:
         result = await client.call_tool(target.tool, target.arguments(i), progress_callback=progress)
@@ -288,7 +299,8 @@ async def call_sdk(client: Client, target: Target, i: int) -> Sample:
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     ended = time.perf_counter()
-    return Sample(target, ended - started, started, ended, error)
+    word = heard[0] - started_mono if heard else None
+    return Sample(target, ended - started, started, ended, error, first_word_s=word)
 
 
 def cpu_s() -> float:
@@ -379,6 +391,7 @@ async def round_ours(name: str, d: Dispatcher, calls: list[Target], profile: boo
     jobs: list[Job] = []
     out = Round(name)
     probes, ports = probes_sent(d), http_ports(calls)
+    flushes = d.registry.job_queue.stats.flushes if d.registry is not None else 0
     before = sockets_to(ports)
     with profiled(profile, name):
         async with metered(out):
@@ -396,6 +409,8 @@ async def round_ours(name: str, d: Dispatcher, calls: list[Target], profile: boo
         out.cpu_s += cpu_s() - c0
         out.db_cpu_s += db_cpu_s() - d0
         out.settle_s = time.perf_counter() - t0
+        if d.registry is not None:
+            out.flushes = d.registry.job_queue.stats.flushes - flushes
     out.job_ids = [j.id for j in jobs]
     await detection(out)
     return out
@@ -647,6 +662,24 @@ def report(res: Results, args: argparse.Namespace, targets: list[Target]) -> int
             b = overheads(res.sync, lambda s, lb=label: s.target.label == lb)
             by.append(f"{label.removeprefix('sync ')} {statistics.median(a):.0f} -> {statistics.median(b):.0f}")
         print(f"  p50 overhead by transport, SDK -> ours: {'; '.join(by)}")
+        halves = []
+        for label in dict.fromkeys(t.label for t in targets if t.kind == "sync"):
+            pair = []
+            for rounds in (res.sdk, res.sync):
+                ok = [s for r in rounds for s in r.samples if s.target.label == label and s.first_word_s is not None]
+                to = statistics.median(s.first_word_s * 1000 for s in ok if s.first_word_s is not None)
+                after = statistics.median((s.latency_s - (s.first_word_s or 0.0)) * 1000 for s in ok)
+                pair.append(f"{to:.0f} + {after:.0f}")
+            halves.append(f"{label.removeprefix('sync ')} {pair[0]} -> {pair[1]}")
+        print(
+            "  p50 ms to the server's first progress notification + from it to the answer, by transport, SDK -> "
+            f"ours: {'; '.join(halves)}"
+        )
+        flushes = statistics.median(r.flushes for r in res.sync)
+        print(
+            f"  job-record flushes per round (ours), median: {flushes:g} (one for the calls' first rows, the rest "
+            "for their answers': each one statement)"
+        )
         probes = [sum(r.probes for r in rs) / sum(len(r.samples) for r in rs) for rs in (res.sync, res.unrecorded)]
         print(
             f"  liveness probes per 100 calls (ours, no rows): {100 * probes[0]:.1f}, {100 * probes[1]:.1f}; "

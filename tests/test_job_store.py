@@ -233,6 +233,33 @@ async def test_a_burst_of_jobs_takes_a_few_prepared_round_trips(
     assert sorted(r["result"]["text"] for r in rows.values()) == sorted(f"answer {i}" for i in range(200))
 
 
+async def test_records_that_never_pause_are_still_written_within_the_window(registry: Registry, pg_url: str) -> None:
+    """Jobs that start one after another with no lull, and too few to fill a batch: their first rows go out
+    FLUSH_MAX_WAIT_S after the first of them, while the stream goes on. That window is what a crash may lose;
+    without the bound, rows would wait for the stream to pause."""
+    every, stream_s = job_queue.FLUSH_QUIET_S * 0.6, job_queue.FLUSH_MAX_WAIT_S * 2
+    assert stream_s / every < job_queue.FLUSH_ROWS  # neither a lull nor a full batch ends a window
+    async with own_registry(pg_url) as reg:
+        started = time.monotonic()
+        holds: list[asyncio.Event] = []
+        jobs: list[Job] = []
+        written_at: float | None = None
+        while time.monotonic() - started < stream_s:
+            hold = asyncio.Event()
+            holds.append(hold)
+            jobs.append(new_job(reg).start(answered("later", hold=hold)))
+            await asyncio.sleep(every)
+            if written_at is None and reg.job_queue.stats.rows:
+                written_at = time.monotonic()
+        assert written_at is not None, "nothing was written while records kept coming"
+        for hold in holds:
+            hold.set()
+        await asyncio.wait_for(reg.jobs_flushed(), 10)
+        assert reg.job_queue.stats.lost == 0
+    rows = await rows_of(registry, jobs)
+    assert len(rows) == len(jobs) and {r["state"] for r in rows.values()} == {"completed"}
+
+
 async def test_a_running_job_is_visible_and_its_final_state_replaces_it(registry: Registry) -> None:
     hold = asyncio.Event()
     job = new_job(registry).start(answered("late answer", hold=hold))
