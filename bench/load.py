@@ -667,6 +667,9 @@ def report(res: Results, args: argparse.Namespace, targets: list[Target]) -> int
             pair = []
             for rounds in (res.sdk, res.sync):
                 ok = [s for r in rounds for s in r.samples if s.target.label == label and s.first_word_s is not None]
+                if not ok:  # a server that sent no progress notification
+                    pair.append("n/a")
+                    continue
                 to = statistics.median(s.first_word_s * 1000 for s in ok if s.first_word_s is not None)
                 after = statistics.median((s.latency_s - (s.first_word_s or 0.0)) * 1000 for s in ok)
                 pair.append(f"{to:.0f} + {after:.0f}")
