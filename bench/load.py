@@ -581,6 +581,21 @@ def overheads(rounds: list[Round], pick: Callable[[Sample], bool] = lambda s: Tr
     return [s.overhead_ms for r in rounds for s in r.samples if s.error is None and pick(s)]
 
 
+def there_and_back(rounds: list[Round], label: str) -> str:
+    """p50 ms to the server's first progress notification + p50 ms from it to the answer, for one target label."""
+    words = [
+        (s.first_word_s, s.latency_s)
+        for r in rounds
+        for s in r.samples
+        if s.target.label == label and s.first_word_s is not None
+    ]
+    if not words:  # a server that sent no progress notification
+        return "n/a"
+    there = statistics.median(word for word, _ in words)
+    back = statistics.median(latency - word for word, latency in words)
+    return f"{there * 1000:.0f} + {back * 1000:.0f}"
+
+
 def spread(xs: list[float]) -> str:
     """p50 / p95 / max, in ms."""
     return f"{statistics.median(xs):>8.0f}{pct(xs, 95):>8.0f}{max(xs):>8.0f}" if xs else f"{'(none ok)':>24}"
@@ -656,24 +671,14 @@ def report(res: Results, args: argparse.Namespace, targets: list[Target]) -> int
             f"  p50 ours - SDK: {o50 - s50:+.0f} ms; end to end p50: SDK {e2e_sdk * 1000:.0f} ms, ours "
             f"{e2e_ours * 1000:.0f} ms, ratio {e2e_ours / e2e_sdk:.3f}"
         )
-        by = []
+        by, halves = [], []
         for label in dict.fromkeys(t.label for t in targets if t.kind == "sync"):
             a = overheads(res.sdk, lambda s, lb=label: s.target.label == lb)
             b = overheads(res.sync, lambda s, lb=label: s.target.label == lb)
-            by.append(f"{label.removeprefix('sync ')} {statistics.median(a):.0f} -> {statistics.median(b):.0f}")
+            short = label.removeprefix("sync ")
+            by.append(f"{short} {statistics.median(a):.0f} -> {statistics.median(b):.0f}")
+            halves.append(f"{short} {there_and_back(res.sdk, label)} -> {there_and_back(res.sync, label)}")
         print(f"  p50 overhead by transport, SDK -> ours: {'; '.join(by)}")
-        halves = []
-        for label in dict.fromkeys(t.label for t in targets if t.kind == "sync"):
-            pair = []
-            for rounds in (res.sdk, res.sync):
-                ok = [s for r in rounds for s in r.samples if s.target.label == label and s.first_word_s is not None]
-                if not ok:  # a server that sent no progress notification
-                    pair.append("n/a")
-                    continue
-                to = statistics.median(s.first_word_s * 1000 for s in ok if s.first_word_s is not None)
-                after = statistics.median((s.latency_s - (s.first_word_s or 0.0)) * 1000 for s in ok)
-                pair.append(f"{to:.0f} + {after:.0f}")
-            halves.append(f"{label.removeprefix('sync ')} {pair[0]} -> {pair[1]}")
         print(
             "  p50 ms to the server's first progress notification + from it to the answer, by transport, SDK -> "
             f"ours: {'; '.join(halves)}"
